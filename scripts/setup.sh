@@ -34,7 +34,7 @@ fix_wheel_cmake_paths() {
   local py_inc np_inc
   py_inc=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   np_inc=$("$venv/bin/python" -c 'import numpy; print(numpy.get_include())')
-  grep -rlZ --include='*.cmake' '/opt/python/cp3' "$venv/share" 2>/dev/null \
+  { grep -rlZ --include='*.cmake' '/opt/python/cp3' "$venv/share" 2>/dev/null || true; } \
     | xargs -0 -r sed -i -E \
         -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/lib/python3\.[0-9]+/site-packages/numpy/_core/include#$np_inc#g" \
         -e "s#/opt/python/cp3[0-9]+-cp3[0-9]+/include/python3\.[0-9]+#$py_inc#g"
