@@ -63,8 +63,10 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     """The pixels of an Image as (H, W) or (H, W, C), in the encoding's own channel order and dtype.
 
     A view of msg.data (no copy), rows `step` bytes apart, so padded rows are
-    skipped in place; the one copy made is for data of the other byte order
-    (is_bigendian differing from this machine), swapped to native order.
+    skipped in place. Copied only where a view would not do: data of the other
+    byte order (is_bigendian differing from this machine) is swapped to native
+    order, and rows whose step is not a multiple of the channel size are
+    packed (OpenCV and torch refuse such strides).
     """
     dtype, channels = pixel_layout(msg.encoding)
     height, width, step = msg.height, msg.width, msg.step
@@ -84,8 +86,8 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     strides = (step, pixel_bytes) if channels == 1 else (step, pixel_bytes, dtype.itemsize)
     stored = dtype.newbyteorder(">" if msg.is_bigendian else "<")
     pixels = np.ndarray(shape, stored, buffer=msg.data, strides=strides)
-    if not pixels.dtype.isnative:
-        pixels = pixels.astype(dtype.newbyteorder("="))
+    if not pixels.dtype.isnative or step % dtype.itemsize:
+        pixels = pixels.astype(dtype.newbyteorder("="), order="C")
     return pixels
 
 
