@@ -1,0 +1,196 @@
+"""The backend protocol every LLaVA-style model implements, and the parts they share.
+
+A backend turns an image into visual tokens (N_image x hidden embeddings laid
+out on a grid, e.g. 24x24), splices them into the LLaVA v1 prompt in place of
+"<image>", and runs a transformers causal LM on `inputs_embeds` with the
+attention recorder on: greedy generation (describe) or one teacher-forced pass
+(refer). A new model subclasses LlavaStyleBackend and supplies only
+`encode_image` (pixel_values -> visual tokens) plus its LM and tokenizer.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
+from groundlmm_ros.engine.types import Cancelled
+
+IMAGE_PLACEHOLDER = "<image>"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def llava_v1_prompt(question: str, system: str = VICUNA_SYSTEM) -> str:
+    """LLaVA's `conv_llava_v1` (separators " " and "</s>") for one user turn with
+    the image first, ending where the assistant's answer begins."""
+    return f"{system} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+
+
+def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (S, S, 3), S = max(H, W), the image centred (LLaVA's expand2square:
+    offset (S - H) // 2 rows or (S - W) // 2 columns); heatmap.py undoes exactly this."""
+    height, width = image.shape[:2]
+    side = max(height, width)
+    square = np.empty((side, side, 3), dtype=np.uint8)
+    square[:] = fill
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top:top + height, left:left + width] = image
+    return square
+
+
+def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32, normalised.
+
+    After pad-to-square, CLIPImageProcessor's shortest-edge resize + centre crop is a plain
+    bicubic resize to size x size (PIL, as the processor does)."""
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    normalised = (resized / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(normalised).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+@dataclass
+class Prompt:
+    embeds: torch.Tensor  # (1, S, hidden) the whole prompt in the LM's dtype
+    image_start: int      # index of the first visual token in the sequence
+    n_image: int          # visual tokens, = grid[0] * grid[1]
+
+
+class Backend(Protocol):
+    """What the Engine needs from a model."""
+
+    grid: tuple[int, int]             # (rows, columns) of the visual tokens, e.g. (24, 24)
+    pads_to_square: bool              # preprocessing pads to a square (heat maps undo it)
+    tokenizer: object                 # a transformers tokenizer (decode, eos_token_id)
+
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (N_image, hidden) visual tokens."""
+
+    def generate(self, visual_tokens: torch.Tensor, question: str, max_new_tokens: int,
+                 on_token: Callable[[list[int]], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> tuple[list[int], torch.Tensor]:
+        """Greedy answer ids (the end token included when emitted) and their maps (T, N_image)."""
+
+    def teacher_force(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int]) -> torch.Tensor:
+        """Maps (T, N_image) of the given answer ids in one forward pass."""
+
+
+class LlavaStyleBackend:
+    """Shared implementation: preprocessing, prompt assembly, generation, teacher forcing.
+
+    lm: a transformers causal LM taking `inputs_embeds` (LlavaForConditionalGeneration,
+    LlamaForCausalLM, ...); its text attention is switched to the recording SDPA.
+    Subclasses implement `encode_image`.
+    """
+
+    pads_to_square = True
+
+    def __init__(self, lm, tokenizer, *, grid: tuple[int, int], image_size: int,
+                 image_mean, image_std, pad_color: tuple[int, int, int] | None = None,
+                 system: str = VICUNA_SYSTEM):
+        self.lm = lm.eval()
+        self.tokenizer = tokenizer
+        self.grid = grid
+        self.image_size = image_size
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        # LLaVA pads with the processor mean as a colour; DiffLMM passes (127, 127, 127).
+        self.pad_color = pad_color or tuple(int(m * 255) for m in self.image_mean)
+        self.system = system
+        self.end_ids = {tokenizer.eos_token_id}
+        self.lm.set_attn_implementation(self._attention_target())
+
+    def _attention_target(self):
+        """What set_attn_implementation gets: the whole LM by default; multimodal
+        wrappers route only their text model to the recorder."""
+        return RECORDING_ATTENTION
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    # -- image -> visual tokens ------------------------------------------------
+
+    def preprocess(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (1, 3, image_size, image_size) on the model's device."""
+        square = pad_to_square(image, self.pad_color)
+        return to_pixel_values(square, self.image_size, self.image_mean, self.image_std).to(self.device)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(1, 3, S, S) -> (N_image, hidden). The model-specific part."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        tokens = self.encode_image(self.preprocess(image))
+        expected = self.grid[0] * self.grid[1]
+        if tokens.shape[0] != expected:
+            raise ValueError(f"encode_image gave {tokens.shape[0]} visual tokens, the grid {self.grid} needs {expected}")
+        return tokens
+
+    # -- prompt ------------------------------------------------------------------
+
+    def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after "<image>", the way LLaVA's tokenizer_image_token
+        does it: each chunk tokenized on its own, the BOS kept only on the first."""
+        before, after = llava_v1_prompt(question, self.system).split(IMAGE_PLACEHOLDER)
+        ids_before = self.tokenizer(before).input_ids
+        ids_after = self.tokenizer(after).input_ids
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and ids_after[:1] == [bos]:
+            ids_after = ids_after[1:]
+        return ids_before, ids_after
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), hidden) input embeddings."""
+        return self.lm.get_input_embeddings()(torch.tensor(ids, device=self.device))
+
+    def prompt(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int] = ()) -> Prompt:
+        ids_before, ids_after = self.prompt_ids(question)
+        embeds = torch.cat([self.embed(ids_before), visual_tokens.to(self.device, self.dtype),
+                            self.embed(ids_after + list(answer_ids))])
+        return Prompt(embeds.unsqueeze(0), len(ids_before), visual_tokens.shape[0])
+
+    # -- language model with the recorder on ---------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None):
+        """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
+        recorded by the forward pass that predicts it (its input ends with token t-1)."""
+        prompt = self.prompt(visual_tokens, question)
+        recorder = Recorder([prompt.image_start], prompt.n_image, rows=1)
+        ids: list[int] = []
+        with recorder:
+            out = self.lm(inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1)
+            while True:
+                next_id = int(out.logits[0, -1].argmax())
+                ids.append(next_id)
+                if on_token is not None:
+                    on_token(ids)
+                if next_id in self.end_ids or len(ids) >= max_new_tokens:
+                    break
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"stopped after {len(ids)} tokens")
+                out = self.lm(inputs_embeds=self.embed([next_id]).unsqueeze(0), cache=out.cache,
+                              use_cache=True, logits_to_keep=1)
+        return ids, recorder.maps()[0]
+
+    @torch.inference_mode()
+    def teacher_force(self, visual_tokens, question, answer_ids):
+        """One forward pass over prompt + answer[:-1]; its last len(answer) rows are the
+        positions that predict answer[0..T-1] (position t-1 for token t), as in generate."""
+        answer_ids = list(answer_ids)
+        if not answer_ids:
+            raise ValueError("teacher_force needs at least one answer token")
+        prompt = self.prompt(visual_tokens, question, answer_ids[:-1])
+        recorder = Recorder([prompt.image_start], prompt.n_image, rows=len(answer_ids))
+        with recorder:
+            self.lm(inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1)
+        return recorder.maps()[0]

@@ -1,0 +1,44 @@
+"""LLaVA-1.5 on transformers' LlavaForConditionalGeneration (llava-hf layout)."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
+from groundlmm_ros.models.backend import LlavaStyleBackend
+
+# CLIPImageProcessor's statistics, as llava-hf/llava-1.5-7b-hf ships them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class LlavaBackend(LlavaStyleBackend):
+    """model: LlavaForConditionalGeneration; the vision tower keeps its own attention,
+    only the text model records."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer):
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        super().__init__(model, tokenizer, grid=(side, side), image_size=vision.image_size,
+                         image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+    def _attention_target(self):
+        return {"text_config": RECORDING_ATTENTION}
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(1, 3, S, S) -> (N_image, hidden): CLIP layer `vision_feature_layer` (-2),
+        CLS dropped ("default" strategy), through the projector."""
+        config = self.lm.config
+        features = self.lm.get_image_features(
+            pixel_values=pixel_values.to(self.dtype),
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+        ).pooler_output
+        return features[0]
+
+
+def load_llava(path: str, *, device: str = "cpu", dtype: str = "float32") -> LlavaBackend:
+    """A local llava-hf directory (or a cached hub id, offline): weights as safetensors."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, dtype), use_safetensors=True).to(device)
+    return LlavaBackend(model, AutoTokenizer.from_pretrained(path))

@@ -1,0 +1,59 @@
+"""Tiny random models built in code, for tests, the demo and CI (no downloads).
+
+The tokenizer is a real byte-level BPE trained here on a fixed corpus (so words
+outside it, and non-ASCII text, split into several tokens as with real models).
+Everything is deterministic for a seed and builds in well under a second.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
+    PreTrainedTokenizerFast
+
+_CORPUS = [
+    "A man in a red shirt holds a white mug on the wooden table.",
+    "The dog sits next to a bicycle near the street, and a woman walks past the shop.",
+    "There is a cat on the sofa, two cups, a laptop and a lamp in the living room.",
+    "USER: Describe the image in detail. ASSISTANT: The image shows a kitchen with a sink.",
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+]
+TINY_VOCAB = 384
+
+
+@lru_cache(maxsize=1)
+def _trained_bpe() -> str:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_CORPUS, trainer)
+    # Like Llama's tokenizer: a BOS in front of every encoded text.
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return bpe.to_str()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained_bpe()),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_llava(vocab_size: int, seed: int = 0, *, hidden: int = 32, layers: int = 2, image_size: int = 48,
+               patch: int = 8) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 shaped, tiny: CLIP (image_size/patch)^2 patches -> MLP projector -> Llama with
+    grouped-query attention (4 heads over 2 key/value heads), float32, eval mode."""
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=image_size, patch_size=patch,
+                                       projection_dim=16),
+        text_config=LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_id=0, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
