@@ -65,7 +65,8 @@ class Backend(Protocol):
 
     grid: tuple[int, int]             # (rows, columns) of the visual tokens, e.g. (24, 24)
     pads_to_square: bool              # preprocessing pads to a square (heat maps undo it)
-    tokenizer: object                 # a transformers tokenizer (decode, eos_token_id)
+    tokenizer: object                 # a transformers tokenizer (__call__, decode)
+    end_ids: set[int]                 # ids that end an answer (the tokenizer's EOS)
 
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (N_image, hidden) visual tokens."""

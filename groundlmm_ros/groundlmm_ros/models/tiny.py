@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
     PreTrainedTokenizerFast
@@ -57,3 +58,20 @@ def tiny_llava(vocab_size: int, seed: int = 0, *, hidden: int = 32, layers: int 
     )
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_sam(seed: int = 0, image_size: int = 64) -> Sam:
+    """segment_anything's Sam with tiny dims (1-block ViT, 16-d prompts); SamPredictor works
+    on it unchanged (images resized to image_size, low-res masks of image_size / 4)."""
+    patch, dim = 16, 16
+    torch.manual_seed(seed)
+    return Sam(
+        image_encoder=ImageEncoderViT(img_size=image_size, patch_size=patch, embed_dim=32, depth=1, num_heads=2,
+                                      mlp_ratio=2, out_chans=dim, qkv_bias=True, use_rel_pos=True, window_size=2,
+                                      global_attn_indexes=(0,)),
+        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(image_size // patch, image_size // patch),
+                                     input_image_size=(image_size, image_size), mask_in_chans=4),
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=dim,
+                                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32, num_heads=2),
+                                 iou_head_depth=1, iou_head_hidden_dim=16),
+    ).eval()

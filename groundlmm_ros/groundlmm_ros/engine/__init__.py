@@ -1,0 +1,1 @@
+"""ROS-free attend-and-segment: recorder, phrases, heat maps, refiners and the Engine."""

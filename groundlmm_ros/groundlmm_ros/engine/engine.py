@@ -1,0 +1,164 @@
+"""Attend-and-segment: image + query -> Grounding (PAPER.md section 1), ROS-free.
+
+describe: the model answers the query greedily; every noun phrase of the
+    answer gets a heat map, a point and a mask.
+refer: the query is a referring expression, teacher-forced as the answer in
+    one forward pass; the root token of its head noun phrase gives one mask.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from groundlmm_ros.engine import heatmap
+from groundlmm_ros.engine.phrases import DEFAULT_SPACY, load_spacy, noun_phrases, referred_phrase, token_spans
+from groundlmm_ros.engine.refiners import Refiner, nms_keep
+from groundlmm_ros.engine.types import MODES, Cancelled, GroundedPhrase, Grounding, InputError
+
+GCG_QUESTION = "Describe the image in detail."
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x, y, width, height) tight box of a (H, W) bool mask; zeros if empty."""
+    rows, columns = np.nonzero(mask)
+    if rows.size == 0:
+        return (0, 0, 0, 0)
+    return (int(columns.min()), int(rows.min()), int(columns.max() - columns.min() + 1),
+            int(rows.max() - rows.min() + 1))
+
+
+class Engine:
+    """One model backend + one refiner. Options (all keyword):
+
+    spacy_model: spaCy pipeline for noun chunks.
+    combine: "max" | "mean" | "first", how a phrase's token maps merge.
+    upsample: "pad" | "resize" (default: "pad" when the backend pads to square).
+    normalise: subtract the answer's mean map (the paper; a toy model may turn it off).
+    refer_question: the user turn that the referring expression answers in refer mode.
+    max_query_chars, max_new_tokens: limits (max_new_tokens can be lowered per call).
+    min_score: drop phrases whose refiner score is below it (reference demo: 0.85); None = keep all.
+    nms_iou: drop a phrase whose mask overlaps a better-scoring one by IoU above it (demo: 0.75).
+    seed: torch's global seed, reset before every query so stochastic encoders repeat.
+    """
+
+    def __init__(self, backend, refiner: Refiner, *, spacy_model: str = DEFAULT_SPACY, combine: str = "max",
+                 upsample: str | None = None, normalise: bool = True, refer_question: str = GCG_QUESTION,
+                 max_query_chars: int = 1000, max_new_tokens: int = 512, min_score: float | None = None,
+                 nms_iou: float | None = None, seed: int = 0):
+        if combine not in heatmap.COMBINE:
+            raise ValueError(f"combine must be one of {heatmap.COMBINE}, got {combine!r}")
+        upsample = upsample or ("pad" if backend.pads_to_square else "resize")
+        if upsample not in heatmap.UPSAMPLE:
+            raise ValueError(f"upsample must be one of {heatmap.UPSAMPLE}, got {upsample!r}")
+        self.backend = backend
+        self.refiner = refiner
+        self.nlp = load_spacy(spacy_model)
+        self.combine = combine
+        self.upsample = upsample
+        self.normalise = normalise
+        self.refer_question = refer_question
+        self.max_query_chars = max_query_chars
+        self.max_new_tokens = max_new_tokens
+        self.min_score = min_score
+        self.nms_iou = nms_iou
+        self.seed = seed
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.backend.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def check(self, image, query, mode, max_new_tokens) -> None:
+        """Raise InputError for anything the model must not see."""
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(f"image must be an (H, W, 3) RGB numpy array, got "
+                             f"{getattr(image, 'shape', type(image).__name__)}")
+        if image.dtype != np.uint8:
+            raise InputError(f"image must be uint8, got {image.dtype}")
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise InputError(f"image is empty: {image.shape}")
+        if not isinstance(query, str) or not query.strip():
+            raise InputError("query is empty")
+        if len(query) > self.max_query_chars:
+            raise InputError(f"query has {len(query)} characters, the limit is {self.max_query_chars}")
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        if max_new_tokens is not None and not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+
+    def ground(self, image: np.ndarray, query: str, mode: str = "describe", *,
+               on_token: Callable[[str, int], None] | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               max_new_tokens: int | None = None) -> Grounding:
+        """image: (H, W, 3) uint8 RGB. on_token(partial_answer, n_tokens) as tokens arrive;
+        should_stop() between tokens raises Cancelled."""
+        self.check(image, query, mode, max_new_tokens)
+        timings: dict[str, float] = {}
+
+        @contextmanager
+        def stage(name):
+            start = time.perf_counter()
+            yield
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+        start = time.perf_counter()
+        if should_stop is not None and should_stop():
+            raise Cancelled("stopped before the model ran")
+        torch.manual_seed(self.seed)
+        with stage("encode"):
+            visual_tokens = self.backend.encode(image)
+
+        if mode == "describe":
+            def tokens_arrived(ids):
+                if on_token is not None:
+                    on_token(self._decode(ids).strip(), len(ids))
+
+            limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+            with stage("generate"):
+                ids, maps = self.backend.generate(visual_tokens, query.strip(), limit, tokens_arrived, should_stop)
+            answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
+            with stage("phrases"):
+                answer, spans = token_spans(answer_ids, self._decode)
+                phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
+        else:
+            answer_ids = self.backend.tokenizer(query.strip(), add_special_tokens=False).input_ids
+            with stage("teacher_force"):
+                maps = self.backend.teacher_force(visual_tokens, self.refer_question, answer_ids)
+            if on_token is not None:
+                on_token(self._decode(answer_ids).strip(), len(answer_ids))
+            with stage("phrases"):
+                answer, spans = token_spans(answer_ids, self._decode)
+                phrases = [referred_phrase(answer, spans, self.nlp)]
+
+        height, width = image.shape[:2]
+        grounded: list[GroundedPhrase] = []
+        if phrases:
+            with stage("heatmaps"):
+                grid = maps.float().cpu().reshape(-1, *self.backend.grid)  # (T, h, w), rows = generated tokens
+                if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
+                    grid = heatmap.normalise(grid)
+                combined = torch.stack([heatmap.combine(grid, p.token_indices, self.combine) for p in phrases])
+                heatmaps = heatmap.upsample(combined, (height, width), self.upsample)  # (P, H, W)
+                points = [heatmap.argmax_point(h) for h in heatmaps]
+            with stage("refine_image"):
+                self.refiner.set_image(image)
+            with stage("refine"):
+                refined = [self.refiner.refine(h, p) for h, p in zip(heatmaps, points)]
+            for phrase, heat, point, (mask, score) in zip(phrases, heatmaps, points, refined):
+                grounded.append(GroundedPhrase(phrase.text, phrase.char_start, phrase.char_end,
+                                               phrase.token_indices, heat, point, mask, score, mask_bbox(mask)))
+            grounded = self._filter(grounded)
+
+        timings["total"] = time.perf_counter() - start
+        return Grounding(query, mode, answer, list(answer_ids), grounded, (height, width), timings)
+
+    def _filter(self, phrases: list[GroundedPhrase]) -> list[GroundedPhrase]:
+        """The reference demo's optional filters: refiner score, then NMS by mask IoU."""
+        if self.min_score is not None:
+            phrases = [p for p in phrases if p.score >= self.min_score]
+        if self.nms_iou is not None and len(phrases) > 1:
+            keep = nms_keep(np.stack([p.mask for p in phrases]), np.array([p.score for p in phrases]), self.nms_iou)
+            phrases = [phrases[i] for i in keep]
+        return phrases

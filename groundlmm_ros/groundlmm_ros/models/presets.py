@@ -1,0 +1,85 @@
+"""Models by name: build_engine("tiny-random"), build_engine("llava-1.5-7b"), or a path.
+
+A preset is one row of PRESETS: how to build its backend, optionally a SAM
+that comes with it (random tiny SAMs for tests), and engine option defaults.
+Add a model by adding a row (and, for a directory format, a LOADERS entry
+keyed by its config.json "model_type").
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from groundlmm_ros.engine.engine import Engine
+from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner, load_sam
+from groundlmm_ros.models import tiny
+from groundlmm_ros.models.llava import LlavaBackend, load_llava
+
+REFINERS = ("auto", "sam", "threshold")
+
+
+@dataclass
+class Preset:
+    backend: Callable[[str, str, int], object]           # (device, dtype, seed) -> backend
+    sam: Callable[[int], object] | None = None           # seed -> segment_anything Sam, when the preset ships one
+    engine_options: dict = field(default_factory=dict)   # defaults for Engine(...)
+
+
+def _tiny_llava(device: str, dtype: str, seed: int) -> LlavaBackend:
+    tokenizer = tiny.tiny_tokenizer()
+    model = tiny.tiny_llava(len(tokenizer), seed).to(device, getattr(torch, dtype))
+    return LlavaBackend(model, tokenizer)
+
+
+PRESETS: dict[str, Preset] = {
+    # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
+    "tiny-random": Preset(_tiny_llava, sam=tiny.tiny_sam, engine_options={"max_new_tokens": 24}),
+    # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline).
+    "llava-1.5-7b": Preset(lambda device, dtype, seed: load_llava("llava-hf/llava-1.5-7b-hf", device=device,
+                                                                  dtype=dtype)),
+}
+
+# Model directories by config.json "model_type".
+LOADERS: dict[str, Callable[..., object]] = {
+    "llava": load_llava,
+}
+
+
+def _backend_from_path(path: str, device: str, dtype: str):
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
+    with open(config_path) as f:
+        model_type = json.load(f).get("model_type")
+    if model_type not in LOADERS:
+        raise ValueError(f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})")
+    return LOADERS[model_type](path, device=device, dtype=dtype)
+
+
+def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", refiner: str = "auto",
+                 sam_checkpoint: str = "", sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
+    """model: a PRESETS name or a model directory. refiner: "auto" (SAM when a checkpoint is
+    given or the preset ships one, else the threshold fallback), "sam" or "threshold"."""
+    if refiner not in REFINERS:
+        raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+    preset = PRESETS.get(model)
+    backend = preset.backend(device, dtype, seed) if preset else _backend_from_path(model, device, dtype)
+
+    sam = None
+    if refiner != "threshold":
+        if sam_checkpoint:
+            sam = load_sam(sam_checkpoint, device)
+        elif preset and preset.sam:
+            sam = preset.sam(seed).to(device)
+        elif refiner == "sam":
+            raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
+    chosen = SamRefiner(sam, sam_prompt) if sam is not None else ThresholdRefiner()
+
+    options = {**(preset.engine_options if preset else {}), **engine_options}
+    return Engine(backend, chosen, seed=seed, **options)
