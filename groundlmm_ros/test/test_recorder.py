@@ -1,0 +1,150 @@
+"""The recorder's maps equal the reference's: eager generate(output_attentions=True), the newest
+query row over the image columns, mean over all layers and heads."""
+import numpy as np
+import pytest
+import torch
+
+from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
+from groundlmm_ros.models.llava import LlavaBackend
+from groundlmm_ros.models.tiny import tiny_llava, tiny_tokenizer
+
+torch.set_num_threads(1)
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def backend():
+    tokenizer = tiny_tokenizer()
+    return LlavaBackend(tiny_llava(len(tokenizer), seed=3), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def eager(backend):
+    model = tiny_llava(len(backend.tokenizer), seed=3)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def image(seed, height=40, width=56):
+    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def reference_maps(attentions, image_starts, n_image):
+    """The reference's reduction of generate()'s eager attentions: per step, per batch row,
+    layers x heads x [newest query row, image columns], mean over layers and heads. -> (B, T, N)"""
+    steps = []
+    for step in attentions:                       # one tuple of layers per generated token
+        per_row = []
+        for b, start in enumerate(image_starts):
+            layers = torch.stack([layer[b, :, -1, start:start + n_image] for layer in step])  # (L, H, N)
+            per_row.append(layers.mean(dim=(0, 1)))
+        steps.append(torch.stack(per_row))
+    return torch.stack(steps, dim=1)
+
+
+def eager_generate(model, embeds, attention_mask=None):
+    with torch.inference_mode():
+        return model.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,
+                              min_new_tokens=NEW_TOKENS, do_sample=False, output_attentions=True,
+                              return_dict_in_generate=True)
+
+
+def test_model_runs_on_the_recording_attention(backend):
+    assert backend.lm.config.text_config._attn_implementation == RECORDING_ATTENTION
+    assert backend.lm.config.vision_config._attn_implementation != RECORDING_ATTENTION
+
+
+def test_batch_of_one_matches_eager_generate(backend, eager):
+    visual = backend.encode(image(0))
+    question = "Describe the image in detail."
+    # The backend's own greedy loop stops at the end token; force NEW_TOKENS by ignoring it.
+    backend.end_ids, end_ids = set(), backend.end_ids
+    try:
+        ids, maps = backend.generate(visual, question, NEW_TOKENS)
+    finally:
+        backend.end_ids = end_ids
+    prompt = backend.prompt(visual, question)
+    out = eager_generate(eager, prompt.embeds)
+    assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
+    expected = reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0]
+    assert maps.shape == expected.shape == (NEW_TOKENS, backend.grid[0] * backend.grid[1])
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    # Not a trivial agreement: the maps differ from token to token.
+    assert (maps[1:] - maps[:-1]).abs().max() > 1e-4
+
+
+def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
+    """Two prompts of different lengths, left-padded: each row's image columns start at
+    its own offset and the padding must stay masked."""
+    questions = ["Describe the image in detail.", "What is on the table next to the red mug and the lamp?"]
+    prompts = [backend.prompt(backend.encode(image(seed)), q) for seed, q in zip((1, 2), questions)]
+    length = max(p.embeds.shape[1] for p in prompts)
+    pad = backend.embed([backend.tokenizer.pad_token_id])[None]  # (1, 1, hidden)
+    embeds, mask, starts = [], [], []
+    for p in prompts:
+        n_pad = length - p.embeds.shape[1]
+        embeds.append(torch.cat([pad.expand(1, n_pad, -1), p.embeds], dim=1))
+        mask.append([0] * n_pad + [1] * p.embeds.shape[1])
+        starts.append(n_pad + p.image_start)
+    embeds, mask = torch.cat(embeds), torch.tensor(mask)
+    assert starts[0] != starts[1]
+
+    recorder = Recorder(starts, prompts[0].n_image)
+    with recorder, torch.inference_mode():
+        recorded = backend.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS, do_sample=False)
+    out = eager_generate(eager, embeds, mask)
+    assert torch.equal(recorded[:, -NEW_TOKENS:], out.sequences[:, -NEW_TOKENS:])
+    expected = reference_maps(out.attentions, starts, prompts[0].n_image)
+    torch.testing.assert_close(recorder.maps(), expected, atol=1e-5, rtol=0)
+
+    # The padded rows agree with each prompt run alone (padding really is masked).
+    for b, p in enumerate(prompts):
+        alone = Recorder([p.image_start], p.n_image)
+        with alone, torch.inference_mode():
+            backend.lm.generate(inputs_embeds=p.embeds, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False)
+        torch.testing.assert_close(recorder.maps()[b], alone.maps()[0], atol=1e-5, rtol=0)
+
+
+def test_teacher_forcing_reads_the_rows_generation_reads(backend):
+    """Refer mode's single pass gives token t the row at position t-1, as generation does;
+    reading each token's own position instead gives different maps."""
+    visual = backend.encode(image(4, 64, 32))
+    question = "Describe the image in detail."
+    backend.end_ids, end_ids = set(), backend.end_ids
+    try:
+        ids, generated = backend.generate(visual, question, NEW_TOKENS)
+    finally:
+        backend.end_ids = end_ids
+    forced = backend.teacher_force(visual, question, ids)
+    torch.testing.assert_close(forced, generated, atol=1e-5, rtol=0)
+
+    prompt = backend.prompt(visual, question, ids)  # the whole answer as input
+    own_position = Recorder([prompt.image_start], prompt.n_image, rows=len(ids))
+    with own_position, torch.inference_mode():
+        backend.lm(inputs_embeds=prompt.embeds)
+    assert (own_position.maps()[0] - generated).abs().max() > 1e-4
+
+
+def test_memory_is_tokens_times_image_tokens(backend):
+    visual = backend.encode(image(5))
+    prompt = backend.prompt(visual, "Describe the image in detail.")
+    recorder = Recorder([prompt.image_start], prompt.n_image)
+    with recorder, torch.inference_mode():
+        backend.lm.generate(inputs_embeds=prompt.embeds, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                            do_sample=False)
+    assert recorder.nbytes == NEW_TOKENS * prompt.n_image * 4
+
+
+def test_inactive_recorder_leaves_plain_sdpa(backend):
+    """Outside a Recorder the registered attention is SDPA: same logits as the stock 'sdpa'."""
+    tokenizer = backend.tokenizer
+    plain = tiny_llava(len(tokenizer), seed=3)
+    plain.set_attn_implementation({"text_config": "sdpa"})
+    prompt = backend.prompt(backend.encode(image(6)), "Describe the image in detail.")
+    with torch.inference_mode():
+        torch.testing.assert_close(backend.lm(inputs_embeds=prompt.embeds).logits,
+                                   plain(inputs_embeds=prompt.embeds).logits)
+    with pytest.raises(RuntimeError, match="saw no attention"):
+        Recorder([0], 4).maps()
