@@ -1,0 +1,102 @@
+"""Refiners: SAM (a tiny segment_anything Sam) and the weight-free threshold fallback; filters."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner, load_sam, mask_iou, nms_keep
+from groundlmm_ros.models.tiny import tiny_sam
+
+torch.set_num_threads(1)
+H, W = 40, 70
+
+
+def blobs():
+    """Heat map with a strong blob around (x=15, y=10) and a weaker one around (x=55, y=30)."""
+    y, x = np.mgrid[0:H, 0:W]
+    return (np.exp(-((x - 15) ** 2 + (y - 10) ** 2) / 20.0)
+            + 0.8 * np.exp(-((x - 55) ** 2 + (y - 30) ** 2) / 20.0)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return np.random.RandomState(0).randint(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def test_sam_point_keeps_the_last_multimask_output(image):
+    refiner = SamRefiner(tiny_sam(seed=1), "point")
+    refiner.set_image(image)
+    mask, score = refiner.refine(blobs(), (15, 10))
+    masks, scores, _ = refiner.predictor.predict(point_coords=np.array([[15.0, 10.0]]), point_labels=np.array([1]),
+                                                 multimask_output=True)
+    assert masks.shape == (3, H, W)
+    assert mask.shape == (H, W) and mask.dtype == bool
+    np.testing.assert_array_equal(mask, masks[-1])
+    assert score == pytest.approx(float(scores[-1]))
+
+
+def test_sam_box_prompt_uses_the_box_above_the_fraction_and_mask_logits(image):
+    refiner = SamRefiner(tiny_sam(seed=1), "box", box_fraction=0.75)
+    refiner.set_image(image)
+    heat = blobs()
+    x0, y0, x1, y1 = refiner._box(heat)  # both blobs peak above 0.75 of the max: one box over both
+    assert x0 <= 15 < x1 and y0 <= 10 < y1 and x0 <= 55 < x1 and y0 <= 30 < y1
+    x0, y0, x1, y1 = SamRefiner(refiner.predictor.model, "box", box_fraction=0.85)._box(heat)
+    assert x0 <= 15 < x1 and y0 <= 10 < y1 and x1 < 40 and y1 < 25
+    logits = refiner._mask_logits(heat)
+    side = refiner.predictor.model.prompt_encoder.mask_input_size[0]
+    assert logits.shape == (1, side, side)
+    # Long side W fills the frame; rows below H * side / W are padding (zeros).
+    assert np.all(logits[0, int(np.ceil(H * side / W)) + 1:] == 0)
+    row, column = np.unravel_index(np.argmax(logits[0]), logits[0].shape)
+    assert abs(column - 15 * side / W) <= 1.5 and abs(row - 10 * side / W) <= 1.5
+    mask, score = refiner.refine(heat, (15, 10))
+    masks, scores, _ = refiner.predictor.predict(box=refiner._box(heat), mask_input=logits, multimask_output=True)
+    np.testing.assert_array_equal(mask, masks[-1])
+
+
+def test_sam_rejects_an_unknown_prompt():
+    with pytest.raises(ValueError, match="prompt"):
+        SamRefiner(tiny_sam(), "scribble")
+
+
+def test_threshold_takes_the_connected_region_of_the_point(image):
+    refiner = ThresholdRefiner(fraction=0.5)
+    refiner.set_image(image)
+    heat = blobs()
+    mask, score = refiner.refine(heat, (15, 10))
+    assert score == 1.0 and mask.dtype == bool and mask.shape == (H, W)
+    assert mask[10, 15] and not mask[30, 55]  # the other blob is above threshold but not connected
+    assert np.all(heat[mask] >= heat.min() + 0.5 * (heat.max() - heat.min()))
+    other, _ = refiner.refine(heat, (55, 30))
+    assert other[30, 55] and not other[10, 15]
+    with pytest.raises(ValueError):
+        ThresholdRefiner(fraction=1.5)
+
+
+def test_nms_keeps_the_best_of_overlapping_masks():
+    masks = np.zeros((3, 10, 10), bool)
+    masks[0, :5, :5] = True
+    masks[1, :5, :4] = True  # IoU 0.8 with mask 0
+    masks[2, 6:, 6:] = True
+    iou = mask_iou(masks)
+    assert iou[0, 1] == pytest.approx(0.8) and iou[0, 2] == 0.0
+    assert nms_keep(masks, np.array([0.5, 0.9, 0.1]), 0.75) == [1, 2]
+    assert nms_keep(masks, np.array([0.5, 0.9, 0.1]), 0.85) == [0, 1, 2]
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_load_sam_refuses_code_and_foreign_weights(tmp_path):
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"x": Payload()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_sam(str(evil))
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(32, 3, 16, 16)}, foreign)
+    with pytest.raises(ValueError, match="not a SAM"):
+        load_sam(str(foreign))
