@@ -29,7 +29,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from groundlmm_ros.models.backend import LlavaStyleBackend
 from groundlmm_ros.models.llava import CLIP_MEAN, CLIP_STD
+from groundlmm_ros.models.tiny import tiny_tokenizer
 
+MODEL_TYPE = "difflmm"
 # DiffLMM's own input normalisation (CLIPImageProcessor with mean = std = 0.5): values in [-1, 1].
 DIFFLMM_MEAN = DIFFLMM_STD = (0.5, 0.5, 0.5)
 
@@ -100,11 +102,15 @@ class DiffLMMConfig:
         return self.llama["hidden_size"] // 4
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+        """With model_type "difflmm", the key presets.py picks a directory's loader by."""
+        return json.dumps({"model_type": MODEL_TYPE, **dataclasses.asdict(self)}, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "DiffLMMConfig":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if fields.pop("model_type", None) != MODEL_TYPE:
+            raise ValueError(f'model_type is not "{MODEL_TYPE}"')
+        return cls(**fields)
 
 
 def difflmm_7b_config(seed: int = 0) -> DiffLMMConfig:
@@ -324,3 +330,11 @@ class DiffLMMBackend(LlavaStyleBackend):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(1, 3, R, R) in [-1, 1] -> (N_image, hidden)."""
         return self.model.encode_image(pixel_values)[0]
+
+
+def tiny_difflmm_backend(device: str = "cpu", dtype: str = "float32", seed: int = 0) -> DiffLMMBackend:
+    """Random tiny DiffLMM with the tiny BPE tokenizer (tests, CI): weights from `seed`."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = build_difflmm(tiny_difflmm_config(len(tokenizer), seed=seed), getattr(torch, dtype), device)
+    return DiffLMMBackend(model, tokenizer)

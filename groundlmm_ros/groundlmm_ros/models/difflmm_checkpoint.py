@@ -23,11 +23,19 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_model
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from .difflmm import DiffLMM, DiffLMMConfig, build_difflmm
+from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, DiffLMMConfig, build_difflmm
+
+# The released checkpoint and its components on the Hugging Face hub; used from the local
+# cache only (the node never downloads). SD v1.5 moved from runwayml to its own org in 2024.
+RELEASED_ADAPTER = "Shengcao1006/difflmm-llava-v1.5-7b-lora"
+RELEASED_BASE = "lmsys/vicuna-7b-v1.5"
+RELEASED_SD = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")
+RELEASED_CLIP = "openai/clip-vit-large-patch14-336"
 
 NON_LORA_FILE = "non_lora_trainables.bin"
 PROJECTOR_PREFIX = "model.mm_projector."   # what the reference's key mapping leaves
@@ -262,3 +270,32 @@ def load_difflmm(directory, dtype: torch.dtype = torch.float32, device: str | to
     except Exception as err:
         raise CheckpointError(f"{directory}: could not load the tokenizer ({type(err).__name__}: {err})") from err
     return model.eval(), tokenizer
+
+
+def _local(path_or_ids) -> Path:
+    """A directory, or the local Hugging Face cache snapshot of the first cached repo id."""
+    candidates = (path_or_ids,) if isinstance(path_or_ids, (str, Path)) else tuple(path_or_ids)
+    for candidate in candidates:
+        if Path(candidate).is_dir():
+            return Path(candidate)
+        try:
+            return Path(snapshot_download(str(candidate), local_files_only=True))
+        except Exception:   # not cached (or not a repo id): try the next one
+            continue
+    raise CheckpointError(f"none of {list(map(str, candidates))} is a directory or a locally cached "
+                          "Hugging Face repo (download it first; the node works offline)")
+
+
+def released_difflmm_backend(device: str = "cpu", dtype: str = "float16", seed: int = 0, *,
+                             adapter=RELEASED_ADAPTER, base=RELEASED_BASE, sd=RELEASED_SD,
+                             clip=RELEASED_CLIP) -> DiffLMMBackend:
+    """The released DiffLMM-7B behind the backend protocol. Each of adapter/base/sd/clip is a
+    directory or a cached hub id (default: the usual ids)."""
+    model, tokenizer = load_released_difflmm(_local(adapter), _local(base), _local(sd), _local(clip),
+                                             dtype=getattr(torch, dtype), device=device, seed=seed)
+    return DiffLMMBackend(model, tokenizer)
+
+
+def load_difflmm_backend(path, device: str = "cpu", dtype: str = "float32") -> DiffLMMBackend:
+    """A local-layout DiffLMM directory (save_difflmm) behind the backend protocol."""
+    return DiffLMMBackend(*load_difflmm(path, dtype=getattr(torch, dtype), device=device))

@@ -17,6 +17,8 @@ import torch
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
+from groundlmm_ros.models.difflmm import tiny_difflmm_backend
+from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.llava import LlavaBackend, load_llava
 
 REFINERS = ("auto", "sam", "threshold")
@@ -41,11 +43,17 @@ PRESETS: dict[str, Preset] = {
     # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline).
     "llava-1.5-7b": Preset(lambda device, dtype, seed: load_llava("llava-hf/llava-1.5-7b-hf", device=device,
                                                                   dtype=dtype)),
+    # Tiny random DiffLMM (same code as the 7B one) + tiny random SAM: tests, CI.
+    "tiny-difflmm-random": Preset(tiny_difflmm_backend, sam=tiny.tiny_sam, engine_options={"max_new_tokens": 24}),
+    # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP);
+    # other directories: difflmm_checkpoint.released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
+    "difflmm-7b": Preset(released_difflmm_backend),
 }
 
 # Model directories by config.json "model_type".
 LOADERS: dict[str, Callable[..., object]] = {
     "llava": load_llava,
+    "difflmm": load_difflmm_backend,
 }
 
 
