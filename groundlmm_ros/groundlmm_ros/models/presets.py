@@ -77,6 +77,8 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
     preset = PRESETS.get(model)
+    if refiner == "sam" and not sam_checkpoint and not (preset and preset.sam):
+        raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
     backend = preset.backend(device, dtype, seed) if preset else _backend_from_path(model, device, dtype)
 
     sam = None
@@ -85,8 +87,6 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
             sam = load_sam(sam_checkpoint, device)
         elif preset and preset.sam:
             sam = preset.sam(seed).to(device)
-        elif refiner == "sam":
-            raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
     chosen = SamRefiner(sam, sam_prompt) if sam is not None else ThresholdRefiner()
 
     options = {**(preset.engine_options if preset else {}), **engine_options}

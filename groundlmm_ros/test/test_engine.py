@@ -1,0 +1,169 @@
+"""Engine end to end on the tiny random LLaVA: both modes, SAM and the fallback, determinism,
+streaming, cancel, limits and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from groundlmm_ros.engine.engine import Engine, mask_bbox
+from groundlmm_ros.engine.heatmap import argmax_point
+from groundlmm_ros.engine.phrases import noun_phrases, token_spans
+from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
+from groundlmm_ros.engine.types import Cancelled, Grounding, InputError
+from groundlmm_ros.models.presets import PRESETS, build_engine
+
+torch.set_num_threads(1)
+QUESTION = "Describe the image in detail."
+
+
+@pytest.fixture(scope="module")
+def sam_engine():
+    return build_engine("tiny-random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fallback_engine():
+    return build_engine("tiny-random", seed=0, refiner="threshold")
+
+
+def image(height=48, width=80, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def check_phrases(result: Grounding, height, width):
+    assert result.image_size == (height, width)
+    for phrase in result.phrases:
+        assert result.answer[phrase.char_start:phrase.char_end] == phrase.text
+        assert phrase.token_indices and all(0 <= i < len(result.token_ids) for i in phrase.token_indices)
+        assert phrase.heatmap.shape == (height, width) and phrase.heatmap.dtype == np.float32
+        assert phrase.mask.shape == (height, width) and phrase.mask.dtype == bool
+        assert phrase.point == argmax_point(phrase.heatmap)
+        assert phrase.bbox == mask_bbox(phrase.mask)
+        assert np.isfinite(phrase.score)
+
+
+def test_describe_with_sam(sam_engine):
+    assert isinstance(sam_engine.refiner, SamRefiner)
+    streamed = []
+    result = sam_engine.ground(image(), QUESTION, on_token=lambda text, n: streamed.append((text, n)))
+    assert result.mode == "describe" and result.query == QUESTION
+    tokenizer = sam_engine.backend.tokenizer
+    assert result.answer == tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+    assert tokenizer.eos_token_id not in result.token_ids
+    # Every noun chunk of the answer is grounded (no filters by default).
+    answer, spans = token_spans(result.token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    assert [p.text for p in result.phrases] == [p.text for p in noun_phrases(answer, spans, sam_engine.nlp)]
+    assert result.phrases, "the fixed seed's answer has noun chunks"
+    check_phrases(result, 48, 80)
+    # Streaming: one call per generated token, growing prefixes ending at the answer.
+    assert [n for _, n in streamed] == list(range(1, len(streamed) + 1))
+    assert len(streamed) in (len(result.token_ids), len(result.token_ids) + 1)  # + the end token
+    assert streamed[-1][0] == result.answer
+    assert set(result.timings) == {"encode", "generate", "phrases", "heatmaps", "refine_image", "refine", "total"}
+    assert result.timings["total"] >= sum(v for k, v in result.timings.items() if k != "total") * 0.99
+
+
+def test_refer_with_sam_gives_exactly_one_mask(sam_engine):
+    expression = "the red mug on the left"
+    result = sam_engine.ground(image(64, 40), expression, "refer")
+    assert result.answer == expression and len(result.phrases) == 1
+    phrase = result.phrases[0]
+    assert (phrase.text, phrase.char_start, phrase.char_end) == (expression, 0, len(expression))
+    tokenizer = sam_engine.backend.tokenizer
+    root_text = tokenizer.decode([result.token_ids[i] for i in phrase.token_indices])
+    assert root_text.strip() == "mug"
+    check_phrases(result, 64, 40)
+    assert "teacher_force" in result.timings and "generate" not in result.timings
+
+
+def test_fallback_in_both_modes(fallback_engine):
+    assert isinstance(fallback_engine.refiner, ThresholdRefiner)
+    for mode, query in (("describe", QUESTION), ("refer", "a dog")):
+        result = fallback_engine.ground(image(30, 90), query, mode)
+        assert result.phrases
+        check_phrases(result, 30, 90)
+        for phrase in result.phrases:
+            assert phrase.score == 1.0
+            assert phrase.mask[phrase.point[1], phrase.point[0]]
+
+
+def test_deterministic_for_a_seed():
+    first = build_engine("tiny-random", seed=7).ground(image(seed=3), QUESTION)
+    again = build_engine("tiny-random", seed=7).ground(image(seed=3), QUESTION)
+    other = build_engine("tiny-random", seed=8).ground(image(seed=3), QUESTION)
+    assert first.token_ids == again.token_ids and first.answer == again.answer
+    assert len(first.phrases) == len(again.phrases)
+    for a, b in zip(first.phrases, again.phrases):
+        np.testing.assert_array_equal(a.heatmap, b.heatmap)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        assert (a.point, a.score) == (b.point, b.score)
+    assert other.token_ids != first.token_ids
+
+
+def test_cancel_between_tokens(fallback_engine):
+    seen = []
+    with pytest.raises(Cancelled):
+        fallback_engine.ground(image(), QUESTION, on_token=lambda text, n: seen.append(n),
+                               should_stop=lambda: len(seen) >= 2)
+    assert seen == [1, 2]  # stopped right after the token that asked for it
+    with pytest.raises(Cancelled):
+        fallback_engine.ground(image(), QUESTION, should_stop=lambda: True)
+
+
+def test_max_new_tokens_limits_the_answer(fallback_engine):
+    result = fallback_engine.ground(image(), QUESTION, max_new_tokens=3)
+    assert len(result.token_ids) <= 3
+
+
+def test_filters(fallback_engine):
+    engine = Engine(fallback_engine.backend, ThresholdRefiner(), min_score=1.5)
+    assert engine.ground(image(), "a dog", "refer").phrases == []
+    engine = Engine(fallback_engine.backend, ThresholdRefiner(), nms_iou=0.0)  # any overlap merges
+    result = engine.ground(image(), QUESTION)
+    masks = [p.mask for p in result.phrases]
+    assert all(not (a & b).any() for i, a in enumerate(masks) for b in masks[i + 1:])
+
+
+@pytest.mark.parametrize("bad_image", [
+    np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32),
+    np.zeros((0, 10, 3), np.uint8), [[0, 0, 0]],
+])
+def test_bad_images_are_refused_before_model_work(fallback_engine, monkeypatch, bad_image):
+    monkeypatch.setattr(fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran"))
+    with pytest.raises(InputError, match="image"):
+        fallback_engine.ground(bad_image, QUESTION)
+
+
+@pytest.mark.parametrize("query, mode, limit, message", [
+    ("", "describe", None, "empty"), ("   \n", "refer", None, "empty"), ("x" * 1001, "describe", None, "limit"),
+    ("a mug", "segment", None, "mode"), ("a mug", "describe", 0, "max_new_tokens"),
+])
+def test_bad_queries_are_refused_before_model_work(fallback_engine, monkeypatch, query, mode, limit, message):
+    monkeypatch.setattr(fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran"))
+    with pytest.raises(InputError, match=message):
+        fallback_engine.ground(image(), query, mode, max_new_tokens=limit)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="combine"):
+        build_engine("tiny-random", combine="median")
+    with pytest.raises(ValueError, match="refiner"):
+        build_engine("tiny-random", refiner="grabcut")
+    assert PRESETS["llava-1.5-7b"].sam is None
+    with pytest.raises(ValueError, match="sam_checkpoint"):  # refused before any weights load
+        build_engine("llava-1.5-7b", refiner="sam")
+    with pytest.raises(ValueError, match="neither a preset"):
+        build_engine("/no/such/model")
+
+
+def test_model_directory_loads_like_the_preset(tmp_path, fallback_engine):
+    """A llava-hf style directory (safetensors + tokenizer) goes through load_llava and answers
+    exactly like the in-memory model it was saved from."""
+    backend = fallback_engine.backend
+    backend.lm.save_pretrained(tmp_path)
+    backend.tokenizer.save_pretrained(tmp_path)
+    loaded = build_engine(str(tmp_path), refiner="threshold", max_new_tokens=24)
+    expected = fallback_engine.ground(image(seed=5), QUESTION)
+    result = loaded.ground(image(seed=5), QUESTION)
+    assert result.token_ids == expected.token_ids
+    for a, b in zip(result.phrases, expected.phrases):
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
