@@ -1,0 +1,404 @@
+"""groundlmm_node: the lifecycle node that grounds queries in camera frames.
+
+configure loads the model, activate starts the worker and the subscriptions,
+deactivate stops them (queued queries are answered with a rejection),
+cleanup frees the model. Callbacks never run the model: they fill the
+worker's newest-frame slot and bounded queue. Each query gets exactly one
+answer: a GroundingResult on `grounding` or, with the reason, a
+DiagnosticStatus on `~/rejected` (and an action goal its Ground result).
+"""
+from __future__ import annotations
+
+import collections
+import gc
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from groundlmm_msgs.action import Ground
+from groundlmm_msgs.msg import GroundingResult
+from rclpy.action import ActionServer, CancelResponse, GoalResponse
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
+from rcl_interfaces.msg import SetParametersResult
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import String
+from visualization_msgs.msg import MarkerArray
+
+from groundlmm_ros.ros import depth, messages, visualization
+from groundlmm_ros.ros.conversion import numpy_to_image
+from groundlmm_ros.ros.params import DYNAMIC, check_parameters, declare_parameters, read_parameters
+from groundlmm_ros.ros.worker import Job, Outcome, Worker, query_problem
+
+try:  # Iron and newer
+    from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import PublisherEventCallbacks, SubscriptionEventCallbacks
+
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+
+
+class Stats:
+    """Counters for /diagnostics, updated from callbacks and the worker."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.queries_received = self.queries_rejected = self.results_published = 0
+        self.frames_received = self.errors = 0
+        self.latency_ms = collections.deque(maxlen=100)   # query received -> result published
+        self.overhead_ms = collections.deque(maxlen=100)  # conversion + depth + message building + publishing
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+
+class GroundingNode(LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__("groundlmm_node", **kwargs)
+        declare_parameters(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._group = ReentrantCallbackGroup()
+        self._params = None
+        self._engine = None
+        self._worker: Worker | None = None
+        self._depth = depth.DepthBuffer()
+        self._stats = Stats()
+        self._state = "unconfigured"
+        self._outputs = {}
+        self._inputs = []
+        self._action_server = None
+        self._status_timer = None
+        self._rejected_lock = threading.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        try:
+            params = read_parameters(self)
+        except ValueError as error:
+            self.get_logger().error(f"configure failed: {error}")
+            return FAILURE
+        self.get_logger().info(f"loading model {params.model!r} on {params.device} ({params.dtype})")
+        try:
+            from groundlmm_ros.models.presets import build_engine  # torch is imported only now
+            self._engine = build_engine(params.model, device=params.device, dtype=params.dtype,
+                                        refiner=params.refiner, sam_checkpoint=params.sam_checkpoint,
+                                        seed=params.seed, **params.engine_kwargs())
+        except Exception as error:  # a bad model path or preset must leave the node unconfigured, alive
+            self.get_logger().error(f"configure failed: cannot build model {params.model!r}: "
+                                    f"{type(error).__name__}: {error}")
+            return FAILURE
+        self._params = params
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self._outputs = {
+            "grounding": self._publisher(GroundingResult, "grounding", reliable),
+            "rejected": self._publisher(DiagnosticStatus, "~/rejected", QoSProfile(depth=1000)),
+            "overlay": self._publisher(Image, "~/overlay", QoSProfile(depth=2)),
+            "markers": self._publisher(MarkerArray, "~/markers", QoSProfile(depth=2)),
+            "points": self._publisher(PointCloud2, "~/points", QoSProfile(depth=2)),
+            "status": self._publisher(DiagnosticArray, "/diagnostics", reliable),
+        }
+        self._action_server = ActionServer(
+            self, Ground, "~/ground", execute_callback=self._execute_goal,
+            goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=lambda goal: CancelResponse.ACCEPT,
+            callback_group=self._group)
+        self._status_timer = self.create_timer(params.status_period_s, self._publish_status, self._group)
+        self._state = "inactive"
+        self.get_logger().info("configured")
+        return SUCCESS
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        params = self._params
+        self._worker = Worker(self._engine, self._deliver, queue_size=params.query_queue_size,
+                              max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
+                              log_error=self._log_worker_error)
+        self._worker.set_standing(params.standing_query, params.standing_mode, params.max_rate_hz)
+        self._worker.start()
+        self._depth = depth.DepthBuffer()
+        image_qos = QoSProfile(depth=params.image_qos_depth, history=HistoryPolicy.KEEP_LAST,
+                               reliability=ReliabilityPolicy.RELIABLE if params.image_qos_reliability == "reliable"
+                               else ReliabilityPolicy.BEST_EFFORT)
+        if params.image_transport == "compressed":
+            self._subscribe(CompressedImage, "image/compressed", self._on_image, image_qos)
+        else:
+            self._subscribe(Image, "image", self._on_image, image_qos)
+        self._subscribe(String, "query", self._on_query, QoSProfile(depth=params.query_qos_depth))
+        if params.use_depth:
+            self._subscribe(Image, "depth", self._depth.add_depth, image_qos)
+            self._subscribe(CameraInfo, "camera_info", self._depth.set_info, image_qos)
+        self._state = "active"
+        self.get_logger().info("active: serving queries")
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._stop_serving("the node was deactivated")
+        self.get_logger().info("inactive")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: State) -> TransitionCallbackReturn:
+        self._release()
+        self.get_logger().info("cleaned up: model freed")
+        return SUCCESS
+
+    def on_shutdown(self, state: State) -> TransitionCallbackReturn:
+        self._stop_serving("the node is shutting down")
+        self._release()
+        return SUCCESS
+
+    def on_error(self, state: State) -> TransitionCallbackReturn:
+        self._stop_serving("the node hit an error")
+        self._release()
+        return SUCCESS
+
+    def shut_down(self) -> None:
+        """Stop the worker and free the model, whatever the lifecycle state (SIGINT)."""
+        self._stop_serving("the node is shutting down")
+        self._release()
+
+    def _log_worker_error(self, text: str) -> None:
+        if self.context.ok():  # after Ctrl-C, publishing fails by design: nothing to report
+            self.get_logger().error(text)
+
+    def _stop_serving(self, reason: str) -> None:
+        for subscription in self._inputs:
+            self.destroy_subscription(subscription)
+        self._inputs = []
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.stop(reason)
+        if self._state == "active":
+            self._state = "inactive"
+
+    def _release(self) -> None:
+        if self._status_timer is not None:
+            self.destroy_timer(self._status_timer)
+        if self._action_server is not None:
+            self._action_server.destroy()
+        for publisher in self._outputs.values():
+            self.destroy_publisher(publisher)
+        self._status_timer = self._action_server = None
+        self._outputs = {}
+        self._engine = None
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed GPU memory back to the device
+        self._state = "unconfigured"
+
+    # ---- parameters --------------------------------------------------------------------------
+
+    def _on_set_parameters(self, parameters) -> SetParametersResult:
+        values = {p.name: p.value for p in parameters}
+        problem = check_parameters(values)
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
+        worker = self._worker
+        if worker is not None and any(name in DYNAMIC for name in values):
+            current = {name: self.get_parameter(name).value for name in DYNAMIC}
+            current.update({name: value for name, value in values.items() if name in DYNAMIC})
+            worker.set_standing(current["standing_query"], current["standing_mode"], current["max_rate_hz"])
+            self.get_logger().info(f"standing query {current['standing_query']!r} ({current['standing_mode']}), "
+                                   f"at most {current['max_rate_hz']} Hz")
+        return SetParametersResult(successful=True)
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def _subscribe(self, msg_type, topic: str, callback, qos: QoSProfile) -> None:
+        def incompatible(event) -> None:
+            policy = qos_policy_name_from_kind(event.last_policy_kind)
+            hint = {
+                "RELIABILITY": "set the parameter image_qos_reliability:=best_effort (or publish reliably)"
+                if msg_type is not String else "publish queries with RELIABLE reliability",
+                "DURABILITY": "publish with VOLATILE or TRANSIENT_LOCAL durability",
+            }.get(policy, "make the publisher's QoS match")
+            self.get_logger().warning(
+                f"a publisher on {self.resolve_topic_name(topic)} offers QoS incompatible with this subscription "
+                f"(policy {policy}; this node asks reliability={qos.reliability.name.lower()}): nothing is "
+                f"received from it; {hint}")
+        self._inputs.append(self.create_subscription(
+            msg_type, topic, callback, qos, callback_group=self._group,
+            event_callbacks=SubscriptionEventCallbacks(incompatible_qos=incompatible)))
+
+    def _publisher(self, msg_type, topic: str, qos: QoSProfile):
+        def incompatible(event) -> None:
+            self.get_logger().warning(
+                f"a subscriber of {self.resolve_topic_name(topic)} asks for QoS this node does not offer "
+                f"(policy {qos_policy_name_from_kind(event.last_policy_kind)}): it receives nothing; "
+                "subscribe with reliability best_effort or reliable and durability volatile")
+        return self.create_publisher(msg_type, topic, qos,
+                                     event_callbacks=PublisherEventCallbacks(incompatible_qos=incompatible))
+
+    def _on_image(self, msg) -> None:
+        self._stats.count("frames_received")
+        worker = self._worker
+        if worker is not None:
+            worker.put_frame(msg)
+
+    def _on_query(self, msg: String) -> None:
+        self._stats.count("queries_received")
+        self._submit(Job(msg.data, self._params.query_mode, "topic"))
+
+    def _submit(self, job: Job) -> str:
+        """Queue a job, or reject it with the reason (returned, '' when queued)."""
+        worker = self._worker
+        reason = query_problem(job.query, job.mode, self._params.max_query_length)
+        if not reason:
+            reason = worker.submit(job) if worker is not None else f"the node is {self._state}, not active"
+        if reason:
+            self._reject(job, reason)
+        return reason
+
+    def _reject(self, job: Job, reason: str, header=None) -> None:
+        self._stats.count("queries_rejected")
+        shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
+        if job.source == "standing":
+            self.get_logger().warning(f"standing query {shown!r} failed: {reason}", throttle_duration_sec=5.0)
+        else:
+            self.get_logger().warning(f"rejected {job.source} query {shown!r}: {reason}")
+        publisher = self._outputs.get("rejected")
+        if publisher is not None:
+            with self._rejected_lock:
+                publisher.publish(messages.rejection(job.query, job.mode, job.source, reason, header))
+
+    # ---- the action --------------------------------------------------------------------------
+
+    def _execute_goal(self, goal_handle) -> Ground.Result:
+        goal = goal_handle.request
+        self._stats.count("queries_received")
+        done = threading.Event()
+        answer = {}
+
+        def reply(outcome: Outcome) -> None:
+            answer["outcome"] = outcome
+            done.set()
+
+        def feedback(partial_answer: str, tokens: int) -> None:
+            goal_handle.publish_feedback(Ground.Feedback(partial_answer=partial_answer, tokens=tokens))
+
+        job = Job(goal.query, goal.mode or "describe", "action",
+                  image=goal.image if goal.image.width and goal.image.height else None,
+                  on_token=feedback, cancel_requested=lambda: goal_handle.is_cancel_requested, reply=reply)
+        reason = self._submit(job)
+        if reason:
+            goal_handle.abort()
+            return Ground.Result(success=False, message=reason)
+        # The worker finishes every queued job, also when it is stopped.
+        while not done.wait(0.5):
+            if not self.context.ok():
+                return Ground.Result(success=False, message="the node is shutting down")
+        outcome = answer["outcome"]
+        if outcome.result is not None:
+            goal_handle.succeed()
+            return Ground.Result(result=outcome.result, success=True)
+        if outcome.cancelled and goal_handle.is_cancel_requested:
+            goal_handle.canceled()
+        else:
+            goal_handle.abort()
+        return Ground.Result(success=False, message=outcome.error)
+
+    # ---- outputs (on the worker thread) ------------------------------------------------------
+
+    def _deliver(self, outcome: Outcome) -> None:
+        job = outcome.job
+        header = outcome.frame.header if outcome.frame is not None else None
+        if outcome.grounding is None:
+            if not outcome.cancelled:
+                self._stats.count("errors")
+            self._reject(job, outcome.error, header)
+            return
+        start = time.perf_counter()
+        grounding, params = outcome.grounding, self._params
+        points = self._points_3d(outcome)
+        centroids = [depth.centroid(p) for p in points] if points else [np.full(3, np.nan)] * len(grounding.phrases)
+        inference_time = outcome.convert_s + outcome.engine_s + time.perf_counter() - start
+        result = messages.grounding_result(grounding, header, params.model, inference_time, centroids)
+        outputs = self._outputs
+        outputs["grounding"].publish(result)
+        outcome.result = result
+        if outputs["overlay"].get_subscription_count() > 0:
+            canvas = visualization.overlay(np.ascontiguousarray(outcome.rgb), grounding)
+            outputs["overlay"].publish(numpy_to_image(canvas, "rgb8", header))
+        if outputs["markers"].get_subscription_count() > 0:
+            outputs["markers"].publish(visualization.markers(grounding, centroids, header, params.marker_lifetime_s))
+        if points and outputs["points"].get_subscription_count() > 0:
+            outputs["points"].publish(depth.pointcloud(points, header))
+        now = time.perf_counter()
+        with self._stats.lock:
+            self._stats.results_published += 1
+            self._stats.latency_ms.append(1000 * (time.monotonic() - job.received))
+            self._stats.overhead_ms.append(1000 * (outcome.convert_s + now - start))
+
+    def _points_3d(self, outcome: Outcome) -> list[np.ndarray]:
+        """Each phrase's (N, 3) depth points in the image frame; [] (with a logged reason) without depth."""
+        params = self._params
+        if not params.use_depth or not outcome.grounding.phrases:
+            return []
+        try:
+            depth_msg, info = self._depth.match(outcome.frame.header, params.depth_stamp_tolerance_s)
+            points = depth.masks_points([p.mask for p in outcome.grounding.phrases], depth_msg, info,
+                                        params.depth_unit_divisor)
+        except depth.DepthError as error:
+            self._stats.count("errors")
+            self.get_logger().warning(f"no 3D centroids for query {outcome.job.query!r}: {error}")
+            return []
+        empty = [p.text for p, xyz in zip(outcome.grounding.phrases, points) if len(xyz) == 0]
+        if empty:
+            self.get_logger().warning(f"no valid depth (0 or NaN) under the mask of {empty}: their centroids are NaN")
+        return points
+
+    def _publish_status(self) -> None:
+        params, worker, stats = self._params, self._worker, self._stats
+        with stats.lock:
+            values = {
+                "state": self._state,
+                "model": params.model,
+                "queue_length": worker.queue_length if worker else 0,
+                "queue_size": params.query_queue_size,
+                "frames_received": stats.frames_received,
+                "frames_dropped": worker.frames_dropped if worker else 0,
+                "queries_received": stats.queries_received,
+                "queries_rejected": stats.queries_rejected,
+                "results_published": stats.results_published,
+                "errors": stats.errors,
+                "latency_ms_p50": _median(stats.latency_ms),
+                "overhead_ms_p50": _median(stats.overhead_ms),
+            }
+        level = DiagnosticStatus.OK if self._state == "active" else DiagnosticStatus.WARN
+        publisher = self._outputs.get("status")
+        if publisher is not None:
+            publisher.publish(messages.status_array(
+                self.get_clock().now().to_msg(), f"{self.get_fully_qualified_name()}: grounding", params.device,
+                level, self._state, values))
+
+
+def _median(samples) -> float:
+    return round(float(np.median(samples)), 3) if samples else float("nan")
+
+
+def main(args=None) -> None:
+    rclpy.init(args=args)
+    node = GroundingNode()
+    # Each running Ground goal holds an executor thread until its result (at most queue + 1 of them).
+    executor = MultiThreadedExecutor(num_threads=node.get_parameter("query_queue_size").value + 4)
+    executor.add_node(node)
+    if node.get_parameter("autostart").value and node.trigger_configure() == SUCCESS:
+        node.trigger_activate()
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        node.shut_down()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

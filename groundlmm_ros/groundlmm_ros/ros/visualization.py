@@ -1,0 +1,56 @@
+"""What RViz shows: the image with coloured masks, points and labels; markers at 3D centroids."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from builtin_interfaces.msg import Duration
+from geometry_msgs.msg import Point, Pose, Vector3
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from groundlmm_ros.engine.types import Grounding
+
+# Distinct RGB colours, one per phrase in turn.
+PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+], dtype=np.uint8)
+
+
+def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: rgb with each phrase's mask tinted, its point ringed and its text written."""
+    height, width = rgb.shape[:2]
+    # label[r, c] = 1 + index of the last phrase whose mask covers (r, c); 0 = no mask.
+    label = np.zeros((height, width), np.uint8)
+    for index, phrase in enumerate(grounding.phrases):
+        label[phrase.mask] = 1 + index % len(PALETTE)
+    colours = np.concatenate([np.zeros((1, 3), np.uint8), PALETTE])[label]
+    blended = cv2.addWeighted(rgb, 1 - alpha, colours, alpha, 0)
+    canvas = np.where((label > 0)[..., None], blended, rgb)
+    for index, phrase in enumerate(grounding.phrases):
+        colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
+        cv2.circle(canvas, phrase.point, 6, (255, 255, 255), 2)
+        cv2.circle(canvas, phrase.point, 3, colour, -1)
+        origin = (phrase.point[0] + 8, max(phrase.point[1] - 8, 12))
+        cv2.putText(canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+    return canvas
+
+
+def markers(grounding: Grounding, centroids: list[np.ndarray], header: Header, lifetime_s: float) -> MarkerArray:
+    """A sphere and a text label at each phrase's 3D centroid (phrases without one are skipped)."""
+    lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
+    array = MarkerArray()
+    for index, (phrase, xyz) in enumerate(zip(grounding.phrases, centroids, strict=True)):
+        if not np.all(np.isfinite(xyz)):
+            continue
+        r, g, b = (PALETTE[index % len(PALETTE)] / 255.0).tolist()
+        position = Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2]))
+        common = dict(header=header, ns="groundlmm", action=Marker.ADD, lifetime=lifetime,
+                      pose=Pose(position=position))
+        array.markers.append(Marker(id=2 * index, type=Marker.SPHERE, scale=Vector3(x=0.05, y=0.05, z=0.05),
+                                    color=ColorRGBA(r=r, g=g, b=b, a=0.9), **common))
+        common["pose"] = Pose(position=Point(x=position.x, y=position.y - 0.06, z=position.z))
+        array.markers.append(Marker(id=2 * index + 1, type=Marker.TEXT_VIEW_FACING, text=phrase.text,
+                                    scale=Vector3(z=0.05), color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0), **common))
+    return array

@@ -1,0 +1,136 @@
+"""groundlmm_node in its own process over real DDS, tiny random model: results, the action,
+the standing query, lifecycle transitions, and a clean Ctrl-C.
+
+One node serves the whole module (start-up imports torch and transformers);
+tests run in file order, the first one before any frame has been sent.
+"""
+import time
+
+import numpy as np
+import pytest
+from action_msgs.msg import GoalStatus
+from lifecycle_msgs.msg import Transition
+from node_harness import Client, NodeProcess, is_rejection, rgb_image
+from sensor_msgs.msg import Image
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def node():
+    # describe goals generate up to 200 tokens, long enough to cancel one mid-answer
+    process = NodeProcess({"query_mode": "refer", "max_new_tokens": 200})
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    client = Client()
+    overlays = []
+    client.node.create_subscription(Image, "groundlmm_node/overlay", overlays.append, 10)
+    client.overlays = overlays
+    assert client.wait_active(), f"node did not become active:\n{node.output()}"
+    yield client
+    client.close()
+
+
+def test_query_before_any_frame_is_rejected_with_reason(client):
+    client.query("the red mug")
+    answer = client.answer_to("the red mug")
+    assert is_rejection(answer) and "no image has arrived" in answer.message
+    status, result, _ = client.ground("the red mug")
+    assert status == GoalStatus.STATUS_ABORTED
+    assert not result.success and "no image has arrived" in result.message
+
+
+def test_image_and_query_give_exactly_one_result(client):
+    image = rgb_image(width=96, height=64, stamp_s=12.25, frame_id="cam_optical")
+    client.publish_image(image)
+    client.query("the cup")
+    result = client.answer_to("the cup")
+    assert result is not None and not is_rejection(result), getattr(result, "message", "no answer")
+    assert result.header == image.header
+    assert result.mode == "refer" and result.model == "tiny-random" and result.inference_time > 0
+    assert len(result.phrases) == 1
+    mask = result.phrases[0].mask
+    assert (mask.height, mask.width, mask.encoding) == (64, 96, "mono8") and mask.header == image.header
+    assert set(np.unique(np.frombuffer(mask.data, np.uint8))) <= {0, 255}
+    assert np.isnan(result.phrases[0].centroid.z)  # no depth on this node
+    overlay = client.wait_for(lambda: client.overlays, 5.0)
+    assert overlay and (overlay[-1].height, overlay[-1].width, overlay[-1].encoding) == (64, 96, "rgb8")
+    time.sleep(0.5)
+    assert sum(r.query == "the cup" for r in client.results) == 1
+
+
+def test_action_feedback_and_result(client):
+    image = rgb_image(width=80, height=60, stamp_s=20.5, seed=3)
+    status, result, feedbacks = client.ground("Describe the image.", mode="describe", image=image)
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.message
+    assert result.result.header == image.header and result.result.query == "Describe the image."
+    assert feedbacks, "no feedback while generating"
+    assert [f.tokens for f in feedbacks] == sorted(f.tokens for f in feedbacks)
+    assert result.result.answer.startswith(feedbacks[-1].partial_answer.strip()[:10])
+    for phrase in result.result.phrases:
+        assert (phrase.mask.height, phrase.mask.width) == (60, 80)
+
+
+def test_action_cancel_stops_generation(client):
+    image = rgb_image(width=80, height=60, stamp_s=21.0, seed=4)
+    status, result, feedbacks = client.ground("Describe the image.", mode="describe", image=image,
+                                              cancel_after_feedback=True)
+    assert status == GoalStatus.STATUS_CANCELED and not result.success and "cancel" in result.message
+    assert feedbacks[-1].tokens < 200
+    # the worker is free again
+    status, result, _ = client.ground("the mug", image=image)
+    assert status == GoalStatus.STATUS_SUCCEEDED
+
+
+def test_standing_query_repeats_within_max_rate(client):
+    # set one by one, in this order (the query last, so it never runs in another mode)
+    assert all(r.successful for r in client.set_parameters(
+        standing_mode="refer", max_rate_hz=2.0, standing_query="the standing cup"))
+    start = time.monotonic()
+    frame = 0
+    while time.monotonic() - start < 3.0:  # frames at 10 Hz
+        client.image_pub.publish(rgb_image(stamp_s=100 + frame * 0.1, seed=frame))
+        frame += 1
+        time.sleep(0.1)
+    assert all(r.successful for r in client.set_parameters(standing_query=""))
+    with client.lock:
+        # (the first run may use the frame left from an earlier test: stamp < 100)
+        received = [r for r in client.results if r.query == "the standing cup" and r.header.stamp.sec >= 100]
+    stamps = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in received]
+    assert 3 <= len(received) <= 7, stamps
+    # frames are 0.1 s apart by stamp: consecutive standing results at least ~1/max_rate_hz apart
+    assert min(np.diff(stamps)) >= 0.4 - 1e-6, stamps
+    time.sleep(0.6)
+    count = sum(r.query == "the standing cup" for r in client.results)
+    client.image_pub.publish(rgb_image(stamp_s=200.0))
+    time.sleep(0.8)
+    assert sum(r.query == "the standing cup" for r in client.results) == count
+
+
+def test_lifecycle_transitions_and_back(client, node):
+    assert client.state() == "active"
+    assert client.change_state(Transition.TRANSITION_DEACTIVATE)
+    assert client.state() == "inactive"
+    assert client.wait_for(lambda: client.query_pub.get_subscription_count() == 0, 5.0)
+    status, result, _ = client.ground("the mug", image=rgb_image())
+    assert status == GoalStatus.STATUS_ABORTED and "not active" in result.message
+    assert client.change_state(Transition.TRANSITION_CLEANUP)
+    assert client.state() == "unconfigured"
+    assert client.log_containing("model freed")
+    assert client.change_state(Transition.TRANSITION_CONFIGURE)
+    assert client.state() == "inactive"
+    assert client.change_state(Transition.TRANSITION_ACTIVATE)
+    assert client.wait_active(20.0)
+    client.publish_image(rgb_image(stamp_s=300.0))
+    client.query("the cup again")
+    result = client.answer_to("the cup again")
+    assert result is not None and not is_rejection(result)
+
+
+def test_sigint_shuts_down_cleanly(client, node):
+    assert node.stop() == 0, node.output()
+    assert "Traceback" not in node.output(), node.output()
