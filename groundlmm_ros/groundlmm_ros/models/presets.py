@@ -37,7 +37,16 @@ def _tiny_llava(device: str, dtype: str, seed: int) -> LlavaBackend:
     return LlavaBackend(model, tokenizer)
 
 
+def _demo_difflmm(device: str, dtype: str, seed: int):
+    from groundlmm_ros.training.recipe import demo_model_dir  # the shipped model's folder
+
+    return load_difflmm_backend(str(demo_model_dir()), device=device, dtype=dtype)
+
+
 PRESETS: dict[str, Preset] = {
+    # The shipped demo model: a miniature DiffLMM trained here on synthetic scenes with captions
+    # only (groundlmm_ros/model/MODEL_CARD.md). Mean-map subtraction: chosen on validation scenes.
+    "demo": Preset(_demo_difflmm, engine_options={"normalise": False, "max_new_tokens": 40}),
     # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
     "tiny-random": Preset(_tiny_llava, sam=tiny.tiny_sam, engine_options={"max_new_tokens": 24}),
     # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline).

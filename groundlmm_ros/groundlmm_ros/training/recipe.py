@@ -1,0 +1,88 @@
+"""The demo model's recipe: its miniature DiffLMM config, its word-level tokenizer and
+the questions it is trained to answer.
+
+Sizes (64 px model input, 8x8 = 64 visual tokens):
+  VAE 64 px -> 4 x 8 x 8 latent (4 blocks, downsampling 8, as in SD)
+  UNet 3 blocks (32, 64, 64) on the 8x8 latent; up_blocks[1] gives 64 x 8 x 8 features
+  CLIP ViT with ONE layer, 8 px patches: its penultimate hidden state is the patch
+    embedding itself, so each visual token keeps its own patch (a prototype found that
+    patch-separating features ground far better than whole-object receptive fields)
+  Llama: 4 layers, 128 wide, 4 heads (~0.9M parameters)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+
+from ..models.backend import IMAGE_PLACEHOLDER, VICUNA_SYSTEM, llava_v1_prompt
+from ..models.difflmm import DiffLMMConfig
+from ..world import COLOURS, SHAPES
+
+IMAGE_SIZE = 64          # model input side; scenes are 128 px and get resized by the backend
+SCENE_SIZE = 128
+DESCRIBE_QUESTION = "Describe the image in detail."   # the paper's GCG prompt
+QUESTIONS = (DESCRIBE_QUESTION, "Describe the image.", "What is in the image?")
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")    # ids 0..3, as Llama orders them
+
+
+def demo_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the prompt and caption vocabulary (lower-cased).
+
+    Whitespace is not part of a token, so "the red circle" tokenizes the same at the
+    start of an answer, inside a caption and as a refer-mode expression; the WordPiece
+    decoder rejoins words with spaces and no space before punctuation."""
+    prompt = llava_v1_prompt(" ".join(QUESTIONS), VICUNA_SYSTEM).replace(IMAGE_PLACEHOLDER, " ")
+    words = pre_tokenizers.Whitespace().pre_tokenize_str(prompt.lower())
+    vocabulary = list(SPECIAL_TOKENS)
+    for word in [w for w, _ in words] + "a an the there is and , .".split() + list(COLOURS) + list(SHAPES):
+        if word not in vocabulary:
+            vocabulary.append(word)
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(cleanup=True)
+    # Like Llama's tokenizer: a BOS in front of every encoded text.
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def demo_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
+    """The miniature DiffLMM (sizes in the module docstring); the diffusers configs are
+    filled in by the classes themselves so every default is written down."""
+    vae_config = dict(AutoencoderKL.from_config(dict(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[16, 16, 32, 32], layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE)).config)
+    unet_config = dict(UNet2DConditionModel.from_config(dict(
+        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
+        layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8)).config)
+    scheduler_config = dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                          num_train_timesteps=1000, clip_sample=False,
+                                          set_alpha_to_one=False).config)
+    clip = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=IMAGE_SIZE, patch_size=8).to_dict()
+    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=3).to_dict()
+    return DiffLMMConfig(unet=unet_config, vae=vae_config, scheduler=scheduler_config, clip=clip, llama=llama,
+                         image_size=IMAGE_SIZE, timestep=100, feature_block=1, seed=seed)
+
+
+def demo_model_dir() -> Path:
+    """Where the shipped demo model lives: groundlmm_ros/model/ in a source or editable
+    checkout, share/groundlmm_ros/model/ in a colcon install (setup.py installs model/*)."""
+    source = Path(__file__).resolve().parents[2] / "model"
+    if (source / "config.json").is_file():
+        return source
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return Path(get_package_share_directory("groundlmm_ros")) / "model"
+    except (ImportError, LookupError, OSError):  # no ament index, or the package is not in it
+        return source

@@ -1,0 +1,247 @@
+"""The one training command of the demo model: captions only, no masks, boxes or points.
+
+Stages (all seeded; each prints its progress):
+  1. VAE: a small AutoencoderKL learns to reconstruct the scenes (its encoder is
+     DiffLMM's latent space; the decoder is dropped afterwards, as in DiffLMM).
+  2. Denoiser: the UNet learns epsilon-prediction on those latents, conditioned on the
+     implicit captioner (clip_projector + clip_pe over the frozen CLIP patch tokens),
+     which trains with it. Both are then frozen.
+  3. The frozen tower's features are computed once per training scene, exactly as
+     DiffLMM.encode_image computes them (seeded noise at t=100, up_blocks[1]).
+  4. Captioning: projector (sd_norm_layer, sd_proj_layer, linear, vt_pe) and the Llama
+     learn to answer "Describe the image in detail." with the scene's caption (object
+     order reshuffled every time). Every `checkpoint_every` steps the model is scored on
+     validation scenes (refer pointing, through the real Engine) and the best so far is
+     saved, so a partial run is usable and a late decline does not overwrite a good model.
+
+Deviation from DiffLMM's own recipe, for the CPU budget: the captioner is trained in
+stage 2 with the denoiser instead of in stage 4 with the projector, so stage 4 never
+backpropagates through the UNet and the tower runs once per scene instead of per step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from ..engine.engine import Engine
+from ..engine.refiners import ThresholdRefiner
+from ..evaluation import evaluate
+from ..models.backend import pad_to_square, to_pixel_values
+from ..models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend
+from ..models.difflmm_checkpoint import save_difflmm
+from ..world import make_scenes
+from ..world.scenes import caption_for
+from .recipe import DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, demo_config, demo_tokenizer
+
+TRAIN_SEED = 1          # scene stream of training (evaluation.EVAL_SEED is the held-out one)
+VALIDATION_SEED = 2     # scenes that choose the checkpoint; never the held-out evaluation scenes
+
+
+@dataclass
+class Budget:
+    scenes: int = 10_000
+    vae_steps: int = 300
+    denoiser_steps: int = 600
+    caption_steps: int = 2000
+    batch_size: int = 32
+    checkpoint_every: int = 250
+    validation_scenes: int = 40
+
+
+class Progress:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def batches(count: int, batch_size: int):
+    for start in range(0, count, batch_size):
+        yield slice(start, min(start + batch_size, count))
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
+
+
+def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, budget: Budget, log: Progress) -> None:
+    """Reconstruction + a light KL; afterwards scaling_factor makes the latents unit-variance (SD's role
+    of 0.18215)."""
+    vae.train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    for step in range(budget.vae_steps):
+        x = pixels[torch.randint(len(pixels), (budget.batch_size,))]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 50 == 0 or step == budget.vae_steps - 1:
+            log(f"vae {step + 1}/{budget.vae_steps} reconstruction loss {loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        std = torch.cat([vae.encode(pixels[s]).latent_dist.mean for s in batches(min(len(pixels), 512), 128)]).std()
+    vae.register_to_config(scaling_factor=float(1.0 / std))
+
+
+def train_denoiser(model: DiffLMM, pixels: torch.Tensor, budget: Budget, log: Progress) -> None:
+    """UNet + implicit captioner as an epsilon-prediction denoiser over all timesteps."""
+    tower, captioner = model.vision_tower, model.mm_projector
+    with torch.no_grad():
+        clip_tokens = torch.cat([tower.clip_patch_tokens(pixels[s]) for s in batches(len(pixels), 256)])
+        latents = torch.cat([tower.vae.encode(pixels[s]).latent_dist.sample() for s in batches(len(pixels), 256)])
+        latents = latents * tower.vae.config.scaling_factor                       # (n, 4, L, L)
+    trained = list(tower.unet.parameters()) + list(captioner.clip_projector.parameters()) + [captioner.clip_pe]
+    for p in trained:
+        p.requires_grad_(True)
+    tower.unet.train()
+    optimiser = torch.optim.AdamW(trained, lr=1e-3)
+    n_timesteps = tower.scheduler.config.num_train_timesteps
+    for step in range(budget.denoiser_steps):
+        index = torch.randint(len(pixels), (budget.batch_size,))
+        noise = torch.randn_like(latents[index])
+        t = torch.randint(n_timesteps, (len(index),))
+        noisy = tower.scheduler.add_noise(latents[index], noise, t)
+        prediction = tower.unet(noisy, t, encoder_hidden_states=captioner.caption(clip_tokens[index])).sample
+        loss = F.mse_loss(prediction, noise)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 50 == 0 or step == budget.denoiser_steps - 1:
+            log(f"denoiser {step + 1}/{budget.denoiser_steps} epsilon loss {loss.item():.4f}")
+    tower.unet.eval()
+    for p in trained:
+        p.requires_grad_(False)
+
+
+@torch.no_grad()
+def tower_features(model: DiffLMM, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen tower's outputs, as DiffLMM.encode_image computes them:
+    (n, C_sd, G, G) UNet features and (n, N, C_clip) CLIP patch tokens."""
+    tower, projector = model.vision_tower, model.mm_projector
+    features, clips = [], []
+    for s in batches(len(pixels), 64):
+        clip_tokens = tower.clip_patch_tokens(pixels[s])
+        latents = tower.noisy_latents(pixels[s], tower.make_generator(pixels.device))
+        features.append(tower.unet_features(latents, projector.caption(clip_tokens)))
+        clips.append(clip_tokens)
+    return torch.cat(features), torch.cat(clips)
+
+
+def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.random.Generator):
+    """Token tensors of one batch: (B, a) prompt ids before the image, and (B, r) ids after it
+    (rest of the prompt + caption + </s>, right-padded) with their (B, r) labels (-100 where
+    no loss) and (B, r) attention mask."""
+    tokenizer = backend.tokenizer
+    before, rests, labels = None, [], []
+    for i in index:
+        objects = [scenes[i].objects[k] for k in rng.permutation(len(scenes[i].objects))]
+        ids_before, ids_after = backend.prompt_ids(QUESTIONS[rng.integers(len(QUESTIONS))])
+        answer = tokenizer(caption_for(objects, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        before = ids_before  # the system line and "USER:" do not depend on the question
+        rests.append(ids_after + answer)
+        labels.append([-100] * len(ids_after) + answer)
+    width = max(map(len, rests))
+    pad = tokenizer.pad_token_id
+    rest = torch.tensor([r + [pad] * (width - len(r)) for r in rests])
+    label = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rests])
+    return torch.tensor([before] * len(index)), rest, label, mask
+
+
+def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
+    engine = Engine(backend, ThresholdRefiner(), normalise=normalise, max_new_tokens=40)
+    return evaluate(engine, validation, DESCRIBE_QUESTION)
+
+
+def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, clips, budget: Budget,
+                    output: Path, log: Progress, seed: int) -> dict:
+    """Projector + Llama on captions; returns the validation metrics of the saved checkpoint."""
+    projector, lm = model.mm_projector, model.language_model
+    trained = ([p for name, p in projector.named_parameters() if not name.startswith(("clip_projector", "clip_pe"))]
+               + list(lm.parameters()))
+    for p in trained:
+        p.requires_grad_(True)
+    optimiser = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    validation = make_scenes(budget.validation_scenes, seed=VALIDATION_SEED, size=SCENE_SIZE)
+    embed = lm.get_input_embeddings()
+    best: dict = {"score": -1.0}
+    for step in range(budget.caption_steps):
+        lm.train()
+        for group in optimiser.param_groups:
+            group["lr"] = cosine_lr(step, budget.caption_steps, 1e-3, warmup=100)
+        index = rng.integers(len(scenes), size=budget.batch_size)
+        before, rest, labels, mask = caption_batch(backend, scenes, index, rng)
+        visual = projector(features[index], clips[index])                               # (B, N, hidden)
+        embeds = torch.cat([embed(before), visual, embed(rest)], dim=1)                 # (B, a + N + r, hidden)
+        n_prefix = before.shape[1] + visual.shape[1]
+        attention = torch.cat([torch.ones(len(index), n_prefix, dtype=mask.dtype), mask], dim=1)
+        targets = torch.cat([torch.full((len(index), n_prefix), -100), labels], dim=1)
+        loss = lm(inputs_embeds=embeds, attention_mask=attention, labels=targets).loss
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimiser.step()
+        if step % 25 == 0:
+            log(f"captioning {step + 1}/{budget.caption_steps} loss {loss.item():.4f}")
+        if (step + 1) % budget.checkpoint_every == 0 or step == budget.caption_steps - 1:
+            lm.eval()
+            scores = {normalise: validate(backend, validation, normalise) for normalise in (False, True)}
+            for normalise, metrics in scores.items():
+                log(f"validation step {step + 1} normalise={normalise}: refer pointing "
+                    f"{metrics['refer_pointing_accuracy']:.3f}, describe recall {metrics['describe_mask_recall']:.3f}")
+            normalise = max(scores, key=lambda k: scores[k]["refer_pointing_accuracy"])
+            metrics = scores[normalise]
+            score = metrics["refer_pointing_accuracy"] + metrics["describe_mask_recall"]
+            if score > best["score"]:
+                best = {"score": score, "step": step + 1, "normalise": normalise, "validation": metrics}
+                model.config.extra["training"] = {k: v for k, v in best.items() if k != "score"}
+                save_difflmm(model, backend.tokenizer, output)
+                log(f"saved step {step + 1} to {output} (normalise={normalise})")
+    return best
+
+
+def train(output: str | Path, budget: Budget = Budget(), seed: int = 0, threads: int = 1) -> dict:
+    """Run every stage; the best checkpoint lands in `output` (config.json, model.safetensors,
+    tokenizer). Returns a summary (also written into config.json's extra.training)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    log = Progress()
+    output = Path(output)
+    tokenizer = demo_tokenizer()
+    config = demo_config(len(tokenizer), seed)
+    log(f"{budget.scenes} training scenes (seed {TRAIN_SEED}), budget {asdict(budget)}")
+    scenes = make_scenes(budget.scenes, seed=TRAIN_SEED, size=SCENE_SIZE)
+    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (config.pad_value,) * 3), config.image_size,
+                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])   # (n, 3, R, R) in [-1, 1]
+    vae = AutoencoderKL.from_config(config.vae)
+    train_vae(vae, pixels, budget, log)
+    config.vae = dict(vae.config)
+    model = DiffLMM(config, vae=vae)          # drops the decoder; tower frozen, eval mode
+    backend = DiffLMMBackend(model, tokenizer)
+    train_denoiser(model, pixels, budget, log)
+    log("computing the frozen tower's features of every training scene")
+    features, clips = tower_features(model, pixels)
+    best = train_captioner(model, backend, scenes, features, clips, budget, output, log, seed)
+    summary = {"seconds": round(log.elapsed), "budget": asdict(budget), "seed": seed, "threads": threads,
+               **{k: v for k, v in best.items() if k != "score"}}
+    (output / "training.json").write_text(json.dumps(summary, indent=1))
+    log(f"done in {log.elapsed:.0f} s; best validation {json.dumps(best)}")
+    return summary
