@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -287,18 +288,24 @@ class DiffLMM(nn.Module):
         return self.mm_projector.vt_pe.device
 
     @torch.inference_mode()
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> (B, N, hidden) visual tokens, N = G*G in row-major patch order."""
+    def encode_image(self, pixels: torch.Tensor, stage=lambda name: nullcontext()) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1] -> (B, N, hidden) visual tokens, N = G*G in row-major patch order.
+        stage(name): a context manager around each step ("clip", "vae", "unet", "projector"),
+        for benchmarks that time them."""
         expected = (3, self.config.image_size, self.config.image_size)
         if pixels.dim() != 4 or tuple(pixels.shape[1:]) != expected:
             raise ValueError(f"pixels must be (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(pixels.shape)}")
         pixels = pixels.to(device=self.device, dtype=self.dtype)
         tower = self.vision_tower
-        clip_tokens = tower.clip_patch_tokens(pixels)
-        caption = self.mm_projector.caption(clip_tokens)
-        latents = tower.noisy_latents(pixels, tower.make_generator(pixels.device))
-        features = tower.unet_features(latents, caption)
-        return self.mm_projector(features, clip_tokens)
+        with stage("clip"):
+            clip_tokens = tower.clip_patch_tokens(pixels)
+            caption = self.mm_projector.caption(clip_tokens)
+        with stage("vae"):
+            latents = tower.noisy_latents(pixels, tower.make_generator(pixels.device))
+        with stage("unet"):
+            features = tower.unet_features(latents, caption)
+        with stage("projector"):
+            return self.mm_projector(features, clip_tokens)
 
 
 def build_difflmm(config: DiffLMMConfig, dtype: torch.dtype = torch.float32,
