@@ -15,8 +15,9 @@ venv=${JAZZY_VENV:-$repo/.venv-jazzy}
 # the build deps their metadata forgets (ENVIRONMENT.md, trap 1; Jazzy's
 # ament_cmake_ros also wants the gmock/gtest/pytest cmake helpers); the non-ROS
 # pins come from requirements.txt, the one place they are kept.
-requirements=$(mktemp)
-trap 'rm -f "$requirements"' EXIT
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+requirements=$scratch/requirements-jazzy.txt
 {
   printf 'ros-jazzy-%s==%s\n' \
     rclpy 7.1.6 rmw-fastrtps-cpp 8.4.3 \
