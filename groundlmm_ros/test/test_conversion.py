@@ -222,6 +222,7 @@ def with_fields(msg, **fields):
     (with_fields(valid_rgb8(), encoding="rgb9"), r"unknown encoding 'rgb9'"),
     (with_fields(valid_rgb8(), encoding=""), r"unknown encoding ''"),
     (with_fields(valid_rgb8(), encoding="nv12"), r"encoding 'nv12' is planar YUV"),
+    (with_fields(valid_rgb8(), encoding="8UC0"), r"encoding '8UC0' has 0 channels, expected at least 1"),
     (with_fields(valid_rgb8(), width=0), r"empty image: height=5, width=0"),
     (with_fields(valid_rgb8(), height=0, data=b""), r"empty image: height=0, width=7"),
     (with_fields(numpy_to_image(random_pixels("16UC1"), "16UC1"), step=13),
