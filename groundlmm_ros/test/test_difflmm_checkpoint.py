@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm, tiny_difflmm_config
 from groundlmm_ros.models.difflmm_checkpoint import (NON_LORA_FILE, CheckpointError, load_difflmm,
@@ -33,12 +33,18 @@ def write_released(root, *, patch_token_key: bool = True):
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(config.vae)
     unet = UNet2DConditionModel.from_config(config.unet)
+    # openai/clip-vit-large-patch14-336 is a full CLIP (text tower too); the model uses its vision part.
+    full_clip = CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                      num_attention_heads=2, vocab_size=50,
+                                                      bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                                     vision_config=config.clip, projection_dim=16))
     clip = CLIPVisionModel(CLIPVisionConfig(**config.clip))
+    clip.load_state_dict(full_clip.vision_model.state_dict())
     base = LlamaForCausalLM(LlamaConfig(**config.llama))
     vae.save_pretrained(root / "sd" / "vae")
     unet.save_pretrained(root / "sd" / "unet")
     DDIMScheduler.from_config(config.scheduler).save_pretrained(root / "sd" / "scheduler")
-    clip.save_pretrained(root / "clip")
+    full_clip.save_pretrained(root / "clip")
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
 
@@ -191,6 +197,10 @@ class Payload:
                           if k != "model.layers.1.mlp.up_proj.weight"}, d / "base" / "model.safetensors",
                          metadata={"format": "pt"}),
      r"base: missing tensor.*model.layers.1.mlp.up_proj.weight"),
+    (lambda d: (d / "sd" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (d / "sd" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:3000]),
+     "sd/unet: could not load"),
+    (lambda d: os.remove(d / "clip" / "model.safetensors"), "clip: could not load .*no file named model.safetensors"),
     (lambda d: (d / "adapter" / "config.json").write_text(
         (d / "adapter" / "config.json").read_text().replace('"SDCLIPBlock"', '"mlp2x_gelu"')),
      "mm_projector_type is 'mlp2x_gelu'"),
@@ -199,7 +209,8 @@ class Payload:
      "mm_vision_sd_pe is 576 but the component configs give 64"),
 ], ids=["no-non-lora", "no-unet-config", "no-adapter", "non-lora-missing-tensor", "non-lora-shape",
         "non-lora-stray-tensor", "non-lora-corrupt", "non-lora-truncated", "adapter-truncated",
-        "adapter-missing-tensor", "base-missing-tensor", "wrong-projector-type", "wrong-pe"])
+        "adapter-missing-tensor", "base-missing-tensor", "unet-truncated", "clip-no-weights", "wrong-projector-type",
+        "wrong-pe"])
 def test_broken_released_checkpoints_are_refused(broken, damage, message):
     damage(broken)
     with pytest.raises(CheckpointError, match=message):
@@ -209,7 +220,7 @@ def test_broken_released_checkpoints_are_refused(broken, damage, message):
 def test_pickle_with_code_is_refused_without_running_it(broken, tmp_path):
     marker = tmp_path / "ran"
     torch.save({"base_model.model.model.mm_projector.vt_pe": Payload(marker)}, broken / "adapter" / NON_LORA_FILE)
-    with pytest.raises(CheckpointError, match=f"{NON_LORA_FILE}: corrupt, truncated or unsafe"):
+    with pytest.raises(CheckpointError, match=f"{NON_LORA_FILE}: .*unsafe.*the pickle calls posix.system"):
         load_released_difflmm(**released_dirs(broken), dtype=torch.float32)
     assert not marker.exists()
 

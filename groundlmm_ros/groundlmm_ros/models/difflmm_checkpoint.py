@@ -19,6 +19,7 @@ naming the file (and the tensor, where one is at fault).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -69,8 +70,10 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: corrupt, truncated or unsafe checkpoint, refused ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        unsafe = re.search(r"GLOBAL (\S+)", str(err))   # what torch's restricted unpickler refused
+        reason = (f"the pickle calls {unsafe.group(1)}, not plain tensors" if unsafe
+                  else f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise CheckpointError(f"{path}: corrupt, truncated or unsafe checkpoint, refused ({reason})") from err
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(tensors).__name__}")
     return tensors
