@@ -167,3 +167,34 @@ def test_model_directory_loads_like_the_preset(tmp_path, fallback_engine):
     assert result.token_ids == expected.token_ids
     for a, b in zip(result.phrases, expected.phrases):
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
+
+
+def test_llava_v1_prompt_and_image_token_split(fallback_engine):
+    """tokenizer_image_token's way: chunks tokenized apart, BOS only in front; the visual
+    tokens sit between them."""
+    backend = fallback_engine.backend
+    tokenizer = backend.tokenizer
+    before, after = backend.prompt_ids("What is on the table?")
+    assert before[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in after
+    assert tokenizer.decode(before, skip_special_tokens=True) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: ")
+    assert tokenizer.decode(after) == "\nWhat is on the table? ASSISTANT:"
+    visual = backend.encode(image())
+    prompt = backend.prompt(visual, "What is on the table?")
+    assert prompt.image_start == len(before) and prompt.n_image == visual.shape[0] == 36
+    assert prompt.embeds.shape == (1, len(before) + 36 + len(after), visual.shape[1])
+    torch.testing.assert_close(prompt.embeds[0, len(before):len(before) + 36], visual)
+
+
+@pytest.mark.parametrize("height, width, top, left", [(20, 50, 15, 0), (50, 20, 0, 15), (21, 50, 14, 0)])
+def test_pad_to_square_centres_the_image(height, width, top, left):
+    from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
+    picture = np.full((height, width, 3), 200, np.uint8)
+    square = pad_to_square(picture, (1, 2, 3))
+    assert square.shape == (50, 50, 3)
+    np.testing.assert_array_equal(square[top:top + height, left:left + width], picture)
+    assert square[0, 0].tolist() == ([1, 2, 3] if (top or left) else [200, 200, 200])
+    pixels = to_pixel_values(square, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert pixels.shape == (1, 3, 32, 32) and pixels.dtype == torch.float32
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0

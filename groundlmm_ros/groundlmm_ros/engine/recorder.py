@@ -30,15 +30,16 @@ _active: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("groun
 class Recorder:
     """Collects image-attention rows while active (`with recorder:`).
 
-    image_start: (B,) key index of the first image token of each batch row
+    image_start: per batch row, the key index of its first image token
         (differs per row under left padding); n_image: image tokens per row.
     rows: how many trailing query rows each forward pass records (1 while
         generating; the answer length for a teacher-forced pass).
     """
 
-    def __init__(self, image_start: torch.Tensor | list[int], n_image: int, rows: int = 1):
-        self.image_start = torch.as_tensor(image_start, dtype=torch.long).reshape(-1)
+    def __init__(self, image_start: list[int], n_image: int, rows: int = 1):
+        self.image_start = [int(start) for start in image_start]
         self.n_image = n_image
+        self._columns: torch.Tensor | None = None  # (B, n_image) key indices, built once when rows differ
         self.rows = rows
         self._steps: list[torch.Tensor] = []  # each (B, rows, n_image) float32, summed over layers
         self._layers = 0                       # layers seen in the latest step
@@ -93,12 +94,14 @@ def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torc
         query_index = torch.arange(q_len - rows, q_len, device=query.device)[:, None]
         scores = scores.masked_fill(torch.arange(k_len, device=query.device)[None, :] > query_index, float("-inf"))
     probs = scores.softmax(dim=-1)
-    start = recorder.image_start.to(query.device)
-    if batch == 1 or bool((start == start[0]).all()):
-        image = probs[..., int(start[0]):int(start[0]) + recorder.n_image]
+    starts = recorder.image_start
+    if len(set(starts)) == 1:  # python ints: no device sync per layer
+        image = probs[..., starts[0]:starts[0] + recorder.n_image]
     else:
-        columns = start[:, None] + torch.arange(recorder.n_image, device=query.device)  # (B, n_image)
-        image = probs.gather(-1, columns[:, None, None, :].expand(batch, n_heads, rows, -1))
+        if recorder._columns is None or recorder._columns.device != query.device:
+            recorder._columns = (torch.tensor(starts, device=query.device)[:, None]
+                                 + torch.arange(recorder.n_image, device=query.device))  # (B, n_image)
+        image = probs.gather(-1, recorder._columns[:, None, None, :].expand(batch, n_heads, rows, -1))
     return image.mean(dim=1)
 
 

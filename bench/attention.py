@@ -1,0 +1,127 @@
+"""Attention recorder cost on CPU: a medium random LLaVA (1024 hidden, 8 layers, 576 image tokens)
+generating 64 tokens three ways with transformers' generate():
+
+  plain     SDPA, no recorder (what the model costs anyway)
+  recorder  SDPA with the recorder active (what the engine runs)
+  eager     eager attention with output_attentions=True (the reference's way)
+
+plus the engine's own greedy loop (LlavaStyleBackend.generate, recorder on). Runs are
+interleaved and repeated; times are medians. The LAST line is JSON:
+{"time_ratio": recorder/plain, "memory_ratio": eager_attention_bytes/recorder_bytes, ...}.
+Targets: time_ratio <= 1.05, memory_ratio >= 100.
+
+    .venv/bin/python bench/attention.py [--repeats 5] [--threads 1]
+"""
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from groundlmm_ros.engine.recorder import Recorder
+from groundlmm_ros.models.llava import LlavaBackend
+from groundlmm_ros.models.tiny import tiny_tokenizer
+
+
+def medium_llava(vocab_size: int) -> LlavaForConditionalGeneration:
+    """Vicuna-7B proportions at 1/4 width and 1/4 depth (MHA, 2.69x MLP, 32k vocabulary);
+    a one-layer CLIP at 336 px / patch 14 gives the 24 x 24 = 576 visual tokens."""
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=336, patch_size=14, projection_dim=64),
+        text_config=LlamaConfig(vocab_size=vocab_size, hidden_size=1024, intermediate_size=2752,
+                                num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+                                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        image_token_id=0,
+    )
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tokenizer = tiny_tokenizer()
+    backend = LlavaBackend(medium_llava(32000), tokenizer)  # text model on the recording SDPA
+    eager = medium_llava(32000)
+    eager.set_attn_implementation("eager")
+    image = np.random.RandomState(0).randint(0, 256, (480, 640, 3), dtype=np.uint8)
+    question = "Describe the image in detail."
+    visual = backend.encode(image)
+    prompt = backend.prompt(visual, question)
+    settings = dict(inputs_embeds=prompt.embeds, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                    do_sample=False)
+
+    def plain():
+        return backend.lm.generate(**settings)
+
+    def recorded():
+        recorder = Recorder([prompt.image_start], prompt.n_image)
+        with recorder:
+            sequences = backend.lm.generate(**settings)
+        return sequences, recorder
+
+    def reference():
+        return eager.generate(**settings, output_attentions=True, return_dict_in_generate=True)
+
+    def engine_loop():
+        backend.end_ids, end_ids = set(), backend.end_ids  # the random model must not stop early
+        try:
+            return backend.generate(visual, question, args.new_tokens)
+        finally:
+            backend.end_ids = end_ids
+
+    runs = {"plain": plain, "recorder": recorded, "eager": reference, "engine_loop": engine_loop}
+    times = {name: [] for name in runs}
+    results = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                results[name] = run()
+                times[name].append(time.perf_counter() - start)
+
+    sequences, recorder = results["recorder"]
+    out = results["eager"]
+    eager_bytes = sum(layer.numel() * layer.element_size() for step in out.attentions for layer in step)
+    start, n_image = prompt.image_start, prompt.n_image
+    reference_maps = torch.stack([torch.stack([layer[0, :, -1, start:start + n_image] for layer in step]).mean(dim=(0, 1))
+                                  for step in out.attentions])
+    max_diff = float((recorder.maps()[0] - reference_maps).abs().max())
+    medians = {name: statistics.median(values) for name, values in times.items()}
+
+    print(f"prompt {prompt.embeds.shape[1]} tokens ({n_image} visual), {args.new_tokens} new tokens, "
+          f"{args.threads} thread(s), {args.repeats} interleaved repeats, medians:")
+    print(f"{'method':<12} {'median s':>9} {'min s':>7} {'max s':>7} {'attention kept':>16}")
+    kept = {"plain": 0, "recorder": recorder.nbytes, "eager": eager_bytes, "engine_loop": recorder.nbytes}
+    for name in runs:
+        print(f"{name:<12} {medians[name]:>9.3f} {min(times[name]):>7.3f} {max(times[name]):>7.3f} "
+              f"{kept[name]:>14,d} B")
+    summary = {
+        "time_ratio": round(medians["recorder"] / medians["plain"], 4),
+        "memory_ratio": round(eager_bytes / recorder.nbytes, 1),
+        "plain_s": round(medians["plain"], 3),
+        "recorder_s": round(medians["recorder"], 3),
+        "eager_s": round(medians["eager"], 3),
+        "engine_loop_s": round(medians["engine_loop"], 3),
+        "engine_loop_ratio": round(medians["engine_loop"] / medians["plain"], 4),
+        "eager_attention_bytes": eager_bytes,
+        "recorder_bytes": recorder.nbytes,
+        "maps_max_abs_diff": max_diff,
+        "same_tokens": bool(torch.equal(sequences, out.sequences)),
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
