@@ -13,6 +13,12 @@ requirements=$(realpath "${2:-$repo/requirements.txt}")
 python=${PYTHON:-python3.11}
 
 # Stamp = hash of the step's inputs; a step runs when its stamp differs.
+# pip's "is ignored" warnings come from this machine's empty local indexes.
+pip_install() {
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 up_to_date() { [ -f "$venv/.stamp-$1" ] && [ "$(cat "$venv/.stamp-$1")" = "$2" ]; }
 mark_done() { echo "$2" > "$venv/.stamp-$1"; }
@@ -22,8 +28,7 @@ mark_done() { echo "$2" > "$venv/.stamp-$1"; }
 reqs_stamp=$(stamp_of "$requirements")
 if ! up_to_date requirements "$reqs_stamp"; then
   echo "setup: installing $(basename "$requirements") (a few minutes on a fresh machine)"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
+  pip_install -r "$requirements"
   "$venv/bin/python" -c "import rclpy" # fail here, not later, if the install broke
   mark_done requirements "$reqs_stamp"
 fi
@@ -64,11 +69,13 @@ if ! up_to_date msgs "$msgs_stamp"; then
 fi
 
 if [ -f "$repo/groundlmm_ros/setup.py" ] && [ "${SETUP_SKIP_PACKAGE:-0}" != 1 ]; then
-  pkg_stamp=$(stamp_of "$repo/groundlmm_ros/setup.py" "$repo/groundlmm_ros/setup.cfg")
+  pkg_stamp=$(stamp_of "$0" "$repo/groundlmm_ros/setup.py" "$repo/groundlmm_ros/setup.cfg")
   if ! up_to_date package "$pkg_stamp"; then
     echo "setup: installing groundlmm_ros (editable)"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
-      -e "$repo/groundlmm_ros" 2>&1 | grep -v "is ignored: it is neither" || true
+    # compat mode: a plain path entry, so `python -m groundlmm_ros...` also works from
+    # the repository root, where the folder groundlmm_ros/ would otherwise shadow it.
+    pip_install --no-deps --no-build-isolation --config-settings editable_mode=compat \
+      -e "$repo/groundlmm_ros"
     mark_done package "$pkg_stamp"
   fi
 fi
