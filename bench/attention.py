@@ -73,11 +73,7 @@ def main():
         return eager.generate(**settings, output_attentions=True, return_dict_in_generate=True)
 
     def engine_loop():
-        backend.end_ids, end_ids = set(), backend.end_ids  # the random model must not stop early
-        try:
-            return backend.generate(visual, question, args.new_tokens)
-        finally:
-            backend.end_ids = end_ids
+        return backend.generate(visual, question, args.new_tokens, stop_at_end=False)
 
     runs = {"plain": plain, "recorder": recorded, "eager": reference, "engine_loop": engine_loop}
     times = {name: [] for name in runs}

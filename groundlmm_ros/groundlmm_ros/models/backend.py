@@ -73,8 +73,10 @@ class Backend(Protocol):
 
     def generate(self, visual_tokens: torch.Tensor, question: str, max_new_tokens: int,
                  on_token: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> tuple[list[int], torch.Tensor]:
-        """Greedy answer ids (the end token included when emitted) and their maps (T, N_image)."""
+                 should_stop: Callable[[], bool] | None = None,
+                 stop_at_end: bool = True) -> tuple[list[int], torch.Tensor]:
+        """Greedy answer ids (the end token included when emitted) and their maps (T, N_image).
+        stop_at_end=False always makes max_new_tokens tokens (benchmarks of random models)."""
 
     def teacher_force(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int]) -> torch.Tensor:
         """Maps (T, N_image) of the given answer ids in one forward pass."""
@@ -162,7 +164,7 @@ class LlavaStyleBackend:
     # -- language model with the recorder on ---------------------------------------
 
     @torch.inference_mode()
-    def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None):
+    def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None, stop_at_end=True):
         """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
         recorded by the forward pass that predicts it (its input ends with token t-1)."""
         prompt = self.prompt(visual_tokens, question)
@@ -175,7 +177,7 @@ class LlavaStyleBackend:
                 ids.append(next_id)
                 if on_token is not None:
                     on_token(ids)
-                if next_id in self.end_ids or len(ids) >= max_new_tokens:
+                if (stop_at_end and next_id in self.end_ids) or len(ids) >= max_new_tokens:
                     break
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"stopped after {len(ids)} tokens")
