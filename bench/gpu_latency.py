@@ -19,13 +19,19 @@ the peak GPU memory. spaCy's noun chunking is not timed (CPU, a few ms; the GPU 
 lacks spaCy), nor is the random answer decoded: its ids are not words of the tokenizer.
 
 The prompt is tokenized by the tiny BPE tokenizer (the real Vicuna tokenizer is not
-available without a download), so the text part of the prompt is about as long as
-Vicuna's; the 576 image tokens dominate prefill either way.
+available without a download); its length is in the JSON ("prompt_tokens"), and the 576
+image tokens dominate it either way.
 
-On the GPU machine (no internet, no diffusers / segment-anything there): carry the wheels
-of diffusers, segment-anything and transformers (the backend needs this venv's version, see
-requirements.txt) as /work/.library/device/README.md says, then run
-`PYTHONPATH=/tmp/site python3 bench/gpu_latency.py`.
+On the GPU machine (no internet; its image lacks diffusers and segment-anything, and its
+transformers, 5.17 when last listed, is older than this venv's): carry wheels, as
+/work/.library/device/README.md describes. Here, in the repo root:
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        -d .whl diffusers==0.42.1 segment-anything==1.0 transformers==5.24.0
+and as the device command (carry [".whl"], timeout_s ~480):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 &&
+    python3 bench/gpu_latency.py 2>&1 | tee $OUT/gpu_latency.log
 """
 from __future__ import annotations
 

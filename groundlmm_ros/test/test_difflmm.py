@@ -57,6 +57,8 @@ def test_grid_mismatch_between_unet_and_clip_is_refused():
         dataclasses.replace(config, clip={**config.clip, "patch_size": 8})
     with pytest.raises(ValueError, match="feature_block 3"):
         dataclasses.replace(config, feature_block=3)
+    with pytest.raises(ValueError, match="image_size 36 must be divisible .* downsampling together \\(16\\)"):
+        dataclasses.replace(config, image_size=36)
 
 
 def test_config_json_round_trip():
@@ -125,9 +127,11 @@ def test_captioner_conditions_the_unet(tiny):
     assert not torch.allclose(model.encode_image(pixels()), before)
 
 
-def test_bfloat16_model(tiny):
-    model = build_difflmm(tiny.config, torch.bfloat16)
-    assert model.encode_image(pixels()).dtype == torch.bfloat16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu(tiny, dtype):
+    model = build_difflmm(tiny.config, dtype)
+    tokens = model.encode_image(pixels())
+    assert tokens.dtype == dtype and torch.isfinite(tokens).all()
 
 
 def test_wrong_pixel_shape_is_refused(tiny):

@@ -20,7 +20,6 @@ import dataclasses
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,13 +60,11 @@ class DiffLMMConfig:
         if not 0 <= self.feature_block < n_up - 1:
             raise ValueError(f"feature_block {self.feature_block} must name a UNet up block with an upsampler "
                              f"(0..{n_up - 2})")
-        if self.clip["hidden_size"] + self.sd_projected_channels <= 0:
-            raise ValueError("empty projector input")
-        if self.unet["cross_attention_dim"] <= 0:
-            raise ValueError("unet.cross_attention_dim must be positive: it is the captioner's width")
         latent = self.image_size / 2 ** (len(self.vae["block_out_channels"]) - 1)
-        if latent != int(latent):
-            raise ValueError(f"image_size {self.image_size} is not divisible by the VAE's downsampling")
+        n_downsamplers = len(self.unet["down_block_types"]) - 1
+        if latent != int(latent) or int(latent) % 2 ** n_downsamplers:
+            raise ValueError(f"image_size {self.image_size} must be divisible by the VAE's and the UNet's "
+                             f"downsampling together ({2 ** (len(self.vae['block_out_channels']) - 1 + n_downsamplers)})")
         clip_grid = self.clip["image_size"] / self.clip["patch_size"]
         if clip_grid != self.grid:
             raise ValueError(f"CLIP grid {clip_grid} (image_size/patch_size) != UNet feature grid {self.grid}: "
