@@ -149,7 +149,7 @@ def test_engine_describe_and_refer(refiner):
     assert isinstance(engine.backend, DiffLMMBackend) and engine.backend.grid == (8, 8)
     image = scene(45, 60)
     described = engine.ground(image, "Describe the image in detail.", "describe", max_new_tokens=12)
-    assert isinstance(described, Grounding) and len(described.token_ids) >= 1
+    assert isinstance(described, Grounding) and described.phrases   # random words, but spaCy finds a chunk
     for phrase in described.phrases:
         assert phrase.mask.shape == (45, 60) and phrase.heatmap.shape == (45, 60)
         assert described.answer[phrase.char_start:phrase.char_end] == phrase.text
