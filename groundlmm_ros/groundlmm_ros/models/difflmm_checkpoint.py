@@ -93,10 +93,10 @@ def check_tensors(path: Path, found: dict[str, torch.Tensor], expected: dict[str
                                   f"the model needs {tuple(want.shape)}")
 
 
-def _config_field(path: Path, config: dict, name: str, default=None):
-    if name not in config and default is None:
+def _config_field(path: Path, config: dict, name: str):
+    if name not in config:
         raise CheckpointError(f"{path}: field {name!r} missing")
-    return config.get(name, default)
+    return config[name]
 
 
 def _expect_field(path: Path, config: dict, name: str, expected) -> None:
@@ -105,8 +105,14 @@ def _expect_field(path: Path, config: dict, name: str, expected) -> None:
         raise CheckpointError(f"{path}: {name} is {value!r}; only {expected!r} (the released DiffLMM) is supported")
 
 
-def _check_loading_info(what: Path, info: dict, ignore_unexpected: bool = False) -> None:
-    """from_pretrained only warns about missing weights and fills them randomly: refuse instead."""
+def _from_pretrained(what: Path, loader, ignore_unexpected: bool = False, **kwargs):
+    """A library's from_pretrained, with its failures turned into CheckpointErrors naming the
+    directory. from_pretrained only warns about missing weights (and fills them at random):
+    those are refused here too."""
+    try:
+        model, info = loader(str(what), output_loading_info=True, **kwargs)
+    except Exception as err:
+        raise CheckpointError(f"{what}: could not load ({type(err).__name__}: {err})") from err
     problems = {"missing": info.get("missing_keys", []), "mismatched": info.get("mismatched_keys", [])}
     if not ignore_unexpected:
         problems["unexpected"] = info.get("unexpected_keys", [])
@@ -114,18 +120,7 @@ def _check_loading_info(what: Path, info: dict, ignore_unexpected: bool = False)
         keys = sorted(map(str, keys))
         if keys:
             raise CheckpointError(f"{what}: {kind} tensor(s) {keys[:5]}{' ...' if len(keys) > 5 else ''}")
-
-
-def _load(what: Path, loader, **kwargs):
-    """Calls a library's from_pretrained with loading info and turns its failures into
-    CheckpointErrors that name the directory."""
-    try:
-        model, info = loader(str(what), output_loading_info=True, **kwargs)
-    except CheckpointError:
-        raise
-    except Exception as err:
-        raise CheckpointError(f"{what}: could not load ({type(err).__name__}: {err})") from err
-    return model, info
+    return model
 
 
 def released_config(adapter_dir: Path, base_dir: Path, sd_dir: Path, clip_dir: Path, seed: int = 0) -> DiffLMMConfig:
@@ -166,15 +161,19 @@ def released_config(adapter_dir: Path, base_dir: Path, sd_dir: Path, clip_dir: P
     return config
 
 
+def _adapter_weights(adapter_dir: Path) -> Path:
+    """peft writes adapter_model.safetensors; the peft of the release's era wrote adapter_model.bin."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).exists():
+            return adapter_dir / name
+    raise CheckpointError(f"missing file: {adapter_dir}/adapter_model.safetensors (or adapter_model.bin)")
+
+
 def _merge_lora(llm: LlamaForCausalLM, adapter_dir: Path) -> LlamaForCausalLM:
     """Adds the adapter's LoRA modules with peft, loads its weights (checked name by name
     against what peft expects) and merges them into the base weights."""
     lora_config = LoraConfig.from_pretrained(str(_require(adapter_dir / "adapter_config.json").parent))
-    weights_path = adapter_dir / "adapter_model.safetensors"
-    if not weights_path.exists():
-        weights_path = adapter_dir / "adapter_model.bin"
-    if not weights_path.exists():
-        raise CheckpointError(f"missing file: {adapter_dir}/adapter_model.safetensors (or adapter_model.bin)")
+    weights_path = _adapter_weights(adapter_dir)
     weights = load_tensor_file(weights_path)
     peft_model = get_peft_model(llm, lora_config)
     check_tensors(weights_path, weights, get_peft_model_state_dict(peft_model))
@@ -200,12 +199,12 @@ def load_released_difflmm(adapter_dir, base_dir, sd_dir, clip_dir, dtype: torch.
     adapter_dir, base_dir, sd_dir, clip_dir = map(Path, (adapter_dir, base_dir, sd_dir, clip_dir))
     config = released_config(adapter_dir, base_dir, sd_dir, clip_dir, seed=seed)
     llava = _read_json(adapter_dir / "config.json")
+    # Fail on a missing adapter file before the minutes spent loading the 7B base model.
     non_lora_path = _require(adapter_dir / NON_LORA_FILE)
-    for name in ("adapter_config.json", "config.json"):
-        _require(adapter_dir / name)
+    _require(adapter_dir / "adapter_config.json")
+    _adapter_weights(adapter_dir)
 
-    llm, info = _load(base_dir, LlamaForCausalLM.from_pretrained, dtype=dtype)
-    _check_loading_info(base_dir, info)
+    llm = _from_pretrained(base_dir, LlamaForCausalLM.from_pretrained, dtype=dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     except Exception as err:
@@ -215,13 +214,10 @@ def load_released_difflmm(adapter_dir, base_dir, sd_dir, clip_dir, dtype: torch.
         _add_im_patch_token(llm, tokenizer)
         config.llama = llm.config.to_dict()
 
-    vae, info = _load(sd_dir / "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
-    _check_loading_info(sd_dir / "vae", info)
-    unet, info = _load(sd_dir / "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
-    _check_loading_info(sd_dir / "unet", info)
+    vae = _from_pretrained(sd_dir / "vae", AutoencoderKL.from_pretrained, torch_dtype=dtype)
+    unet = _from_pretrained(sd_dir / "unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
     # A full CLIP checkpoint also holds the text tower: those tensors are unused, not an error.
-    clip, info = _load(clip_dir, CLIPVisionModel.from_pretrained, dtype=dtype)
-    _check_loading_info(clip_dir, info, ignore_unexpected=True)
+    clip = _from_pretrained(clip_dir, CLIPVisionModel.from_pretrained, ignore_unexpected=True, dtype=dtype)
 
     model = DiffLMM(config, vae=vae, unet=unet, clip=clip, language_model=llm)
     model.mm_projector.to(dtype)
