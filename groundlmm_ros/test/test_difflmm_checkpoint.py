@@ -17,7 +17,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionMode
 
 from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm, tiny_difflmm_config
 from groundlmm_ros.models.difflmm_checkpoint import (NON_LORA_FILE, CheckpointError, load_difflmm,
-                                                     load_released_difflmm, save_difflmm)
+                                                     load_released_difflmm, released_difflmm_backend, save_difflmm)
 from groundlmm_ros.models.tiny import tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -115,6 +115,15 @@ def test_released_layout_loads_and_matches_the_model_it_was_written_from(release
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-6)
     assert got[1] == expected[1]
     torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-6)
+
+
+def test_released_backend_from_directories_and_uncached_ids(released):
+    root = released[0]
+    backend = released_difflmm_backend("cpu", "float32", adapter=root / "adapter", base=root / "base",
+                                       sd=root / "sd", clip=root / "clip")
+    assert isinstance(backend, DiffLMMBackend) and backend.grid == (8, 8)
+    with pytest.raises(CheckpointError, match="no-such-org/no-such-model.* locally cached"):
+        released_difflmm_backend("cpu", "float32", adapter="no-such-org/no-such-model")
 
 
 def test_lora_adapter_is_merged(released):
