@@ -50,7 +50,7 @@ class Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.queries_received = self.queries_rejected = self.results_published = 0
-        self.frames_received = self.errors = 0
+        self.frames_received = self.depth_frames_received = self.camera_infos_received = self.errors = 0
         self.latency_ms = collections.deque(maxlen=100)   # query received -> result published
         self.overhead_ms = collections.deque(maxlen=100)  # conversion + depth + message building + publishing
 
@@ -131,8 +131,8 @@ class GroundingNode(LifecycleNode):
             self._subscribe(Image, "image", self._on_image, image_qos)
         self._subscribe(String, "query", self._on_query, QoSProfile(depth=params.query_qos_depth))
         if params.use_depth:
-            self._subscribe(Image, "depth", self._depth.add_depth, image_qos)
-            self._subscribe(CameraInfo, "camera_info", self._depth.set_info, image_qos)
+            self._subscribe(Image, "depth", self._on_depth, image_qos)
+            self._subscribe(CameraInfo, "camera_info", self._on_camera_info, image_qos)
         self._state = "active"
         self.get_logger().info("active: serving queries")
         return super().on_activate(state)
@@ -240,6 +240,14 @@ class GroundingNode(LifecycleNode):
         worker = self._worker
         if worker is not None:
             worker.put_frame(msg)
+
+    def _on_depth(self, msg: Image) -> None:
+        self._stats.count("depth_frames_received")
+        self._depth.add_depth(msg)
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        self._stats.count("camera_infos_received")
+        self._depth.set_info(msg)
 
     def _on_query(self, msg: String) -> None:
         self._stats.count("queries_received")
@@ -363,6 +371,8 @@ class GroundingNode(LifecycleNode):
                 "queue_size": params.query_queue_size,
                 "frames_received": stats.frames_received,
                 "frames_dropped": worker.frames_dropped if worker else 0,
+                "depth_frames_received": stats.depth_frames_received,
+                "camera_infos_received": stats.camera_infos_received,
                 "queries_received": stats.queries_received,
                 "queries_rejected": stats.queries_rejected,
                 "results_published": stats.results_published,

@@ -1,0 +1,254 @@
+"""groundlmm_node under bad input, a query flood, and depth to 3D, over real DDS, tiny random model.
+
+Each bad input must give a clear log line or a rejection that names the
+problem, and the node must then answer a good query. One node (with depth,
+small limits) serves the module; tests run in file order (camera_info first
+arrives in the plane test).
+"""
+import time
+
+import numpy as np
+import pytest
+from action_msgs.msg import GoalStatus
+from lifecycle_msgs.msg import Transition
+from node_harness import Client, NodeProcess, is_rejection, rgb_image
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.serialization import serialize_message
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header, String
+from visualization_msgs.msg import MarkerArray
+
+from groundlmm_ros.ros.conversion import numpy_to_image
+
+pytestmark = pytest.mark.timeout(180)
+
+WIDTH, HEIGHT = 96, 64
+FX, FY, CX, CY = 80.0, 90.0, 47.5, 31.5
+PARAMS = {"query_mode": "refer", "use_depth": True, "max_image_pixels": 20000, "max_query_length": 60,
+          "query_queue_size": 5, "marker_lifetime_s": 1.5}
+
+
+@pytest.fixture(scope="module")
+def node():
+    process = NodeProcess(PARAMS)
+    yield process
+    process.close()
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    client = Client()
+    client.markers, client.clouds = [], []
+    client.node.create_subscription(MarkerArray, "groundlmm_node/markers", client.markers.append, 10)
+    client.node.create_subscription(PointCloud2, "groundlmm_node/points", client.clouds.append, 10)
+    assert client.wait_active(), f"node did not become active:\n{node.output()}"
+    yield client
+    client.close()
+
+
+def header(stamp_s: float) -> Header:
+    h = Header(frame_id="camera_color_optical_frame")
+    h.stamp.sec, h.stamp.nanosec = int(stamp_s), int(round((stamp_s % 1) * 1e9))
+    return h
+
+
+def publish_depth(client: Client, depth: np.ndarray, encoding: str, stamp_s: float) -> None:
+    seen = int(client.status.get("depth_frames_received", "0"))
+    client.depth_pub.publish(numpy_to_image(depth, encoding, header(stamp_s)))
+    assert client.wait_status("depth_frames_received", seen + 1), "node did not count the depth frame"
+
+
+def publish_camera_info(client: Client) -> None:
+    info = CameraInfo(header=header(0.0), width=WIDTH, height=HEIGHT, k=[FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0])
+    client.info_pub.publish(info)
+    assert client.wait_status("camera_infos_received", 1), "node did not count camera_info"
+
+
+def ground_frame(client: Client, stamp_s: float, query: str):
+    """Publish a frame with this stamp, query it, return the answer (result or rejection)."""
+    client.publish_image(rgb_image(WIDTH, HEIGHT, stamp_s, "camera_color_optical_frame", seed=int(stamp_s)))
+    client.query(query)
+    return client.answer_to(query)
+
+
+def assert_answers_good_query(client: Client, tag: str) -> None:
+    status, result, _ = client.ground(f"the good cup {tag}", image=rgb_image(WIDTH, HEIGHT, 5.0))
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.message
+
+
+# ---- depth ------------------------------------------------------------------------------------
+
+def test_depth_without_camera_info_gives_nan_and_a_log_line(client):
+    publish_depth(client, np.full((HEIGHT, WIDTH), 1500, np.uint16), "16UC1", 10.0)
+    result = ground_frame(client, 10.0, "the cup without info")
+    assert not is_rejection(result) and np.isnan(result.phrases[0].centroid.z)
+    assert client.log_containing("no camera_info received yet")
+
+
+@pytest.mark.parametrize("encoding, depth, metres", [
+    ("16UC1", np.full((HEIGHT, WIDTH), 1500, np.uint16), 1.5),      # millimetres / depth_unit_divisor
+    ("32FC1", np.full((HEIGHT, WIDTH), 0.8, np.float32), 0.8),      # metres
+])
+def test_depth_plane_gives_the_known_centroid(client, encoding, depth, metres):
+    publish_camera_info(client)
+    stamp = 20.0 + metres
+    publish_depth(client, depth, encoding, stamp)
+    result = ground_frame(client, stamp, f"the plane cup {encoding}")
+    assert not is_rejection(result), result.message
+    mask = np.frombuffer(result.phrases[0].mask.data, np.uint8).reshape(HEIGHT, WIDTH) > 0
+    assert mask.any()
+    rows, cols = np.nonzero(mask)
+    # a fronto-parallel plane: every pixel at z = metres, so the median point is the median pixel deprojected
+    expected = ((np.median(cols) - CX) * metres / FX, (np.median(rows) - CY) * metres / FY, metres)
+    centroid = result.phrases[0].centroid
+    assert np.allclose([centroid.x, centroid.y, centroid.z], expected, atol=0.01), (centroid, expected)
+    marker_array = client.wait_for(lambda: [m for m in client.markers if m.markers
+                                            and m.markers[0].header.stamp == result.header.stamp], 5.0)
+    sphere = marker_array[-1].markers[0]
+    assert sphere.header.frame_id == "camera_color_optical_frame"
+    assert (sphere.lifetime.sec, sphere.lifetime.nanosec) == (1, 500_000_000)
+    assert np.isclose(sphere.pose.position.z, metres, atol=1e-6)
+    cloud = client.wait_for(lambda: [c for c in client.clouds if c.header.stamp == result.header.stamp], 5.0)
+    assert cloud[-1].width == mask.sum()
+
+
+@pytest.mark.parametrize("case, depth, encoding, stamp_gap, log_fragment", [
+    ("wrong size", np.full((32, 48), 1000, np.uint16), "16UC1", 0.0, "depth image is 48x32 but the colour image is 96x64"),
+    ("all zero", np.zeros((HEIGHT, WIDTH), np.uint16), "16UC1", 0.0, "no valid depth (0 or NaN) under the mask"),
+    ("all NaN", np.full((HEIGHT, WIDTH), np.nan, np.float32), "32FC1", 0.0, "no valid depth (0 or NaN) under the mask"),
+    ("colour as depth", np.zeros((HEIGHT, WIDTH, 3), np.uint8), "rgb8", 0.0, "depth encoding 'rgb8' is not supported"),
+    ("stale stamp", np.full((HEIGHT, WIDTH), 1000, np.uint16), "16UC1", 1.0, "no depth frame within depth_stamp_tol"),
+])
+def test_bad_depth_gives_nan_centroid_and_a_log_line(client, case, depth, encoding, stamp_gap, log_fragment):
+    stamp = 40.0 + 5 * len(client.results)  # far from every earlier depth frame
+    publish_depth(client, depth, encoding, stamp + stamp_gap)
+    result = ground_frame(client, stamp, f"the cup, {case}")
+    assert not is_rejection(result), result.message
+    assert np.isnan(result.phrases[0].centroid.z)
+    assert client.log_containing(log_fragment), client.logs[-5:]
+    assert_answers_good_query(client, case)
+
+
+# ---- bad images and queries -------------------------------------------------------------------
+
+def _image(encoding="rgb8", width=WIDTH, height=HEIGHT, step=None, data_len=None) -> Image:
+    channels = 3 if encoding in ("rgb8", "yuv_weird") else 1
+    step = width * channels * (4 if encoding == "32FC1" else 1) if step is None else step
+    data = bytes(height * step if data_len is None else data_len)
+    return Image(header=header(3.0), width=width, height=height, encoding=encoding, step=step, data=data)
+
+
+@pytest.mark.parametrize("case, image, message_fragment", [
+    ("unknown encoding", _image("yuv_weird"), "unknown encoding 'yuv_weird'"),
+    ("step below width", _image(step=WIDTH), f"step={WIDTH} is below width * bytes per pixel"),
+    ("data too short", _image(data_len=100), "data has 100 bytes, expected height * step"),
+    ("depth as colour", _image("32FC1"), "names no colours"),
+    ("oversized", _image(width=200, height=200), "exceeds max_image_pixels=20000"),
+])
+def test_bad_goal_image_is_rejected_with_reason(client, case, image, message_fragment):
+    status, result, _ = client.ground(f"the cup, {case}", image=image)
+    assert status == GoalStatus.STATUS_ABORTED and not result.success
+    assert "bad image" in result.message and message_fragment in result.message, result.message
+    assert client.log_containing(message_fragment)
+    assert_answers_good_query(client, case)
+
+
+def test_empty_frame_on_topic_is_rejected_with_reason(client):
+    client.publish_image(Image(header=header(4.0), encoding="rgb8"))
+    client.query("the cup in an empty frame")
+    answer = client.answer_to("the cup in an empty frame")
+    assert is_rejection(answer) and "empty image" in answer.message
+    assert_answers_good_query(client, "empty frame")
+
+
+def test_bad_goal_mode_is_rejected_with_reason(client):
+    status, result, _ = client.ground("the cup", mode="explain", image=rgb_image(WIDTH, HEIGHT))
+    assert status == GoalStatus.STATUS_ABORTED and "unknown mode 'explain'" in result.message
+    assert_answers_good_query(client, "bad mode")
+
+
+@pytest.mark.parametrize("case, query, message_fragment", [
+    ("empty", "", "empty query"),
+    ("blank", "  \t ", "empty query"),
+    ("too long", "the cup " * 10, "more than max_query_length=60"),
+    ("control character", "the cup\x07", "control character U+0007"),
+])
+def test_bad_query_is_rejected_with_reason(client, case, query, message_fragment):
+    client.publish_image(rgb_image(WIDTH, HEIGHT, 6.0))
+    client.query(query)
+    answer = client.answer_to(query)
+    assert is_rejection(answer) and message_fragment in answer.message, answer
+    assert client.log_containing(message_fragment)
+    assert_answers_good_query(client, case)
+
+
+def test_query_of_invalid_utf8_is_rejected_with_reason(client):
+    # what a C++ publisher can send: a std_msgs/String whose bytes are not UTF-8
+    raw = serialize_message(String(data="cup XX")).replace(b"XX", b"\xff\xfe")
+    client.query_pub.publish(raw)
+    answer = client.answer_to("cup \ufffd\ufffd")
+    assert is_rejection(answer) and "not valid UTF-8" in answer.message
+    assert_answers_good_query(client, "utf8")
+
+
+def test_incompatible_qos_is_logged_with_the_fix(client):
+    best_effort = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+    image_pub = client.node.create_publisher(Image, "image", best_effort)
+    query_pub = client.node.create_publisher(String, "query", best_effort)
+    try:
+        assert client.log_containing("set the parameter image_qos_reliability:=best_effort", 10.0)
+        assert client.log_containing("publish queries with RELIABLE reliability", 10.0)
+    finally:
+        client.node.destroy_publisher(image_pub)
+        client.node.destroy_publisher(query_pub)
+    assert_answers_good_query(client, "qos")
+
+
+def test_model_that_raises_is_reported_and_the_node_recovers(client):
+    """A model on the meta device (weights never materialised) raises in every forward pass."""
+    def reconfigure(device):
+        assert all(r.successful for r in client.set_parameters(device=device))
+        for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                           Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            assert client.change_state(transition), transition
+        assert client.wait_active(30.0)
+
+    reconfigure("meta")
+    answer = ground_frame(client, 7.0, "the cup on a broken model")
+    assert is_rejection(answer) and answer.message.startswith("model error: RuntimeError"), answer
+    assert client.log_containing("model error on query 'the cup on a broken model'")
+    reconfigure("cpu")
+    assert_answers_good_query(client, "after the model error")
+
+
+# ---- flood ------------------------------------------------------------------------------------
+
+def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
+    client.publish_image(rgb_image(WIDTH, HEIGHT, 8.0))
+    rss_before = node.rss_mb()
+    queries = [f"flood cup {i}" for i in range(200)]
+    max_queue = 0
+    start = time.monotonic()
+    for i, query in enumerate(queries):
+        client.query(query)
+        max_queue = max(max_queue, int(client.status.get("queue_length", "0")))
+        time.sleep(max(0.0, start + (i + 1) * 0.01 - time.monotonic()))  # 200 in 2 s
+    assert time.monotonic() - start < 2.5
+
+    def counts():
+        with client.lock:
+            answered = [r.query for r in client.results if r.query.startswith("flood")]
+            rejected = [v.value for r in client.rejections for v in r.values
+                        if v.key == "query" and v.value.startswith("flood")]
+        return answered, rejected
+
+    # the queue holds at most 5: once drained every query has its one answer
+    assert client.wait_for(lambda: sum(map(len, counts())) >= 200, 60.0), [len(c) for c in counts()]
+    time.sleep(0.5)
+    answered, rejected = counts()
+    assert sorted(answered + rejected) == sorted(queries)  # each exactly once, none vanished
+    assert len(answered) >= 5 and len(rejected) >= 100
+    assert max_queue <= 5
+    assert node.rss_mb() - rss_before < 150, (rss_before, node.rss_mb())
+    assert any("query queue is full (5 waiting" in r.message for r in client.rejections)
+    assert_answers_good_query(client, "after the flood")
