@@ -139,8 +139,9 @@ class Engine:
                 grid = maps.float().cpu().reshape(-1, *self.backend.grid)  # (T, h, w), rows = generated tokens
                 if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
                     grid = heatmap.normalise(grid)
-                combined = torch.stack([heatmap.combine(grid, p.token_indices, self.combine) for p in phrases])
-                heatmaps = heatmap.upsample(combined, (height, width), self.upsample)  # (P, H, W)
+                # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
+                heatmaps = [heatmap.upsample(heatmap.combine(grid, p.token_indices, self.combine)[None],
+                                             (height, width), self.upsample)[0] for p in phrases]  # P x (H, W)
                 points = [heatmap.argmax_point(h) for h in heatmaps]
             with stage("refine_image"):
                 self.refiner.set_image(image)
