@@ -94,8 +94,9 @@ def main():
     out = results["eager"]
     eager_bytes = sum(layer.numel() * layer.element_size() for step in out.attentions for layer in step)
     start, n_image = prompt.image_start, prompt.n_image
-    reference_maps = torch.stack([torch.stack([layer[0, :, -1, start:start + n_image] for layer in step]).mean(dim=(0, 1))
-                                  for step in out.attentions])
+    # The reference's reduction: per step, the newest row's image columns, mean over layers and heads.
+    reference_maps = torch.stack([torch.stack([layer[0, :, -1, start:start + n_image] for layer in step])
+                                  .mean(dim=(0, 1)) for step in out.attentions])
     max_diff = float((recorder.maps()[0] - reference_maps).abs().max())
     cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
     wall_median = {name: statistics.median(values) for name, values in wall.items()}

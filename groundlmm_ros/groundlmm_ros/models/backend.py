@@ -135,7 +135,8 @@ class LlavaStyleBackend:
         tokens = self.encode_image(self.preprocess(image))
         expected = self.grid[0] * self.grid[1]
         if tokens.shape[0] != expected:
-            raise ValueError(f"encode_image gave {tokens.shape[0]} visual tokens, the grid {self.grid} needs {expected}")
+            raise ValueError(f"encode_image gave {tokens.shape[0]} visual tokens, "
+                             f"the grid {self.grid} needs {expected}")
         return tokens
 
     # -- prompt ------------------------------------------------------------------
