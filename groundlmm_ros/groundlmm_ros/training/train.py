@@ -47,10 +47,10 @@ VALIDATION_SEED = 2     # scenes that choose the checkpoint; never the held-out 
 
 @dataclass
 class Budget:
-    scenes: int = 10_000
-    vae_steps: int = 300
-    denoiser_steps: int = 600
-    caption_steps: int = 2000
+    scenes: int = 8000
+    vae_steps: int = 200
+    denoiser_steps: int = 400
+    caption_steps: int = 2500
     batch_size: int = 32
     checkpoint_every: int = 250
     validation_scenes: int = 40

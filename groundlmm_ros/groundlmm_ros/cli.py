@@ -1,0 +1,109 @@
+"""The `groundlmm` command: train the demo model, evaluate it, run the ROS demo.
+
+    groundlmm train [--output DIR]          the shipped demo model's one training command
+    groundlmm eval --scenes N [--model M]   grounding metrics on held-out scenes; last line JSON
+    groundlmm demo [--out DIR]              node + synthetic camera + queries, overlays in DIR
+
+Also reachable as `python -m groundlmm_ros.cli ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+
+def add_train(sub) -> None:
+    from .training.recipe import demo_model_dir
+    from .training.train import Budget
+
+    p = sub.add_parser("train", help="train the demo model from synthetic scenes and captions only")
+    p.add_argument("--output", default=str(demo_model_dir()), help="model directory to write (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    for f in fields(Budget):
+        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f"(default {f.default})")
+
+
+def run_train(args) -> None:
+    from .training.train import Budget, train
+
+    budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
+    summary = train(args.output, budget, seed=args.seed, threads=args.threads)
+    print(json.dumps(summary))
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="pointing accuracy, mask recall and mIoU on held-out scenes")
+    p.add_argument("--scenes", type=int, default=500, help="held-out scenes (default 500)")
+    p.add_argument("--model", default="demo", help="preset name or model directory (default: demo)")
+    p.add_argument("--refiner", default="threshold", help="auto | sam | threshold (default: the weight-free fallback)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--normalise", choices=("on", "off"), help="override the model's mean-map subtraction")
+
+
+def trained_engine_options(model: str) -> dict:
+    """For a directory written by `groundlmm train`: the mean-map setting its validation chose
+    (presets carry their own options)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return {}
+    training = json.loads(config.read_text()).get("extra", {}).get("training", {})
+    return {"normalise": training["normalise"]} if "normalise" in training else {}
+
+
+def run_eval(args) -> None:
+    import torch
+
+    from .evaluation import format_table, held_out_scenes, evaluate
+    from .models.presets import build_engine
+    from .training.recipe import DESCRIBE_QUESTION
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = trained_engine_options(args.model)
+    if args.normalise is not None:
+        options["normalise"] = args.normalise == "on"
+    engine = build_engine(args.model, device=args.device, refiner=args.refiner, **options)
+    scenes = held_out_scenes(args.scenes)
+
+    def progress(done, total):
+        if done % 50 == 0 or done == total:
+            print(f"evaluated {done}/{total} scenes", file=sys.stderr, flush=True)
+
+    metrics = evaluate(engine, scenes, DESCRIBE_QUESTION, progress)
+    metrics.update(model=args.model, refiner=args.refiner, normalise=engine.normalise)
+    print(format_table(metrics))
+    print(json.dumps(metrics))
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="start the node on the demo model, publish scenes, ask, save overlays")
+    p.add_argument("--out", default="demo_output", help="folder for the overlay images")
+    p.add_argument("--scenes", type=int, default=3, help="held-out scenes to show (default 3)")
+    p.add_argument("--model", default="demo", help="preset name or model directory (default: demo)")
+
+
+def run_demo(args) -> None:
+    from .demo import run
+
+    run(args.out, args.scenes, args.model)
+
+
+COMMANDS = {"train": (add_train, run_train), "eval": (add_eval, run_eval), "demo": (add_demo, run_demo)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="groundlmm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    args = parser.parse_args(argv)
+    COMMANDS[args.command][1](args)
+
+
+if __name__ == "__main__":
+    main()
