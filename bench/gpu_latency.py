@@ -112,9 +112,9 @@ def build(args):
 
 
 def heat_maps(backend, maps: torch.Tensor, phrases: list[list[int]], image_size):
-    """Engine.ground's heat-map step: normalise, combine per phrase (max), un-pad, argmax."""
+    """Engine.ground's heat-map step: normalise, combine per phrase (the default), un-pad, argmax."""
     grid = heatmap.normalise(maps.float().cpu().reshape(-1, *backend.grid))
-    combined = torch.stack([heatmap.combine(grid, tokens, "max") for tokens in phrases])
+    combined = torch.stack([heatmap.combine(grid, tokens) for tokens in phrases])
     heat = heatmap.upsample(combined, image_size, "pad")
     return heat, [heatmap.argmax_point(h) for h in heat]
 

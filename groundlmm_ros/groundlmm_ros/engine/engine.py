@@ -35,7 +35,7 @@ class Engine:
     """One model backend + one refiner. Options (all keyword):
 
     spacy_model: spaCy pipeline for noun chunks.
-    combine: "max" | "mean" | "first", how a phrase's token maps merge.
+    combine: "mean" (the reference GCG code) | "max" | "first", how a phrase's token maps merge.
     upsample: "pad" | "resize" (default: "pad" when the backend pads to square).
     normalise: subtract the answer's mean map (the paper; a toy model may turn it off).
     refer_question: the user turn that the referring expression answers in refer mode.
@@ -45,7 +45,7 @@ class Engine:
     seed: torch's global seed, reset before every query so stochastic encoders repeat.
     """
 
-    def __init__(self, backend, refiner: Refiner, *, spacy_model: str = DEFAULT_SPACY, combine: str = "max",
+    def __init__(self, backend, refiner: Refiner, *, spacy_model: str = DEFAULT_SPACY, combine: str = heatmap.DEFAULT_COMBINE,
                  upsample: str | None = None, normalise: bool = True, refer_question: str = GCG_QUESTION,
                  max_query_chars: int = 1000, max_new_tokens: int = 512, min_score: float | None = None,
                  nms_iou: float | None = None, seed: int = 0):

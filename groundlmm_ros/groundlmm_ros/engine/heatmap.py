@@ -11,7 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-COMBINE = ("max", "mean", "first")
+COMBINE = ("mean", "max", "first")
+# The reference's GCG script (groundLMM aas/gcg.py, group_tokens then attns.mean) averages
+# a phrase's root-token maps; PAPER.md's "max" disagrees with that code, and the code wins.
+DEFAULT_COMBINE = "mean"
 UPSAMPLE = ("pad", "resize")
 
 
@@ -21,8 +24,8 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     return maps - maps.mean(dim=0, keepdim=True)
 
 
-def combine(maps: torch.Tensor, token_indices: Sequence[int], how: str = "max") -> torch.Tensor:
-    """(T, h, w) -> (h, w): the maps of one phrase's tokens, element-wise max, mean or the first."""
+def combine(maps: torch.Tensor, token_indices: Sequence[int], how: str = DEFAULT_COMBINE) -> torch.Tensor:
+    """(T, h, w) -> (h, w): the maps of one phrase's tokens, element-wise mean, max or the first."""
     if how not in COMBINE:
         raise ValueError(f"combine must be one of {COMBINE}, got {how!r}")
     if not token_indices:
