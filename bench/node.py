@@ -1,0 +1,194 @@
+"""groundlmm_node benchmark: end-to-end latency over DDS, and the node's own overhead per result.
+
+    python bench/node.py [--queries 30] [--repeats 50]
+
+1. Latency: groundlmm_node (tiny random model, refer mode) in its own process;
+   this process publishes one 640x480 frame, then sends queries one at a time
+   and times query published -> GroundingResult received.
+2. Overhead: what the node adds around the model for a 640x480 image with 10
+   masks: rgb8 conversion, message building, publishing (to a subscriber in
+   another process). A GroundingNode in this process runs its own result path
+   (`_deliver`, what the worker calls) on a Grounding of 10 masks: with only
+   `grounding` subscribed (overhead_ms_*), then with depth to 3D on and every
+   output subscribed (overlay, markers, points: overhead_ms_all_outputs_*).
+The last line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import rclpy
+from groundlmm_msgs.msg import GroundingResult
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header, String
+from visualization_msgs.msg import MarkerArray
+
+from groundlmm_ros.engine.types import GroundedPhrase, Grounding
+from groundlmm_ros.ros.conversion import numpy_to_image, to_rgb8
+from groundlmm_ros.ros.node import GroundingNode
+from groundlmm_ros.ros.worker import Job, Outcome
+
+WIDTH, HEIGHT, MASKS = 640, 480, 10
+RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+OUTPUTS = {"grounding": GroundingResult, "groundlmm_node/overlay": Image, "groundlmm_node/markers": MarkerArray,
+           "groundlmm_node/points": PointCloud2}
+
+
+def frame(stamp_sec: int = 1) -> Image:
+    pixels = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    header = Header(frame_id="camera_color_optical_frame")
+    header.stamp.sec = stamp_sec
+    return numpy_to_image(pixels, "rgb8", header)
+
+
+def percentiles(samples_ms: list[float]) -> tuple[float, float]:
+    return round(float(np.percentile(samples_ms, 50)), 2), round(float(np.percentile(samples_ms, 95)), 2)
+
+
+def spin_in_background(node) -> SingleThreadedExecutor:
+    executor = SingleThreadedExecutor(context=node.context)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    return executor
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def end_to_end(queries: int) -> dict:
+    """Query -> result latency through a groundlmm_node process, ms."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = os.path.join(tmp, "params.yaml")
+        with open(params, "w") as f:
+            f.write("/**:\n  ros__parameters:\n    model: tiny-random\n    query_mode: refer\n"
+                    "    image_qos_reliability: reliable\n")
+        log = open(os.path.join(tmp, "node.log"), "w")
+        node_process = subprocess.Popen([sys.executable, "-m", "groundlmm_ros.ros.node", "--ros-args",
+                                         "--params-file", params], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            return _time_queries(queries)
+        finally:
+            node_process.send_signal(signal.SIGINT)
+            node_process.wait(30)
+
+
+def _time_queries(queries: int) -> dict:
+    client = rclpy.create_node("bench_client")
+    arrived: dict[str, float] = {}
+    client.create_subscription(GroundingResult, "grounding",
+                               lambda msg: arrived.setdefault(msg.query, time.perf_counter()), RELIABLE)
+    image_pub = client.create_publisher(Image, "image", RELIABLE)
+    query_pub = client.create_publisher(String, "query", RELIABLE)
+    executor = spin_in_background(client)
+    assert wait_for(lambda: image_pub.get_subscription_count() and query_pub.get_subscription_count(), 120), \
+        "groundlmm_node did not come up"
+    image_pub.publish(frame())
+    time.sleep(0.5)
+    latencies = []
+    for i in range(queries + 3):  # the first 3 warm up
+        query = f"the red mug {i}"
+        sent = time.perf_counter()
+        query_pub.publish(String(data=query))
+        assert wait_for(lambda: query in arrived, 60), f"no result for {query!r}"
+        if i >= 3:
+            latencies.append(1000 * (arrived[query] - sent))
+    executor.shutdown()
+    client.destroy_node()
+    p50, p95 = percentiles(latencies)
+    return {"latency_ms_p50": p50, "latency_ms_p95": p95, "latency_queries": queries}
+
+
+def ten_mask_grounding() -> Grounding:
+    rng = np.random.default_rng(1)
+    phrases = []
+    for i in range(MASKS):
+        x, y = int(rng.integers(0, WIDTH - 160)), int(rng.integers(0, HEIGHT - 120))
+        mask = np.zeros((HEIGHT, WIDTH), bool)  # (H, W) image pixels
+        mask[y:y + 120, x:x + 160] = True
+        phrases.append(GroundedPhrase(f"object {i}", 0, 8, [i], np.zeros((HEIGHT, WIDTH), np.float32),
+                                      (x + 80, y + 60), mask, 0.9, (x, y, 160, 120)))
+    return Grounding("Describe the image.", "describe", "objects", list(range(MASKS)), phrases, (HEIGHT, WIDTH))
+
+
+def node_overhead(repeats: int) -> dict:
+    """ms the node spends per 10-mask result outside the model."""
+    node = GroundingNode(parameter_overrides=[Parameter("autostart", value=False)])
+    image, grounding = frame(), ten_mask_grounding()
+    depth_header = Header(frame_id=image.header.frame_id, stamp=image.header.stamp)
+    results = {}
+    for label, use_depth, topics in (("overhead_ms", False, ["grounding"]),
+                                     ("overhead_ms_all_outputs", True, list(OUTPUTS))):
+        node.set_parameters([Parameter("use_depth", value=use_depth)])
+        assert node.trigger_configure().name == "SUCCESS" and node.trigger_activate().name == "SUCCESS"
+        node._on_depth(numpy_to_image(np.full((HEIGHT, WIDTH), 1200, np.uint16), "16UC1", depth_header))
+        node._on_camera_info(CameraInfo(width=WIDTH, height=HEIGHT, k=[500.0, 0, 319.5, 0, 500.0, 239.5, 0, 0, 1]))
+        subscriber = subprocess.Popen([sys.executable, __file__, "--subscribe", *topics])
+        outputs = [node._outputs[name] for name in ("grounding", "overlay", "markers", "points")][:len(topics)]
+        assert wait_for(lambda: all(p.get_subscription_count() for p in outputs), 60), "subscriber not matched"
+        samples = []
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            rgb = to_rgb8(image)
+            convert_s = time.perf_counter() - start
+            node._deliver(Outcome(Job("Describe the image.", "describe", "topic"), frame=image, rgb=rgb,
+                                  grounding=grounding, convert_s=convert_s))
+            if i >= 3:
+                samples.append(1000 * (time.perf_counter() - start))
+            time.sleep(0.02)  # results do not come faster than the model gives them
+        subscriber.send_signal(signal.SIGINT)
+        subscriber.wait(30)
+        results[f"{label}_p50"], results[f"{label}_p95"] = percentiles(samples)
+        assert node.trigger_deactivate().name == "SUCCESS" and node.trigger_cleanup().name == "SUCCESS"
+    node.destroy_node()
+    return results
+
+
+def subscribe(topics: list[str]) -> None:
+    """--subscribe mode: a separate process that receives the node's outputs."""
+    rclpy.init()
+    node = rclpy.create_node("bench_subscriber")
+    for topic in topics:
+        node.create_subscription(OUTPUTS[topic], topic, lambda msg: None, RELIABLE)
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, rclpy.executors.ExternalShutdownException):
+        pass
+    rclpy.try_shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--subscribe", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.subscribe:
+        return subscribe(args.subscribe)
+    os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 200))
+    rclpy.init()
+    figures = {**end_to_end(args.queries), **node_overhead(args.repeats), "image": f"{WIDTH}x{HEIGHT}",
+               "masks_for_overhead": MASKS, "fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "")}
+    rclpy.try_shutdown()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
