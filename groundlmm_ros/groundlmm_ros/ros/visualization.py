@@ -19,14 +19,15 @@ PALETTE = np.array([
 
 def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.ndarray:
     """(H, W, 3) uint8 RGB: rgb with each phrase's mask tinted, its point ringed and its text written."""
-    height, width = rgb.shape[:2]
-    # label[r, c] = 1 + index of the last phrase whose mask covers (r, c); 0 = no mask.
-    label = np.zeros((height, width), np.uint8)
+    canvas = rgb.copy()
     for index, phrase in enumerate(grounding.phrases):
-        label[phrase.mask] = 1 + index % len(PALETTE)
-    colours = np.concatenate([np.zeros((1, 3), np.uint8), PALETTE])[label]
-    blended = cv2.addWeighted(rgb, 1 - alpha, colours, alpha, 0)
-    canvas = np.where((label > 0)[..., None], blended, rgb)
+        # Tint within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
+        x, y, width, height = phrase.bbox
+        region = canvas[y:y + height, x:x + width]  # a view into canvas
+        inside = phrase.mask[y:y + height, x:x + width]
+        colour = np.broadcast_to(PALETTE[index % len(PALETTE)], region.shape).copy()
+        tinted = cv2.addWeighted(region, 1 - alpha, colour, alpha, 0)
+        np.copyto(region, tinted, where=inside[..., None])
     for index, phrase in enumerate(grounding.phrases):
         colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
         cv2.circle(canvas, phrase.point, 6, (255, 255, 255), 2)
