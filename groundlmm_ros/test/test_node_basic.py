@@ -1,5 +1,5 @@
 """groundlmm_node in its own process over real DDS, tiny random model: results, the action,
-the standing query, lifecycle transitions, and a clean Ctrl-C.
+the standing query, lifecycle transitions, the shipped demo model, and a clean Ctrl-C.
 
 One node serves the whole module (start-up imports torch and transformers);
 tests run in file order, the first one before any frame has been sent.
@@ -13,13 +13,16 @@ from lifecycle_msgs.msg import Transition
 from node_harness import Client, NodeProcess, is_rejection, rgb_image
 from sensor_msgs.msg import Image
 
+from groundlmm_ros.ros.conversion import numpy_to_image
+from groundlmm_ros.world.scenes import make_scenes, referring_expression
+
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def node():
-    # describe goals generate up to 200 tokens, long enough to cancel one mid-answer
-    process = NodeProcess({"query_mode": "refer", "max_new_tokens": 200})
+    # describe goals may generate up to 200 tokens (the preset caps at 24): long enough to cancel one mid-answer
+    process = NodeProcess({"query_mode": "refer", "max_new_tokens": 200, "engine_options": '{"max_new_tokens": 200}'})
     yield process
     process.close()
 
@@ -129,6 +132,26 @@ def test_lifecycle_transitions_and_back(client, node):
     client.query("the cup again")
     result = client.answer_to("the cup again")
     assert result is not None and not is_rejection(result)
+
+
+def test_shipped_demo_model_grounds_a_synthetic_scene(client):
+    """Reconfigure to the shipped demo model (a miniature DiffLMM trained on these scenes)."""
+    assert all(r.successful for r in client.set_parameters(model="demo"))
+    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                       Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert client.change_state(transition), transition
+    assert client.wait_active(30.0)
+    scene = make_scenes(1, seed=12345)[0]
+    image = numpy_to_image(scene.image, "rgb8", rgb_image(stamp_s=400.0).header)
+    status, result, feedbacks = client.ground("Describe the image.", mode="describe", image=image)
+    assert status == GoalStatus.STATUS_SUCCEEDED and result.result.model == "demo" and feedbacks
+    grounding = result.result
+    assert grounding.answer and grounding.phrases
+    for phrase in grounding.phrases:
+        assert grounding.answer[phrase.char_start:phrase.char_end] == phrase.phrase
+        assert (phrase.mask.height, phrase.mask.width) == scene.image.shape[:2]
+    status, result, _ = client.ground(referring_expression(scene.objects[0]), mode="refer", image=image)
+    assert status == GoalStatus.STATUS_SUCCEEDED and len(result.result.phrases) == 1
 
 
 def test_sigint_shuts_down_cleanly(client, node):

@@ -19,7 +19,7 @@ IMAGE_TRANSPORTS = ("raw", "compressed")
 # name: (default, description). The default's type is the parameter's type.
 PARAMETERS: dict[str, tuple[object, str]] = {
     # The model (read at configure).
-    "model": ("tiny-random", "model preset name or checkpoint path"),
+    "model": ("demo", "model preset name or model directory"),
     "device": ("cpu", "torch device: cpu, cuda, cuda:1, ..."),
     "dtype": ("float32", "float32, float16 or bfloat16"),
     "refiner": ("auto", "point-to-mask refiner: auto, sam or none (weight-free fallback)"),

@@ -1,0 +1,41 @@
+"""Lifecycle in process: cleanup lets the model go (no reference left to keep its memory), configure
+fails cleanly on a bad model. (test_node_basic.py drives the transitions over DDS.)"""
+import gc
+import weakref
+
+import pytest
+import rclpy
+from rclpy.parameter import Parameter
+
+from groundlmm_ros.ros.node import GroundingNode
+
+
+@pytest.fixture
+def node():
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = GroundingNode(context=context, parameter_overrides=[Parameter("autostart", value=False)])
+    yield node
+    node.shut_down()
+    node.destroy_node()
+    rclpy.shutdown(context=context)
+
+
+def test_cleanup_releases_the_model(node):
+    assert node.trigger_configure().name == "SUCCESS"
+    assert node.trigger_activate().name == "SUCCESS"
+    engine = weakref.ref(node._engine)
+    assert node.trigger_deactivate().name == "SUCCESS"
+    assert node.trigger_cleanup().name == "SUCCESS"
+    gc.collect()
+    assert engine() is None, gc.get_referrers(engine())
+    assert node.trigger_configure().name == "SUCCESS"  # and it comes back
+
+
+def test_configure_with_a_bad_model_fails_and_the_node_stays_unconfigured(node):
+    node.set_parameters([Parameter("model", value="/no/such/model")])
+    assert node.trigger_configure().name == "FAILURE"
+    refused = node.set_parameters([Parameter("query_queue_size", value=0)])[0]
+    assert not refused.successful and "query_queue_size=0: must be > 0" in refused.reason
+    node.set_parameters([Parameter("model", value="tiny-random")])
+    assert node.trigger_configure().name == "SUCCESS"
