@@ -7,6 +7,7 @@ arrives in the plane test).
 """
 import time
 
+import cv2
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
@@ -14,7 +15,7 @@ from lifecycle_msgs.msg import Transition
 from node_harness import Client, NodeProcess, is_rejection, rgb_image
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import serialize_message
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
@@ -204,21 +205,47 @@ def test_incompatible_qos_is_logged_with_the_fix(client):
     assert_answers_good_query(client, "qos")
 
 
+def reconfigure(client: Client, **parameters) -> None:
+    """Set read-at-configure parameters, then deactivate, cleanup, configure, activate."""
+    assert all(r.successful for r in client.set_parameters(**parameters))
+    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                       Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert client.change_state(transition), transition
+    assert client.wait_for(lambda: client.status.get("state") == "active", 30.0)
+
+
 def test_model_that_raises_is_reported_and_the_node_recovers(client):
     """A model on the meta device (weights never materialised) raises in every forward pass."""
-    def reconfigure(device):
-        assert all(r.successful for r in client.set_parameters(device=device))
-        for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
-                           Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-            assert client.change_state(transition), transition
-        assert client.wait_active(30.0)
-
-    reconfigure("meta")
+    reconfigure(client, device="meta")
+    assert client.wait_active(10.0)
     answer = ground_frame(client, 7.0, "the cup on a broken model")
     assert is_rejection(answer) and answer.message.startswith("model error: RuntimeError"), answer
     assert client.log_containing("model error on query 'the cup on a broken model'")
-    reconfigure("cpu")
+    reconfigure(client, device="cpu")
     assert_answers_good_query(client, "after the model error")
+
+
+def test_compressed_images_and_undecodable_ones(client):
+    reconfigure(client, image_transport="compressed")
+    compressed_pub = client.node.create_publisher(CompressedImage, "image/compressed", QoSProfile(depth=5))
+    try:
+        assert client.wait_for(lambda: compressed_pub.get_subscription_count() > 0, 10.0)
+        pixels = np.random.default_rng(7).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+        png = CompressedImage(header=header(9.0), format="png", data=cv2.imencode(".png", pixels)[1].tobytes())
+        for msg, query in ((CompressedImage(header=header(9.5), format="jpeg", data=b"not a jpeg"), "the cup, bad jpeg"),
+                           (png, "the cup, png")):
+            seen = int(client.status.get("frames_received", "0"))
+            compressed_pub.publish(msg)
+            assert client.wait_status("frames_received", seen + 1)
+            client.query(query)
+        answer = client.answer_to("the cup, bad jpeg")
+        assert is_rejection(answer) and "not an image OpenCV can decode" in answer.message
+        result = client.answer_to("the cup, png")
+        assert not is_rejection(result) and result.header == png.header
+        assert (result.phrases[0].mask.height, result.phrases[0].mask.width) == (HEIGHT, WIDTH)
+    finally:
+        client.node.destroy_publisher(compressed_pub)
+        reconfigure(client, image_transport="raw")
 
 
 # ---- flood ------------------------------------------------------------------------------------

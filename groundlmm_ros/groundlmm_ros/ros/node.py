@@ -119,7 +119,7 @@ class GroundingNode(LifecycleNode):
         self._worker = Worker(self._engine, self._deliver, queue_size=params.query_queue_size,
                               max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
                               log_error=self._log_worker_error)
-        self._worker.set_standing(params.standing_query, params.standing_mode, params.max_rate_hz)
+        self._worker.set_standing(*(self.get_parameter(name).value for name in DYNAMIC))  # as set now
         self._worker.start()
         self._depth = depth.DepthBuffer()
         image_qos = QoSProfile(depth=params.image_qos_depth, history=HistoryPolicy.KEEP_LAST,

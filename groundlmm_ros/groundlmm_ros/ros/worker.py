@@ -84,7 +84,6 @@ class Worker:
         self._standing_version = 0         # frame version of the last standing run
         self._standing_next = 0.0          # monotonic time before which no standing run starts
         self._stopping = ""                # reason, once stop() was called
-        self._running: Job | None = None
         self.frames_dropped = 0            # frames replaced before any query used them
         self._thread = threading.Thread(target=self._loop, name="groundlmm-worker", daemon=True)
 
@@ -154,10 +153,7 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self._next_job()) is not None:
-            self._running = job
-            outcome = self._serve(job)
-            self._running = None
-            self._deliver(outcome)
+            self._deliver(self._serve(job))
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for job in queued:
