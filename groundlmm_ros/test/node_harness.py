@@ -124,7 +124,7 @@ class Client:
         self.node.create_subscription(msg_type, topic, keep, qos)
 
     def _on_log(self, msg: Log) -> None:
-        if msg.name.endswith("groundlmm_node"):
+        if msg.name == NODE.strip("/").replace("/", "."):  # the logger of the node under test only
             with self.lock:
                 self.logs.append(msg.msg)
 
