@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
+from groundlmm_msgs.action import Ground
 from lifecycle_msgs.msg import Transition
 from node_harness import Client, NodeProcess, is_rejection, rgb_image
 from sensor_msgs.msg import Image
@@ -154,6 +155,16 @@ def test_shipped_demo_model_grounds_a_synthetic_scene(client):
     assert status == GoalStatus.STATUS_SUCCEEDED and len(result.result.phrases) == 1
 
 
-def test_sigint_shuts_down_cleanly(client, node):
+def test_sigint_mid_answer_shuts_down_cleanly(client, node):
+    assert all(r.successful for r in client.set_parameters(model="tiny-random"))
+    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
+                       Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert client.change_state(transition), transition
+    feedbacks = []
+    goal = Ground.Goal(query="Describe the image.", mode="describe", image=rgb_image(80, 60, 21.0, seed=4))
+    client.action.send_goal_async(goal, feedback_callback=feedbacks.append)  # a 200-token answer
+    assert client.wait_for(lambda: len(feedbacks) >= 3, 20.0)
+    start = time.monotonic()
     assert node.stop() == 0, node.output()
+    assert time.monotonic() - start < 10.0
     assert "Traceback" not in node.output(), node.output()

@@ -298,9 +298,10 @@ class GroundingNode(LifecycleNode):
             goal_handle.abort()
             return Ground.Result(success=False, message=reason)
         # The worker finishes every queued job, also when it is stopped.
-        while not done.wait(0.5):
-            if not self.context.ok():
-                return Ground.Result(success=False, message="the node is shutting down")
+        while not done.wait(0.5) and self.context.ok():
+            pass
+        if not self.context.ok():  # Ctrl-C: the goal handle can no longer publish its state
+            return Ground.Result(success=False, message="the node is shutting down")
         outcome = answer["outcome"]
         if outcome.result is not None:
             goal_handle.succeed()
