@@ -148,18 +148,16 @@ class GroundingNode(LifecycleNode):
         return SUCCESS
 
     def on_shutdown(self, state: State) -> TransitionCallbackReturn:
-        self._stop_serving("the node is shutting down")
-        self._release()
+        self.shut_down()
         return SUCCESS
 
     def on_error(self, state: State) -> TransitionCallbackReturn:
-        self._stop_serving("the node hit an error")
-        self._release()
+        self.shut_down("the node hit an error")
         return SUCCESS
 
-    def shut_down(self) -> None:
-        """Stop the worker and free the model, whatever the lifecycle state (SIGINT)."""
-        self._stop_serving("the node is shutting down")
+    def shut_down(self, reason: str = "the node is shutting down") -> None:
+        """Stop the worker and free the model, whatever the lifecycle state (also on SIGINT)."""
+        self._stop_serving(reason)
         self._release()
 
     def _log_worker_error(self, text: str) -> None:
