@@ -149,12 +149,12 @@ def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.ra
     (rest of the prompt + caption + </s>, right-padded) with their (B, r) labels (-100 where
     no loss) and (B, r) attention mask."""
     tokenizer = backend.tokenizer
-    before, rests, labels = None, [], []
+    rests, labels = [], []
     for i in index:
         objects = [scenes[i].objects[k] for k in rng.permutation(len(scenes[i].objects))]
+        # ids_before (the system line and "USER:") is the same for every question.
         ids_before, ids_after = backend.prompt_ids(QUESTIONS[rng.integers(len(QUESTIONS))])
         answer = tokenizer(caption_for(objects, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        before = ids_before  # the system line and "USER:" do not depend on the question
         rests.append(ids_after + answer)
         labels.append([-100] * len(ids_after) + answer)
     width = max(map(len, rests))
@@ -162,7 +162,7 @@ def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.ra
     rest = torch.tensor([r + [pad] * (width - len(r)) for r in rests])
     label = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rests])
-    return torch.tensor([before] * len(index)), rest, label, mask
+    return torch.tensor([ids_before] * len(index)), rest, label, mask
 
 
 def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
