@@ -15,12 +15,20 @@ from groundlmm_ros.world import make_scenes
 
 @pytest.mark.timeout(240)
 def test_train_command_on_a_tiny_budget(tmp_path):
-    out = tmp_path / "model"
     budget = ["--scenes", "40", "--vae-steps", "2", "--denoiser-steps", "2", "--caption-steps", "3",
               "--batch-size", "4", "--checkpoint-every", "3", "--validation-scenes", "2"]
-    run = subprocess.run([sys.executable, "-m", "groundlmm_ros.cli", "train", "--output", str(out), *budget],
-                         capture_output=True, text=True, env=os.environ.copy())
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+
+    def train(out):
+        run = subprocess.run([sys.executable, "-m", "groundlmm_ros.cli", "train", "--output", str(out), *budget],
+                             capture_output=True, text=True, env=os.environ.copy())
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        return run
+
+    out = tmp_path / "model"
+    run = train(out)
+    # Fixed seeds: a second run in a fresh process writes the same weights, bit for bit.
+    train(tmp_path / "again")
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
     for stage in ("vae 2/2", "denoiser 2/2", "captioning 1/3", "validation step 3", "saved step 3"):
         assert stage in run.stdout, f"no {stage!r} in the progress output"
     summary = json.loads(run.stdout.strip().splitlines()[-1])
