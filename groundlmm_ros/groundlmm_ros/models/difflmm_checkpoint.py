@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_model
-from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, DiffLMMConfig, build_difflmm
 
@@ -265,7 +265,9 @@ def load_difflmm(directory, dtype: torch.dtype = torch.float32, device: str | to
     except Exception as err:
         raise CheckpointError(f"{weights}: does not fit the model in config.json ({type(err).__name__}: {err})") from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        # An empty config: config.json here is a DiffLMMConfig, which AutoTokenizer would
+        # otherwise read as a transformers model config (and warn about model_type "difflmm").
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), config=PretrainedConfig())
     except Exception as err:
         raise CheckpointError(f"{directory}: could not load the tokenizer ({type(err).__name__}: {err})") from err
     return model.eval(), tokenizer
