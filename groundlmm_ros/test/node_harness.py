@@ -101,7 +101,7 @@ class Client:
         self.node.create_subscription(Log, "/rosout", self._on_log, many)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_status, 10)
         self.image_pub = self.node.create_publisher(Image, "image", QoSProfile(depth=5, reliability=image_reliability))
-        self.query_pub = self.node.create_publisher(String, "query", 100)
+        self.query_pub = self.node.create_publisher(String, "query", 1000)  # a flood must not overwrite unacknowledged queries
         self.depth_pub = self.node.create_publisher(Image, "depth", QoSProfile(depth=5))
         self.info_pub = self.node.create_publisher(CameraInfo, "camera_info", QoSProfile(depth=5))
         self.action = ActionClient(self.node, Ground, "groundlmm_node/ground")
@@ -256,4 +256,6 @@ def rgb_image(width: int = 96, height: int = 64, stamp_s: float = 1.0, frame_id:
 
 
 def is_rejection(answer) -> bool:
-    return isinstance(answer, DiagnosticStatus)
+    """A query's answer that is no grounding: a rejection on ~/rejected (never accepted) or a
+    GroundingResult with success false (accepted, then failed). Both carry the reason in .message."""
+    return isinstance(answer, DiagnosticStatus) or not answer.success

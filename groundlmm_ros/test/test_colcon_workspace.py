@@ -70,7 +70,8 @@ print(json.dumps({
 """)
     install = workspace / "install"
     assert Path(found["msgs_module"]).is_relative_to(install / "groundlmm_msgs")  # not the venv's copy
-    assert found["result_fields"] == ["header", "query", "mode", "answer", "phrases", "model", "inference_time"]
+    assert found["result_fields"] == ["header", "success", "message", "query", "mode", "answer", "phrases",
+                                       "model", "inference_time"]
     assert found["goal_fields"] == ["query", "mode", "image"]
     assert found["msgs_share"] == str(install / "groundlmm_msgs" / "share" / "groundlmm_msgs")
     assert found["ros_share"] == str(install / "groundlmm_ros" / "share" / "groundlmm_ros")

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
+from groundlmm_msgs.msg import GroundingResult
 from lifecycle_msgs.msg import Transition
 from node_harness import Client, NodeProcess, is_rejection, rgb_image
 from rclpy.qos import QoSProfile, ReliabilityPolicy
@@ -219,7 +220,10 @@ def test_model_that_raises_is_reported_and_the_node_recovers(client):
     reconfigure(client, device="meta")
     assert client.wait_active(10.0)
     answer = ground_frame(client, 7.0, "the cup on a broken model")
-    assert is_rejection(answer) and answer.message.startswith("model error: RuntimeError"), answer
+    # accepted, then failed: its one GroundingResult says so (not a ~/rejected status)
+    assert isinstance(answer, GroundingResult) and not answer.success, answer
+    assert answer.message.startswith("model error: RuntimeError") and not answer.phrases
+    assert answer.header.stamp.sec == 7 and answer.query == "the cup on a broken model"
     assert client.log_containing("model error on query 'the cup on a broken model'")
     reconfigure(client, device="cpu")
     assert_answers_good_query(client, "after the model error")
@@ -275,7 +279,8 @@ def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
     time.sleep(0.5)
     answered, rejected = counts()
     assert sorted(answered + rejected) == sorted(queries)  # each exactly once, none vanished
-    assert len(answered) >= 5 and len(rejected) >= 100
+    # how many fit depends on the machine's speed; that the bound was hit is asserted below
+    assert len(answered) >= 5 and len(rejected) >= 1
     assert max_queue <= 5
     assert node.rss_mb() - rss_before < 150, (rss_before, node.rss_mb())
     assert any("query queue is full (5 waiting" in r.message for r in client.rejections)

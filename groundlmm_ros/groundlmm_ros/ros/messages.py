@@ -29,16 +29,21 @@ def grounding_result(grounding: Grounding, header: Header, model: str, inference
             mask=mask_to_image(phrase.mask, header),
             centroid=Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
         ))
-    return GroundingResult(header=header, query=grounding.query, mode=grounding.mode, answer=grounding.answer,
-                           phrases=phrases, model=model, inference_time=float(inference_time))
+    return GroundingResult(header=header, success=True, query=grounding.query, mode=grounding.mode,
+                           answer=grounding.answer, phrases=phrases, model=model, inference_time=float(inference_time))
 
 
-def rejection(query: str, mode: str, source: str, reason: str, header: Header | None = None) -> DiagnosticStatus:
-    """What `~/rejected` carries for a query that gets no GroundingResult: message = the reason."""
+def failed_result(query: str, mode: str, reason: str, header: Header | None, model: str,
+                  inference_time: float) -> GroundingResult:
+    """The GroundingResult of an accepted query that could not be grounded: success false, message = why."""
+    return GroundingResult(header=header or Header(), success=False, message=reason, query=query, mode=mode,
+                           model=model, inference_time=float(inference_time))
+
+
+def rejection(query: str, mode: str, source: str, reason: str) -> DiagnosticStatus:
+    """What `~/rejected` carries for a query that was never accepted: message = the reason."""
     values = [KeyValue(key="query", value=query), KeyValue(key="mode", value=mode),
               KeyValue(key="source", value=source)]
-    if header is not None:
-        values.append(KeyValue(key="image_stamp", value=f"{header.stamp.sec}.{header.stamp.nanosec:09d}"))
     return DiagnosticStatus(level=DiagnosticStatus.WARN, name="groundlmm/query", message=reason, values=values)
 
 

@@ -261,17 +261,21 @@ class GroundingNode(LifecycleNode):
             self._reject(job, reason)
         return reason
 
-    def _reject(self, job: Job, reason: str, header=None) -> None:
-        self._stats.count("queries_rejected")
+    def _log_query_problem(self, job: Job, what: str, reason: str) -> None:
         shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
         if job.source == "standing":
-            self.get_logger().warning(f"standing query {shown!r} failed: {reason}", throttle_duration_sec=5.0)
+            self.get_logger().warning(f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0)
         else:
-            self.get_logger().warning(f"rejected {job.source} query {shown!r}: {reason}")
+            self.get_logger().warning(f"{what} {job.source} query {shown!r}: {reason}")
+
+    def _reject(self, job: Job, reason: str) -> None:
+        """A query that was never accepted: its answer is a DiagnosticStatus on ~/rejected."""
+        self._stats.count("queries_rejected")
+        self._log_query_problem(job, "rejected", reason)
         publisher = self._outputs.get("rejected")
         if publisher is not None:
             with self._rejected_lock:
-                publisher.publish(messages.rejection(job.query, job.mode, job.source, reason, header))
+                publisher.publish(messages.rejection(job.query, job.mode, job.source, reason))
 
     # ---- the action --------------------------------------------------------------------------
 
@@ -315,10 +319,12 @@ class GroundingNode(LifecycleNode):
     def _deliver(self, outcome: Outcome) -> None:
         job = outcome.job
         header = outcome.frame.header if outcome.frame is not None else None
-        if outcome.grounding is None:
+        if outcome.grounding is None:  # accepted, then failed: still its one GroundingResult
             if not outcome.cancelled:
                 self._stats.count("errors")
-            self._reject(job, outcome.error, header)
+            self._log_query_problem(job, "failed", outcome.error)
+            self._outputs["grounding"].publish(messages.failed_result(
+                job.query, job.mode, outcome.error, header, self._params.model, outcome.convert_s + outcome.engine_s))
             return
         start = time.perf_counter()
         grounding, params = outcome.grounding, self._params

@@ -32,7 +32,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "image_qos_reliability": ("best_effort", "image, depth and camera_info subscriptions: best_effort or reliable"),
     "image_qos_depth": (5, "history depth of the image, depth and camera_info subscriptions"),
     "query_mode": ("describe", "mode of queries on the `query` topic: describe or refer"),
-    "query_qos_depth": (100, "history depth of the `query` subscription (reliable)"),
+    "query_qos_depth": (1000, "history depth of the `query` subscription (reliable; deep so bursts are not overwritten)"),
     "query_queue_size": (10, "queries waiting for the model; one more is rejected with a reason"),
     "use_depth": (False, "subscribe to `depth` + `camera_info` and fill the phrases' 3D centroids"),
     "depth_unit_divisor": (1000.0, "16UC1 depth value / divisor = metres (1000: millimetres)"),
