@@ -84,6 +84,10 @@ def test_action_cancel_stops_generation(client):
     status, result, feedbacks = client.ground("Describe the image.", mode="describe", image=image,
                                               cancel_after_feedback=True)
     assert status == GoalStatus.STATUS_CANCELED and not result.success and "cancel" in result.message
+    # the goal was accepted: its result carries the failed GroundingResult that also went out on `grounding`
+    failed = result.result
+    assert not failed.success and failed.message == result.message and not failed.phrases
+    assert failed.query == "Describe the image." and failed.mode == "describe" and failed.header.stamp.sec == 21
     assert feedbacks[-1].tokens < 200
     # the worker is free again
     status, result, _ = client.ground("the mug", image=image)

@@ -1,11 +1,12 @@
 """groundlmm_node: the lifecycle node that grounds queries in camera frames.
 
 configure loads the model, activate starts the worker and the subscriptions,
-deactivate stops them (queued queries are answered with a rejection),
+deactivate stops them (queued queries end in a failed result),
 cleanup frees the model. Callbacks never run the model: they fill the
-worker's newest-frame slot and bounded queue. Each query gets exactly one
-answer: a GroundingResult on `grounding` or, with the reason, a
-DiagnosticStatus on `~/rejected` (and an action goal its Ground result).
+worker's newest-frame slot and bounded queue. Each accepted (queued) query
+ends in exactly one GroundingResult on `grounding` (success false + the
+reason when it failed); a query never accepted gets, with the reason, a
+DiagnosticStatus on `~/rejected`. An action goal's Ground result carries the same.
 """
 from __future__ import annotations
 
@@ -305,14 +306,16 @@ class GroundingNode(LifecycleNode):
         if not self.context.ok():  # Ctrl-C: the goal handle can no longer publish its state
             return Ground.Result(success=False, message="the node is shutting down")
         outcome = answer["outcome"]
-        if outcome.result is not None:
+        if outcome.result is not None and outcome.result.success:
             goal_handle.succeed()
             return Ground.Result(result=outcome.result, success=True)
         if outcome.cancelled and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         else:
             goal_handle.abort()
-        return Ground.Result(success=False, message=outcome.error)
+        # the same failed GroundingResult that went out on `grounding` (empty if delivering it failed)
+        return Ground.Result(result=outcome.result or GroundingResult(), success=False,
+                             message=outcome.error or "delivering the result failed")
 
     # ---- outputs (on the worker thread) ------------------------------------------------------
 
@@ -323,8 +326,9 @@ class GroundingNode(LifecycleNode):
             if not outcome.cancelled:
                 self._stats.count("errors")
             self._log_query_problem(job, "failed", outcome.error)
-            self._outputs["grounding"].publish(messages.failed_result(
-                job.query, job.mode, outcome.error, header, self._params.model, outcome.convert_s + outcome.engine_s))
+            outcome.result = messages.failed_result(
+                job.query, job.mode, outcome.error, header, self._params.model, outcome.convert_s + outcome.engine_s)
+            self._outputs["grounding"].publish(outcome.result)
             return
         start = time.perf_counter()
         grounding, params = outcome.grounding, self._params
