@@ -93,9 +93,10 @@ def end_to_end(queries: int) -> dict:
 
 def _time_queries(queries: int) -> dict:
     client = rclpy.create_node("bench_client")
-    arrived: dict[str, float] = {}
+    arrived: dict[str, tuple[float, bool, str]] = {}  # query -> (arrival time, success, message)
     client.create_subscription(GroundingResult, "grounding",
-                               lambda msg: arrived.setdefault(msg.query, time.perf_counter()), RELIABLE)
+                               lambda msg: arrived.setdefault(msg.query, (time.perf_counter(), msg.success, msg.message)),
+                               RELIABLE)
     status: dict[str, str] = {}
     client.create_subscription(DiagnosticArray, "/diagnostics",
                                lambda msg: status.update({kv.key: kv.value for kv in msg.status[0].values}), 10)
@@ -112,8 +113,9 @@ def _time_queries(queries: int) -> dict:
         sent = time.perf_counter()
         query_pub.publish(String(data=query))
         assert wait_for(lambda: query in arrived, 60), f"no result for {query!r}"
+        assert arrived[query][1], f"{query!r} failed: {arrived[query][2]}"  # time answers, not failures
         if i >= 3:
-            latencies.append(1000 * (arrived[query] - sent))
+            latencies.append(1000 * (arrived[query][0] - sent))
     time.sleep(1.5)  # one more /diagnostics period
     executor.shutdown()
     client.destroy_node()
