@@ -1,12 +1,15 @@
-"""Refiners: SAM (a tiny segment_anything Sam) and the weight-free threshold fallback; filters."""
+"""Refiners: SAM (a tiny segment_anything Sam), the weight-free colour and threshold fallbacks; filters."""
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner, load_sam, mask_iou, nms_keep
+from groundlmm_ros.engine.refiners import (ColourRefiner, SamRefiner, ThresholdRefiner, heat_region, load_sam,
+                                           mask_iou, nms_keep)
+from groundlmm_ros.evaluation import mask_iou as iou
 from groundlmm_ros.models.tiny import tiny_sam
+from groundlmm_ros.world import make_scenes
 
 torch.set_num_threads(1)
 H, W = 40, 70
@@ -73,6 +76,77 @@ def test_threshold_takes_the_connected_region_of_the_point(image):
     assert other[30, 55] and not other[10, 15]
     with pytest.raises(ValueError):
         ThresholdRefiner(fraction=1.5)
+
+
+def coarse_heatmap(obj, size):
+    """What an 8 x 8 attention map upsampled to the image looks like: a wide blob on the object."""
+    y, x = np.mgrid[0:size, 0:size]
+    cx, cy = obj.centre
+    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * (1.5 * obj.radius) ** 2)).astype(np.float32)
+
+
+def scene_objects():
+    """(image, object) pairs of synthetic scenes whose object centre lies on the object."""
+    return [(s.image, o) for s in make_scenes(12, seed=11) for o in s.objects if o.mask[o.centre[1], o.centre[0]]]
+
+
+def test_colour_refiner_follows_the_object_where_the_map_is_coarse():
+    colour, threshold = ColourRefiner(), ThresholdRefiner()
+    colour_ious, threshold_ious = [], []
+    for image, obj in scene_objects():
+        heat = coarse_heatmap(obj, image.shape[0])
+        for refiner, ious in ((colour, colour_ious), (threshold, threshold_ious)):
+            refiner.set_image(image)
+            mask, score = refiner.refine(heat, obj.centre)
+            assert mask.shape == obj.mask.shape and mask.dtype == bool and mask[obj.centre[1], obj.centre[0]]
+            assert score == 1.0
+            ious.append(iou(mask, obj.mask))
+    assert len(colour_ious) >= 20
+    assert np.median(colour_ious) >= 0.9 and np.mean(colour_ious) > np.mean(threshold_ious) + 0.2
+
+
+def test_colour_refiner_survives_sensor_noise():
+    image, obj = scene_objects()[0]
+    noisy = np.clip(image + np.random.RandomState(1).normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    refiner = ColourRefiner()
+    refiner.set_image(noisy)
+    mask, _ = refiner.refine(coarse_heatmap(obj, image.shape[0]), obj.centre)
+    assert iou(mask, obj.mask) >= 0.85
+
+
+def test_colour_refiner_falls_back_to_the_map_without_a_colour_edge():
+    flat = np.full((H, W, 3), 120, np.uint8)           # nothing to follow: the fill takes the whole region
+    refiner, fallback = ColourRefiner(), ThresholdRefiner()
+    refiner.set_image(flat)
+    mask, score = refiner.refine(blobs(), (15, 10))
+    np.testing.assert_array_equal(mask, fallback.refine(blobs(), (15, 10))[0])
+    assert score == 1.0 and not mask[30, 55]
+    speck = flat.copy()
+    speck[10, 15] = (250, 0, 0)                        # the point on a one-pixel speck: too small a fill
+    refiner.set_image(speck)
+    np.testing.assert_array_equal(refiner.refine(blobs(), (15, 10))[0], mask)
+
+
+def test_colour_refiner_stays_inside_the_region_of_the_map():
+    image = np.full((H, W, 3), 120, np.uint8)
+    image[:, :35] = (200, 30, 30)                      # one red half, wider than the left blob's region
+    refiner = ColourRefiner(margin=0.0, max_fill=1.0)
+    refiner.set_image(image)
+    mask, _ = refiner.refine(blobs(), (15, 10))
+    region = heat_region(blobs(), (15, 10), refiner.fraction)
+    assert mask.any() and not (mask & ~region).any() and not mask[:, 35:].any()
+
+
+def test_colour_refiner_rejects_bad_use():
+    with pytest.raises(ValueError, match="set_image"):
+        ColourRefiner().refine(blobs(), (15, 10))
+    refiner = ColourRefiner()
+    refiner.set_image(np.zeros((H + 1, W, 3), np.uint8))
+    with pytest.raises(ValueError, match="size"):
+        refiner.refine(blobs(), (15, 10))
+    for bad in ({"tolerance": 0}, {"fraction": 1.0}, {"min_fill": 0.5, "max_fill": 0.4}):
+        with pytest.raises(ValueError):
+            ColourRefiner(**bad)
 
 
 def test_nms_keeps_the_best_of_overlapping_masks():

@@ -95,11 +95,67 @@ class ThresholdRefiner:
         pass  # the heat map alone decides
 
     def refine(self, heatmap, point):
-        low, high = float(heatmap.min()), float(heatmap.max())
-        above = (heatmap >= low + self.fraction * (high - low)).astype(np.uint8)
-        _, labels = cv2.connectedComponents(above, connectivity=8)
-        x, y = point
-        return labels == labels[y, x], 1.0
+        return heat_region(heatmap, point, self.fraction), 1.0
+
+
+class ColourRefiner:
+    """Weight-free fallback that follows the image: the pixels reachable from the point
+    through colours within `tolerance` of the point's own (OpenCV's fixed-range flood
+    fill), kept inside the heat map's region around the point (above `fraction` of its
+    range, widened by `margin` of the image side, since the map is coarser than the
+    object's edges). When the fill is degenerate (under `min_fill` of that region: the
+    point fell on a speck; or over `max_fill`: no colour edge inside, e.g. the point is
+    on the background), the region of the map itself (ThresholdRefiner) is returned.
+
+    It is what SAM does from a point prompt, for objects of one colour; textured objects
+    fall back to the map. ~1 ms per phrase. score: 1.0 (no quality estimate).
+    """
+
+    def __init__(self, tolerance: int = 32, fraction: float = 0.3, margin: float = 0.06,
+                 min_fill: float = 0.02, max_fill: float = 0.9, fallback: ThresholdRefiner = ThresholdRefiner()):
+        if not 0 < tolerance < 256:
+            raise ValueError(f"colour tolerance must be in 1..255, got {tolerance}")
+        if not 0.0 < fraction < 1.0 or not 0.0 <= margin < 1.0 or not 0.0 <= min_fill < max_fill <= 1.0:
+            raise ValueError(f"need 0 < fraction < 1, 0 <= margin < 1, 0 <= min_fill < max_fill <= 1; got "
+                             f"{fraction}, {margin}, {min_fill}, {max_fill}")
+        self.tolerance, self.fraction, self.margin = tolerance, fraction, margin
+        self.min_fill, self.max_fill = min_fill, max_fill
+        self.fallback = fallback
+        self.image = None
+
+    def set_image(self, image: np.ndarray) -> None:
+        # A 3x3 median removes sensor noise and JPEG speckle that would stop the fill
+        # inside a uniform surface, while keeping edges sharp.
+        self.image = cv2.medianBlur(np.ascontiguousarray(image), 3)
+
+    def refine(self, heatmap, point):
+        if self.image is None or self.image.shape[:2] != heatmap.shape:
+            raise ValueError("ColourRefiner.refine needs set_image with an image of the heat map's size first")
+        height, width = heatmap.shape
+        radius = round(self.margin * max(height, width))
+        region = cv2.dilate(heat_region(heatmap, point, self.fraction).astype(np.uint8),
+                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+        # floodFill's mask is 2 px larger than the image; non-zero pixels stop the fill,
+        # and filled pixels are marked 2 (flags bits 8-15), so the region outside stays 1.
+        blocked = np.ones((height + 2, width + 2), np.uint8)
+        blocked[1:-1, 1:-1] -= region
+        tolerance = (self.tolerance,) * 3
+        cv2.floodFill(self.image, blocked, point, 0, tolerance, tolerance,
+                      4 | cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (2 << 8))
+        filled = blocked[1:-1, 1:-1] == 2
+        if not self.min_fill <= filled.sum() / region.sum() <= self.max_fill:
+            return self.fallback.refine(heatmap, point)
+        return filled, 1.0
+
+
+def heat_region(heatmap: np.ndarray, point: tuple[int, int], fraction: float) -> np.ndarray:
+    """(H, W) bool: the 8-connected region of the heat map above `fraction` of its range
+    that contains the point (x, y)."""
+    low, high = float(heatmap.min()), float(heatmap.max())
+    above = (heatmap >= low + fraction * (high - low)).astype(np.uint8)
+    _, labels = cv2.connectedComponents(above, connectivity=8)
+    x, y = point
+    return labels == labels[y, x]
 
 
 def load_sam(checkpoint: str, device: str = "cpu"):

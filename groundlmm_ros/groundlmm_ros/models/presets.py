@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from groundlmm_ros.engine.engine import Engine
-from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner, load_sam
+from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.difflmm import tiny_difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.llava import LlavaBackend, load_llava
 
-REFINERS = ("auto", "sam", "threshold")
+REFINERS = ("auto", "sam", "colour", "threshold")
 
 
 @dataclass
@@ -80,7 +80,8 @@ def _backend_from_path(path: str, device: str, dtype: str):
 def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", refiner: str = "auto",
                  sam_checkpoint: str = "", sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
     """model: a PRESETS name or a model directory. refiner: "auto" (SAM when a checkpoint is
-    given or the preset ships one, else the threshold fallback), "sam" or "threshold"."""
+    given or the preset ships one, else the colour fallback), "sam", or a weight-free fallback: "colour"
+    (ColourRefiner) or "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -91,12 +92,15 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
     backend = preset.backend(device, dtype, seed) if preset else _backend_from_path(model, device, dtype)
 
     sam = None
-    if refiner != "threshold":
+    if refiner in ("auto", "sam"):
         if sam_checkpoint:
             sam = load_sam(sam_checkpoint, device)
         elif preset and preset.sam:
             sam = preset.sam(seed).to(device)
-    chosen = SamRefiner(sam, sam_prompt) if sam is not None else ThresholdRefiner()
+    if sam is not None:
+        chosen = SamRefiner(sam, sam_prompt)
+    else:
+        chosen = ThresholdRefiner() if refiner == "threshold" else ColourRefiner()
 
     options = {**(preset.engine_options if preset else {}), **engine_options}
     return Engine(backend, chosen, seed=seed, **options)

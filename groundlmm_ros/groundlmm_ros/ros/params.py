@@ -22,7 +22,7 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "model": ("demo", "model preset name or model directory"),
     "device": ("cpu", "torch device: cpu, cuda, cuda:1, ..."),
     "dtype": ("float32", "float32, float16 or bfloat16"),
-    "refiner": ("auto", "point-to-mask refiner: auto, sam or none (weight-free fallback)"),
+    "refiner": ("auto", "point-to-mask refiner: auto, sam, colour or threshold (the weight-free fallbacks)"),
     "sam_checkpoint": ("", "SAM checkpoint path (refiner sam/auto)"),
     "seed": (0, "random seed of the model build and sampling"),
     "engine_options": ("{}", "JSON object of extra keyword arguments for build_engine"),
