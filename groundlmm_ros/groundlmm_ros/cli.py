@@ -16,22 +16,25 @@ from pathlib import Path
 
 
 def add_train(sub) -> None:
-    from .training.recipe import demo_model_dir
+    from .training.recipe import Recipe, demo_model_dir
     from .training.train import Budget
 
     p = sub.add_parser("train", help="train the demo model from synthetic scenes and captions only")
     p.add_argument("--output", default=str(demo_model_dir()), help="model directory to write (default: the shipped one)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    for f in fields(Budget):
-        p.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default, help=f"(default {f.default})")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device (the shipped model was trained on the CPU)")
+    for f in fields(Budget) + fields(Recipe):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"(default {f.default})")
 
 
 def run_train(args) -> None:
+    from .training.recipe import Recipe
     from .training.train import Budget, train
 
-    budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
-    summary = train(args.output, budget, seed=args.seed, threads=args.threads)
+    budget, recipe = (kind(**{f.name: getattr(args, f.name) for f in fields(kind)}) for kind in (Budget, Recipe))
+    summary = train(args.output, budget, recipe, seed=args.seed, threads=args.threads, device=args.device)
     print(json.dumps(summary))
 
 
@@ -39,7 +42,8 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="pointing accuracy, mask recall and mIoU on held-out scenes")
     p.add_argument("--scenes", type=int, default=500, help="held-out scenes (default 500)")
     p.add_argument("--model", default="demo", help="preset name or model directory (default: demo)")
-    p.add_argument("--refiner", default="threshold", help="auto | sam | threshold (default: the weight-free fallback)")
+    p.add_argument("--refiner", default="colour",
+                   help="auto | sam | colour | threshold (default: colour, the weight-free fallback)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--normalise", choices=("on", "off"), help="override the model's mean-map subtraction")

@@ -7,10 +7,20 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from diffusers import DDIMScheduler
 
+from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm
 from groundlmm_ros.models.presets import build_engine
-from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, demo_tokenizer
+from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, Recipe, demo_config, demo_tokenizer
+from groundlmm_ros.training.train import caption_batch, denoiser_target
 from groundlmm_ros.world import make_scenes
+
+
+def tiny_demo_backend():
+    tokenizer = demo_tokenizer()
+    config = demo_config(len(tokenizer), recipe=Recipe(llama_layers=1, llama_width=32))
+    return DiffLMMBackend(build_difflmm(config), tokenizer)
 
 
 @pytest.mark.timeout(240)
@@ -54,3 +64,39 @@ def test_tokenizer_is_spacing_independent_and_round_trips():
         tokenizer("the red circle", add_special_tokens=False).input_ids
     assert tokenizer("a red circle").input_ids[0] == tokenizer.bos_token_id
     assert np.unique(ids).size == len(set(caption.replace(",", " ,").replace(".", " .").split()))
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_recipe_sizes_keep_an_eight_by_eight_token_grid(size):
+    config = demo_config(len(demo_tokenizer()), recipe=Recipe(image_size=size, llama_layers=2, llama_width=64))
+    assert (config.image_size, config.latent_size, config.grid) == (size, 8, 8)
+    assert config.clip["patch_size"] == size // 8
+    assert (config.llama["num_hidden_layers"], config.llama["hidden_size"]) == (2, 64)
+    with pytest.raises(ValueError, match="image_size"):
+        Recipe(image_size=96)
+    with pytest.raises(ValueError, match="caption_order"):
+        Recipe(caption_order="by size")
+
+
+def test_left_to_right_captions_name_objects_by_their_x():
+    backend = tiny_demo_backend()
+    scenes = [s for s in make_scenes(30, seed=3) if len(s.objects) >= 3]
+    rng = np.random.default_rng(0)
+    _, rest, labels, _ = caption_batch(backend, scenes, np.arange(len(scenes)), rng, "left-to-right")
+    for scene, row in zip(scenes, labels):
+        text = backend.tokenizer.decode([i for i in row.tolist() if i >= 0], skip_special_tokens=True)
+        by_x = sorted(scene.objects, key=lambda o: o.centre[0])
+        positions = [text.index(o.name) for o in by_x]
+        assert positions == sorted(positions), (text, [o.name for o in by_x])
+
+
+def test_denoiser_target_follows_the_prediction_type():
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    assert denoiser_target(scheduler, latents, noise, t) is noise
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    assert denoiser_target(scheduler, latents, noise, t) is latents
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    torch.testing.assert_close(denoiser_target(scheduler, latents, noise, t), alpha * noise - sigma * latents)

@@ -1,16 +1,18 @@
 """The demo model's recipe: its miniature DiffLMM config, its word-level tokenizer and
 the questions it is trained to answer.
 
-Sizes (64 px model input, 8x8 = 64 visual tokens):
-  VAE 64 px -> 4 x 8 x 8 latent (4 blocks, downsampling 8, as in SD)
+Sizes (Recipe's defaults: 64 px model input, 8x8 = 64 visual tokens):
+  VAE 64 px -> 4 x 8 x 8 latent (4 blocks, downsampling 8, as in SD; one block more per
+    doubling of the input, so the latent stays 8 x 8)
   UNet 3 blocks (32, 64, 64) on the 8x8 latent; up_blocks[1] gives 64 x 8 x 8 features
-  CLIP ViT with ONE layer, 8 px patches: its penultimate hidden state is the patch
-    embedding itself, so each visual token keeps its own patch (a prototype found that
-    patch-separating features ground far better than whole-object receptive fields)
+  CLIP ViT with ONE layer, image_size/8 px patches: its penultimate hidden state is the
+    patch embedding itself, so each visual token keeps its own patch (a prototype found
+    that patch-separating features ground far better than whole-object receptive fields)
   Llama: 4 layers, 128 wide, 4 heads (~0.9M parameters)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -21,8 +23,8 @@ from ..models.backend import IMAGE_PLACEHOLDER, VICUNA_SYSTEM, llava_v1_prompt
 from ..models.difflmm import DiffLMMConfig
 from ..world import COLOURS, SHAPES
 
-IMAGE_SIZE = 64          # model input side; scenes are 128 px and get resized by the backend
-SCENE_SIZE = 128
+SCENE_SIZE = 128         # scenes are drawn at this side; the backend resizes them to image_size
+GRID = 8                 # visual tokens per side, whatever the input size
 DESCRIBE_QUESTION = "Describe the image in detail."   # the paper's GCG prompt
 QUESTIONS = (DESCRIBE_QUESTION, "Describe the image.", "What is in the image?")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")    # ids 0..3, as Llama orders them
@@ -50,28 +52,50 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", pad_token="<pad>")
 
 
-def demo_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
+CAPTION_ORDERS = ("random", "left-to-right")
+
+
+@dataclass
+class Recipe:
+    """What is trained: the model's sizes and the order captions name objects in."""
+    image_size: int = 64            # model input side (64 or 128 px; 8 x 8 visual tokens either way)
+    llama_layers: int = 4
+    llama_width: int = 128
+    caption_order: str = "random"   # "random": reshuffled every time; "left-to-right": by object centre x
+
+    def __post_init__(self):
+        if self.image_size not in (64, 128):
+            raise ValueError(f"image_size must be 64 or 128, got {self.image_size}")
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}")
+
+
+def demo_config(vocab_size: int, seed: int = 0, recipe: Recipe = Recipe()) -> DiffLMMConfig:
     """The miniature DiffLMM (sizes in the module docstring); the diffusers configs are
     filled in by the classes themselves so every default is written down."""
+    size = recipe.image_size
+    vae_blocks = [16, 16, 32, 32] + [32] * (size // 64 - 1)          # downsampling size / 8: an 8 x 8 latent
     vae_config = dict(AutoencoderKL.from_config(dict(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[16, 16, 32, 32], layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE)).config)
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(vae_blocks),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_blocks), block_out_channels=vae_blocks, layers_per_block=1,
+        latent_channels=4, norm_num_groups=8, sample_size=size)).config)
     unet_config = dict(UNet2DConditionModel.from_config(dict(
-        sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
+        sample_size=GRID, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
         layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=8)).config)
     scheduler_config = dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                           num_train_timesteps=1000, clip_sample=False,
                                           set_alpha_to_one=False).config)
-    clip = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                            image_size=IMAGE_SIZE, patch_size=8).to_dict()
-    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    clip_width = 64 * size // 64                 # a patch of 3 x (size / 8)^2 values -> clip_width
+    clip = CLIPVisionConfig(hidden_size=clip_width, intermediate_size=2 * clip_width, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=size, patch_size=size // GRID).to_dict()
+    llama = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.llama_width, intermediate_size=3 * recipe.llama_width,
+                        num_hidden_layers=recipe.llama_layers,
                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                         bos_token_id=1, eos_token_id=2, pad_token_id=3).to_dict()
     return DiffLMMConfig(unet=unet_config, vae=vae_config, scheduler=scheduler_config, clip=clip, llama=llama,
-                         image_size=IMAGE_SIZE, timestep=100, feature_block=1, seed=seed)
+                         image_size=size, timestep=100, feature_block=1, seed=seed)
 
 
 def demo_model_dir() -> Path:

@@ -32,14 +32,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from ..engine.engine import Engine
-from ..engine.refiners import ThresholdRefiner
+from ..engine.refiners import ColourRefiner
 from ..evaluation import evaluate
 from ..models.backend import pad_to_square, to_pixel_values
 from ..models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend
 from ..models.difflmm_checkpoint import save_difflmm
 from ..world import make_scenes
 from ..world.scenes import caption_for
-from .recipe import DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, demo_config, demo_tokenizer
+from .recipe import DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, Recipe, demo_config, demo_tokenizer
 
 TRAIN_SEED = 1          # scene stream of training (evaluation.EVAL_SEED is the held-out one)
 VALIDATION_SEED = 2     # scenes that choose the checkpoint; never the held-out evaluation scenes
@@ -101,7 +101,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, budget: Budget, log: Pro
 
 
 def train_denoiser(model: DiffLMM, pixels: torch.Tensor, budget: Budget, log: Progress) -> None:
-    """UNet + implicit captioner as an epsilon-prediction denoiser over all timesteps."""
+    """UNet + implicit captioner as a denoiser over all timesteps (target: the scheduler's prediction_type)."""
     tower, captioner = model.vision_tower, model.mm_projector
     with torch.no_grad():
         clip_tokens = torch.cat([tower.clip_patch_tokens(pixels[s]) for s in batches(len(pixels), 256)])
@@ -116,18 +116,30 @@ def train_denoiser(model: DiffLMM, pixels: torch.Tensor, budget: Budget, log: Pr
     for step in range(budget.denoiser_steps):
         index = torch.randint(len(pixels), (budget.batch_size,))
         noise = torch.randn_like(latents[index])
-        t = torch.randint(n_timesteps, (len(index),))
+        t = torch.randint(n_timesteps, (len(index),), device=latents.device)
         noisy = tower.scheduler.add_noise(latents[index], noise, t)
         prediction = tower.unet(noisy, t, encoder_hidden_states=captioner.caption(clip_tokens[index])).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, denoiser_target(tower.scheduler, latents[index], noise, t))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if step % 50 == 0 or step == budget.denoiser_steps - 1:
-            log(f"denoiser {step + 1}/{budget.denoiser_steps} epsilon loss {loss.item():.4f}")
+            log(f"denoiser {step + 1}/{budget.denoiser_steps} loss {loss.item():.4f}")
     tower.unet.eval()
     for p in trained:
         p.requires_grad_(False)
+
+
+def denoiser_target(scheduler, latents, noise, t):
+    """What the UNet predicts, by the scheduler's prediction_type (as diffusers' training scripts)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return latents
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    raise ValueError(f"unknown prediction_type {kind!r}")
 
 
 @torch.no_grad()
@@ -144,14 +156,18 @@ def tower_features(model: DiffLMM, pixels: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.cat(features), torch.cat(clips)
 
 
-def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.random.Generator):
+def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.random.Generator, order: str):
     """Token tensors of one batch: (B, a) prompt ids before the image, and (B, r) ids after it
     (rest of the prompt + caption + </s>, right-padded) with their (B, r) labels (-100 where
-    no loss) and (B, r) attention mask."""
+    no loss) and (B, r) attention mask. order: Recipe.caption_order."""
     tokenizer = backend.tokenizer
     rests, labels = [], []
     for i in index:
-        objects = [scenes[i].objects[k] for k in rng.permutation(len(scenes[i].objects))]
+        objects = scenes[i].objects
+        if order == "random":
+            objects = [objects[k] for k in rng.permutation(len(objects))]
+        else:
+            objects = sorted(objects, key=lambda o: o.centre[0])
         # ids_before (the system line and "USER:") is the same for every question.
         ids_before, ids_after = backend.prompt_ids(QUESTIONS[rng.integers(len(QUESTIONS))])
         answer = tokenizer(caption_for(objects, rng), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -166,12 +182,12 @@ def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.ra
 
 
 def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
-    engine = Engine(backend, ThresholdRefiner(), normalise=normalise, max_new_tokens=40)
+    engine = Engine(backend, ColourRefiner(), normalise=normalise, max_new_tokens=40)
     return evaluate(engine, validation, DESCRIBE_QUESTION)
 
 
 def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, clips, budget: Budget,
-                    output: Path, log: Progress, seed: int) -> dict:
+                    recipe: Recipe, output: Path, log: Progress, seed: int) -> dict:
     """Projector + Llama on captions; returns the validation metrics of the saved checkpoint."""
     projector, lm = model.mm_projector, model.language_model
     trained = ([p for name, p in projector.named_parameters() if not name.startswith(("clip_projector", "clip_pe"))]
@@ -188,12 +204,13 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
         for group in optimiser.param_groups:
             group["lr"] = cosine_lr(step, budget.caption_steps, 1e-3, warmup=100)
         index = rng.integers(len(scenes), size=budget.batch_size)
-        before, rest, labels, mask = caption_batch(backend, scenes, index, rng)
+        before, rest, labels, mask = (t.to(features.device) for t in
+                                      caption_batch(backend, scenes, index, rng, recipe.caption_order))
         visual = projector(features[index], clips[index])                               # (B, N, hidden)
         embeds = torch.cat([embed(before), visual, embed(rest)], dim=1)                 # (B, a + N + r, hidden)
         n_prefix = before.shape[1] + visual.shape[1]
-        attention = torch.cat([torch.ones(len(index), n_prefix, dtype=mask.dtype), mask], dim=1)
-        targets = torch.cat([torch.full((len(index), n_prefix), -100), labels], dim=1)
+        attention = torch.cat([mask.new_ones(len(index), n_prefix), mask], dim=1)
+        targets = torch.cat([labels.new_full((len(index), n_prefix), -100), labels], dim=1)
         loss = lm(inputs_embeds=embeds, attention_mask=attention, labels=targets).loss
         optimiser.zero_grad()
         loss.backward()
@@ -218,29 +235,33 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
     return best
 
 
-def train(output: str | Path, budget: Budget = Budget(), seed: int = 0, threads: int = 1) -> dict:
+def train(output: str | Path, budget: Budget = Budget(), recipe: Recipe = Recipe(), seed: int = 0,
+          threads: int = 1, device: str = "cpu") -> dict:
     """Run every stage; the best checkpoint lands in `output` (config.json, model.safetensors,
-    tokenizer). Returns a summary (also written into config.json's extra.training)."""
+    tokenizer). Returns a summary (also written into config.json's extra.training).
+    The shipped model is trained on the CPU; device="cuda" runs the same recipe on a GPU
+    (results then differ in the last bits, so checkpoints differ too)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     log = Progress()
     output = Path(output)
     tokenizer = demo_tokenizer()
-    config = demo_config(len(tokenizer), seed)
-    log(f"{budget.scenes} training scenes (seed {TRAIN_SEED}), budget {asdict(budget)}")
+    config = demo_config(len(tokenizer), seed, recipe)
+    log(f"{budget.scenes} training scenes (seed {TRAIN_SEED}), budget {asdict(budget)}, recipe {asdict(recipe)}")
     scenes = make_scenes(budget.scenes, seed=TRAIN_SEED, size=SCENE_SIZE)
     pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (config.pad_value,) * 3), config.image_size,
-                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])   # (n, 3, R, R) in [-1, 1]
-    vae = AutoencoderKL.from_config(config.vae)
+                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes]).to(device)  # (n, 3, R, R)
+    vae = AutoencoderKL.from_config(config.vae).to(device)
     train_vae(vae, pixels, budget, log)
     config.vae = dict(vae.config)
-    model = DiffLMM(config, vae=vae)          # drops the decoder; tower frozen, eval mode
+    model = DiffLMM(config, vae=vae).to(device)   # drops the decoder; tower frozen, eval mode
     backend = DiffLMMBackend(model, tokenizer)
     train_denoiser(model, pixels, budget, log)
     log("computing the frozen tower's features of every training scene")
     features, clips = tower_features(model, pixels)
-    best = train_captioner(model, backend, scenes, features, clips, budget, output, log, seed)
-    summary = {"seconds": round(log.elapsed), "budget": asdict(budget), "seed": seed, "threads": threads,
+    best = train_captioner(model, backend, scenes, features, clips, budget, recipe, output, log, seed)
+    summary = {"seconds": round(log.elapsed), "budget": asdict(budget), "recipe": asdict(recipe), "seed": seed,
+               "threads": threads, "device": device,
                **{k: v for k, v in best.items() if k != "score"}}
     (output / "training.json").write_text(json.dumps(summary, indent=1))
     log(f"done in {log.elapsed:.0f} s; best validation {json.dumps(best)}")
