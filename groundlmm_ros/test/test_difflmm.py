@@ -9,7 +9,7 @@ import torch
 from groundlmm_ros.engine.types import Grounding
 from groundlmm_ros.models.difflmm import (DiffLMMBackend, DiffLMMConfig, build_difflmm, difflmm_7b_config,
                                           tiny_difflmm_backend, tiny_difflmm_config)
-from groundlmm_ros.models.difflmm_checkpoint import save_difflmm
+from groundlmm_ros.models.difflmm_checkpoint import load_difflmm, save_difflmm
 from groundlmm_ros.models.presets import build_engine
 
 torch.set_num_threads(1)
@@ -174,3 +174,19 @@ def test_engine_loads_a_local_difflmm_directory(tmp_path):
     got = engine.ground(image, "the cup", "refer")
     assert got.phrases[0].point == expected.phrases[0].point
     np.testing.assert_array_equal(got.phrases[0].heatmap, expected.phrases[0].heatmap)
+
+
+def test_a_trained_scaling_factor_and_scheduler_setting_survive_save_and_load(tmp_path):
+    # diffusers' from_config ignores stored values of keys that were defaults at creation
+    # ("_use_default_values"); the demo model's VAE sets scaling_factor after training.
+    backend = tiny_difflmm_backend(seed=3)
+    tower = backend.model.vision_tower
+    tower.vae.register_to_config(scaling_factor=0.54)
+    backend.model.config.vae = dict(tower.vae.config)
+    backend.model.config.scheduler = {**backend.model.config.scheduler, "prediction_type": "v_prediction"}
+    save_difflmm(backend.model, backend.tokenizer, tmp_path / "m")
+    model, _ = load_difflmm(tmp_path / "m")
+    assert model.vision_tower.vae.config.scaling_factor == 0.54
+    assert model.vision_tower.scheduler.config.prediction_type == "v_prediction"
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(model.encode_image(pixels), backend.model.encode_image(pixels))

@@ -192,6 +192,14 @@ class _FeaturesReady(Exception):
     third of the UNet's time (the reference stops there too)."""
 
 
+def explicit(diffusers_config: dict) -> dict:
+    """A stored diffusers config with every value taken as written. diffusers lists the
+    keys that were defaults at creation in "_use_default_values" and from_config then
+    IGNORES their stored values: a scaling_factor set after training (register_to_config)
+    would silently load as SD's 0.18215."""
+    return {k: v for k, v in diffusers_config.items() if k != "_use_default_values"}
+
+
 class SDCLIPVisionTower(nn.Module):
     """The frozen encoders: VAE (encoder only), UNet, CLIP vision model, DDIM noise schedule."""
 
@@ -199,13 +207,13 @@ class SDCLIPVisionTower(nn.Module):
                  unet: UNet2DConditionModel | None = None, clip: CLIPVisionModel | None = None):
         super().__init__()
         self.config = config
-        self.vae = vae if vae is not None else AutoencoderKL.from_config(config.vae)
+        self.vae = vae if vae is not None else AutoencoderKL.from_config(explicit(config.vae))
         # Only the encoder is used; dropping the decoder saves ~50M parameters at SD scale.
         self.vae.decoder = None
         self.vae.post_quant_conv = None
-        self.unet = unet if unet is not None else UNet2DConditionModel.from_config(config.unet)
+        self.unet = unet if unet is not None else UNet2DConditionModel.from_config(explicit(config.unet))
         self.clip = clip if clip is not None else CLIPVisionModel(CLIPVisionConfig(**config.clip))
-        self.scheduler = DDIMScheduler.from_config(config.scheduler)
+        self.scheduler = DDIMScheduler.from_config(explicit(config.scheduler))
         self.requires_grad_(False)
         self.eval()
 

@@ -35,7 +35,7 @@ from ..engine.engine import Engine
 from ..engine.refiners import ColourRefiner
 from ..evaluation import evaluate
 from ..models.backend import pad_to_square, to_pixel_values
-from ..models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend
+from ..models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend, explicit
 from ..models.difflmm_checkpoint import save_difflmm
 from ..world import make_scenes
 from ..world.scenes import caption_for
@@ -251,7 +251,7 @@ def train(output: str | Path, budget: Budget = Budget(), recipe: Recipe = Recipe
     scenes = make_scenes(budget.scenes, seed=TRAIN_SEED, size=SCENE_SIZE)
     pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (config.pad_value,) * 3), config.image_size,
                                         DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes]).to(device)  # (n, 3, R, R)
-    vae = AutoencoderKL.from_config(config.vae).to(device)
+    vae = AutoencoderKL.from_config(explicit(config.vae)).to(device)
     train_vae(vae, pixels, budget, log)
     config.vae = dict(vae.config)
     model = DiffLMM(config, vae=vae).to(device)   # drops the decoder; tower frozen, eval mode
