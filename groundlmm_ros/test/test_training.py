@@ -66,16 +66,20 @@ def test_tokenizer_is_spacing_independent_and_round_trips():
     assert np.unique(ids).size == len(set(caption.replace(",", " ,").replace(".", " .").split()))
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_recipe_sizes_keep_an_eight_by_eight_token_grid(size):
-    config = demo_config(len(demo_tokenizer()), recipe=Recipe(image_size=size, llama_layers=2, llama_width=64))
-    assert (config.image_size, config.latent_size, config.grid) == (size, 8, 8)
+@pytest.mark.parametrize("size,latent", [(64, 8), (128, 8), (64, 16), (128, 16)])
+def test_recipe_sizes_keep_an_eight_by_eight_token_grid(size, latent):
+    recipe = Recipe(image_size=size, latent_side=latent, latent_channels=8, prediction_type="sample",
+                    llama_layers=2, llama_width=64)
+    config = demo_config(len(demo_tokenizer()), recipe=recipe)
+    assert (config.image_size, config.latent_size, config.grid) == (size, latent, 8)
     assert config.clip["patch_size"] == size // 8
+    assert config.vae["latent_channels"] == config.unet["in_channels"] == 8
+    assert config.scheduler["prediction_type"] == "sample"
     assert (config.llama["num_hidden_layers"], config.llama["hidden_size"]) == (2, 64)
-    with pytest.raises(ValueError, match="image_size"):
-        Recipe(image_size=96)
-    with pytest.raises(ValueError, match="caption_order"):
-        Recipe(caption_order="by size")
+    for bad in ({"image_size": 96}, {"latent_side": 4}, {"latent_channels": 3}, {"prediction_type": "x0"},
+                {"caption_order": "by size"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Recipe(**bad)
 
 
 def test_left_to_right_captions_name_objects_by_their_x():

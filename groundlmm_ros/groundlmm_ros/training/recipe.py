@@ -12,6 +12,7 @@ Sizes (Recipe's defaults: 64 px model input, 8x8 = 64 visual tokens):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,47 +56,57 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
 CAPTION_ORDERS = ("random", "left-to-right")
 
 
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
 @dataclass
 class Recipe:
-    """What is trained: the model's sizes and the order captions name objects in."""
+    """What is trained: the model's sizes, the denoiser's target and the caption order."""
     image_size: int = 64            # model input side (64 or 128 px; 8 x 8 visual tokens either way)
+    latent_side: int = 8            # VAE latent side (8, or 16 with the UNet read one block earlier)
+    latent_channels: int = 4        # SD v1.5 has 4
+    prediction_type: str = "epsilon"   # the denoiser's target, as SD v1.5 (diffusers' names)
     llama_layers: int = 4
     llama_width: int = 128
     caption_order: str = "random"   # "random": reshuffled every time; "left-to-right": by object centre x
 
     def __post_init__(self):
-        if self.image_size not in (64, 128):
-            raise ValueError(f"image_size must be 64 or 128, got {self.image_size}")
-        if self.caption_order not in CAPTION_ORDERS:
-            raise ValueError(f"caption_order must be one of {CAPTION_ORDERS}, got {self.caption_order!r}")
+        for name, allowed in (("image_size", (64, 128)), ("latent_side", (8, 16)), ("latent_channels", (4, 8, 16)),
+                              ("prediction_type", PREDICTION_TYPES), ("caption_order", CAPTION_ORDERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
 
 def demo_config(vocab_size: int, seed: int = 0, recipe: Recipe = Recipe()) -> DiffLMMConfig:
     """The miniature DiffLMM (sizes in the module docstring); the diffusers configs are
     filled in by the classes themselves so every default is written down."""
-    size = recipe.image_size
-    vae_blocks = [16, 16, 32, 32] + [32] * (size // 64 - 1)          # downsampling size / 8: an 8 x 8 latent
+    size, latent = recipe.image_size, recipe.latent_side
+    # VAE downsampling size / latent: 8 for 64 px -> 8 x 8 (4 blocks, as SD), one block more per halving.
+    vae_blocks = [16, 16, 32, 32, 32][:int(math.log2(size // latent)) + 1]
     vae_config = dict(AutoencoderKL.from_config(dict(
         in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(vae_blocks),
         up_block_types=["UpDecoderBlock2D"] * len(vae_blocks), block_out_channels=vae_blocks, layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=size)).config)
+        latent_channels=recipe.latent_channels, norm_num_groups=8, sample_size=size)).config)
     unet_config = dict(UNet2DConditionModel.from_config(dict(
-        sample_size=GRID, in_channels=4, out_channels=4, block_out_channels=[32, 64, 64],
-        layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        sample_size=latent, in_channels=recipe.latent_channels, out_channels=recipe.latent_channels,
+        block_out_channels=[32, 64, 64], layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=8)).config)
     scheduler_config = dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                          num_train_timesteps=1000, clip_sample=False,
-                                          set_alpha_to_one=False).config)
+                                          num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
+                                          prediction_type=recipe.prediction_type).config)
     clip_width = 64 * size // 64                 # a patch of 3 x (size / 8)^2 values -> clip_width
-    clip = CLIPVisionConfig(hidden_size=clip_width, intermediate_size=2 * clip_width, num_hidden_layers=1, num_attention_heads=2,
-                            image_size=size, patch_size=size // GRID).to_dict()
+    clip = CLIPVisionConfig(hidden_size=clip_width, intermediate_size=2 * clip_width, num_hidden_layers=1,
+                            num_attention_heads=2, image_size=size, patch_size=size // GRID).to_dict()
     llama = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.llama_width, intermediate_size=3 * recipe.llama_width,
                         num_hidden_layers=recipe.llama_layers,
                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                         bos_token_id=1, eos_token_id=2, pad_token_id=3).to_dict()
+    # The UNet's up_blocks[1] gives latent/2 * 2 = latent: an 8 x 8 grid from an 8 x 8 latent;
+    # from a 16 x 16 latent the 8 x 8 grid is up_blocks[0]'s output.
     return DiffLMMConfig(unet=unet_config, vae=vae_config, scheduler=scheduler_config, clip=clip, llama=llama,
-                         image_size=size, timestep=100, feature_block=1, seed=seed)
+                         image_size=size, timestep=100, feature_block=1 if latent == GRID else 0, seed=seed)
 
 
 def demo_model_dir() -> Path:
