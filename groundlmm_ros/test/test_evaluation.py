@@ -66,7 +66,7 @@ def test_held_out_scenes_are_fixed():
 
 @pytest.mark.timeout(180)
 def test_shipped_demo_model_grounds_on_held_out_scenes():
-    """`groundlmm eval` on 100 held-out scenes with the weight-free fallback refiner."""
+    """`groundlmm eval` on 100 held-out scenes with the weight-free colour fallback refiner."""
     assert (demo_model_dir() / "model.safetensors").is_file(), "the shipped demo model is missing"
     out = subprocess.run([sys.executable, "-m", "groundlmm_ros.cli", "eval", "--scenes", "100", "--threads", "1"],
                          capture_output=True, text=True, check=True, env=os.environ.copy())
@@ -75,8 +75,10 @@ def test_shipped_demo_model_grounds_on_held_out_scenes():
     assert metrics["scenes"] == 100
     assert metrics["refer_pointing_accuracy"] >= 0.5
     assert metrics["refer_pointing_accuracy"] >= 4 * metrics["random_pointing_accuracy"]
-    # The issue asked for 0.35; the shipped model reaches 0.16 on these 100 scenes (0.175 on 500,
-    # MODEL_CARD.md): its captions name too few objects right. This guards what it does reach.
-    assert metrics["describe_mask_recall"] >= 0.10
+    # The issue asked for 0.35; the shipped model reaches 0.21 on these 100 scenes with the colour
+    # fallback (0.217 on 500, MODEL_CARD.md): its captions name too few shapes right. This guards
+    # what it does reach, and that the colour refiner's masks stay well above the heat map's own.
+    assert metrics["describe_mask_recall"] >= 0.15
+    assert metrics["refer_miou"] >= 0.6
     # Its time (~20 s alone on this machine, the issue's budget 60 s) is reported by pytest's
     # --durations, not asserted: a timed unit test fails on a loaded machine, not on slow code.
