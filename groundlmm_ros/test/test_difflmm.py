@@ -104,6 +104,14 @@ def test_fixed_seed_repeats_and_seed_matters(tiny):
     assert not torch.allclose(reseeded.encode_image(pixels()), first)
 
 
+def test_an_image_gets_the_same_tokens_alone_or_anywhere_in_a_batch(tiny):
+    batch = torch.rand(3, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        together = tiny.encode_image(batch)
+        for i in range(3):
+            torch.testing.assert_close(tiny.encode_image(batch[i:i + 1]), together[i:i + 1], atol=1e-5, rtol=1e-5)
+
+
 def test_noise_level_is_the_configured_timestep(tiny):
     """add_noise at t: latents * sqrt(alpha_bar_t) + noise * sqrt(1 - alpha_bar_t)."""
     tower = tiny.vision_tower

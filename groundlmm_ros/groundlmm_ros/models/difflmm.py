@@ -231,9 +231,14 @@ class SDCLIPVisionTower(nn.Module):
         return hidden[-2][:, 1:]
 
     def noisy_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, 3, R, R) -> (B, 4, L, L): VAE sample x scaling factor, then DDIM add_noise at t."""
-        latents = self.vae.encode(pixels).latent_dist.sample(generator) * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        """(B, 3, R, R) -> (B, 4, L, L): VAE sample x scaling factor, then DDIM add_noise at t.
+        Both draws are (1, 4, L, L), shared by the batch, so an image gets the same tokens alone
+        or at any place in a batch (training computes features in batches, the node one by one)."""
+        posterior = self.vae.encode(pixels).latent_dist
+        shape, device, dtype = (1, *posterior.mean.shape[1:]), posterior.mean.device, posterior.mean.dtype
+        sample = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        latents = (posterior.mean + posterior.std * sample) * self.vae.config.scaling_factor
+        noise = torch.randn(shape, generator=generator, device=device, dtype=dtype).expand_as(latents)
         t = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=latents.device)
         return self.scheduler.add_noise(latents, noise, t)
 
