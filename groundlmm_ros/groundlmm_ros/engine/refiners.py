@@ -102,13 +102,13 @@ class ColourRefiner:
     """Weight-free fallback that follows the image: the pixels reachable from the point
     through colours within `tolerance` of the point's own (OpenCV's fixed-range flood
     fill), kept inside the heat map's region around the point (above `fraction` of its
-    range, widened by `margin` of the image side, since the map is coarser than the
+    range, widened by `margin` of the image side on every side, since the map is coarser than the
     object's edges). When the fill is degenerate (under `min_fill` of that region: the
     point fell on a speck; or over `max_fill`: no colour edge inside, e.g. the point is
     on the background), the region of the map itself (ThresholdRefiner) is returned.
 
     It is what SAM does from a point prompt, for objects of one colour; textured objects
-    fall back to the map. ~1 ms per phrase. score: 1.0 (no quality estimate).
+    fall back to the map. ~2-3 ms per phrase at 640 x 480. score: 1.0 (no quality estimate).
     """
 
     def __init__(self, tolerance: int = 32, fraction: float = 0.3, margin: float = 0.06,
@@ -132,9 +132,10 @@ class ColourRefiner:
         if self.image is None or self.image.shape[:2] != heatmap.shape:
             raise ValueError("ColourRefiner.refine needs set_image with an image of the heat map's size first")
         height, width = heatmap.shape
-        radius = round(self.margin * max(height, width))
-        region = cv2.dilate(heat_region(heatmap, point, self.fraction).astype(np.uint8),
-                            cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+        side = 2 * round(self.margin * max(height, width)) + 1
+        # A square margin: OpenCV dilates by a rectangle separably (~0.5 ms at 640 x 480;
+        # an ellipse of the same size takes ~20 ms).
+        region = cv2.dilate(heat_region(heatmap, point, self.fraction).astype(np.uint8), np.ones((side, side), np.uint8))
         # floodFill's mask is 2 px larger than the image; non-zero pixels stop the fill,
         # and filled pixels are marked 2 (flags bits 8-15), so the region outside stays 1.
         blocked = np.ones((height + 2, width + 2), np.uint8)
