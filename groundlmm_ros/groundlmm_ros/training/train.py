@@ -3,11 +3,13 @@
 Stages (all seeded; each prints its progress):
   1. VAE: a small AutoencoderKL learns to reconstruct the scenes (its encoder is
      DiffLMM's latent space; the decoder is dropped afterwards, as in DiffLMM).
-  2. Denoiser: the UNet learns epsilon-prediction on those latents, conditioned on the
+  2. Denoiser: the UNet learns to denoise those latents (epsilon prediction by default,
+     Recipe.prediction_type), conditioned on the
      implicit captioner (clip_projector + clip_pe over the frozen CLIP patch tokens),
      which trains with it. Both are then frozen.
   3. The frozen tower's features are computed once per training scene, exactly as
-     DiffLMM.encode_image computes them (seeded noise at t=100, up_blocks[1]).
+     DiffLMM.encode_image computes them (seeded noise at t=100, shared by the batch, so a
+     scene's features are the node's; the UNet block that gives the 8 x 8 grid).
   4. Captioning: projector (sd_norm_layer, sd_proj_layer, linear, vt_pe) and the Llama
      learn to answer "Describe the image in detail." with the scene's caption (object
      order reshuffled every time). Every `checkpoint_every` steps the model is scored on
