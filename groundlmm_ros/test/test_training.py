@@ -10,10 +10,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm
+from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
+from groundlmm_ros.models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMMBackend, build_difflmm
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, Recipe, demo_config, demo_tokenizer
-from groundlmm_ros.training.train import caption_batch, denoiser_target
+from groundlmm_ros.training.train import (Budget, Progress, caption_batch, denoiser_target, tower_features,
+                                          train_captioner)
 from groundlmm_ros.world import make_scenes
 
 
@@ -77,7 +79,7 @@ def test_recipe_sizes_keep_an_eight_by_eight_token_grid(size, latent):
     assert config.scheduler["prediction_type"] == "sample"
     assert (config.llama["num_hidden_layers"], config.llama["hidden_size"]) == (2, 64)
     for bad in ({"image_size": 96}, {"latent_side": 4}, {"latent_channels": 3}, {"prediction_type": "x0"},
-                {"caption_order": "by size"}):
+                {"caption_order": "by size"}, {"projector_lr_scale": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Recipe(**bad)
 
@@ -104,3 +106,19 @@ def test_denoiser_target_follows_the_prediction_type():
     alpha = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     sigma = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     torch.testing.assert_close(denoiser_target(scheduler, latents, noise, t), alpha * noise - sigma * latents)
+
+
+def test_projector_learning_rate_scale_zero_keeps_the_projector(tmp_path):
+    backend = tiny_demo_backend()
+    model = backend.model
+    scenes = make_scenes(8, seed=4)
+    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (model.config.pad_value,) * 3), model.config.image_size,
+                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])
+    features, clips = tower_features(model, pixels)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = Budget(caption_steps=2, batch_size=4, checkpoint_every=2, validation_scenes=1)
+    recipe = Recipe(llama_layers=1, llama_width=32, projector_lr_scale=0.0)
+    train_captioner(model, backend, scenes, features, clips, budget, recipe, tmp_path, Progress(), seed=0)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("mm_projector."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))

@@ -69,12 +69,15 @@ class Recipe:
     llama_layers: int = 4
     llama_width: int = 128
     caption_order: str = "random"   # "random": reshuffled every time; "left-to-right": by object centre x
+    projector_lr_scale: float = 1.0    # the projector's learning rate relative to the Llama's
 
     def __post_init__(self):
         for name, allowed in (("image_size", (64, 128)), ("latent_side", (8, 16)), ("latent_channels", (4, 8, 16)),
                               ("prediction_type", PREDICTION_TYPES), ("caption_order", CAPTION_ORDERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.projector_lr_scale <= 10.0:
+            raise ValueError(f"projector_lr_scale must be in [0, 10], got {self.projector_lr_scale}")
 
 
 def demo_config(vocab_size: int, seed: int = 0, recipe: Recipe = Recipe()) -> DiffLMMConfig:

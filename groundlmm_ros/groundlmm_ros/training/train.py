@@ -192,11 +192,12 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
                     recipe: Recipe, output: Path, log: Progress, seed: int) -> dict:
     """Projector + Llama on captions; returns the validation metrics of the saved checkpoint."""
     projector, lm = model.mm_projector, model.language_model
-    trained = ([p for name, p in projector.named_parameters() if not name.startswith(("clip_projector", "clip_pe"))]
-               + list(lm.parameters()))
+    projected = [p for name, p in projector.named_parameters() if not name.startswith(("clip_projector", "clip_pe"))]
+    trained = projected + list(lm.parameters())
     for p in trained:
         p.requires_grad_(True)
-    optimiser = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
+    optimiser = torch.optim.AdamW([{"params": projected, "scale": recipe.projector_lr_scale},
+                                   {"params": list(lm.parameters()), "scale": 1.0}], lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     validation = make_scenes(budget.validation_scenes, seed=VALIDATION_SEED, size=SCENE_SIZE)
     embed = lm.get_input_embeddings()
@@ -204,7 +205,7 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
     for step in range(budget.caption_steps):
         lm.train()
         for group in optimiser.param_groups:
-            group["lr"] = cosine_lr(step, budget.caption_steps, 1e-3, warmup=100)
+            group["lr"] = group["scale"] * cosine_lr(step, budget.caption_steps, 1e-3, warmup=100)
         index = rng.integers(len(scenes), size=budget.batch_size)
         before, rest, labels, mask = (t.to(features.device) for t in
                                       caption_batch(backend, scenes, index, rng, recipe.caption_order))
