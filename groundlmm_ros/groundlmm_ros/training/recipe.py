@@ -3,7 +3,7 @@ the questions it is trained to answer.
 
 Sizes (Recipe's defaults: 64 px model input, 8x8 = 64 visual tokens):
   VAE 64 px -> 4 x 8 x 8 latent (4 blocks, downsampling 8, as in SD; one block more per
-    doubling of the input, so the latent stays 8 x 8)
+    doubling of image_size / latent_side)
   UNet 3 blocks (32, 64, 64) on the 8x8 latent; up_blocks[1] gives 64 x 8 x 8 features
   CLIP ViT with ONE layer, image_size/8 px patches: its penultimate hidden state is the
     patch embedding itself, so each visual token keeps its own patch (a prototype found
@@ -54,8 +54,6 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
 
 
 CAPTION_ORDERS = ("random", "left-to-right")
-
-
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
@@ -99,7 +97,7 @@ def demo_config(vocab_size: int, seed: int = 0, recipe: Recipe = Recipe()) -> Di
     scheduler_config = dict(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                           num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
                                           prediction_type=recipe.prediction_type).config)
-    clip_width = 64 * size // 64                 # a patch of 3 x (size / 8)^2 values -> clip_width
+    clip_width = size                   # a patch of 3 x (size / 8)^2 values -> size (64 px: 192 -> 64)
     clip = CLIPVisionConfig(hidden_size=clip_width, intermediate_size=2 * clip_width, num_hidden_layers=1,
                             num_attention_heads=2, image_size=size, patch_size=size // GRID).to_dict()
     llama = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.llama_width, intermediate_size=3 * recipe.llama_width,

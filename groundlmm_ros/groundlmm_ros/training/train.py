@@ -193,11 +193,12 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
     """Projector + Llama on captions; returns the validation metrics of the saved checkpoint."""
     projector, lm = model.mm_projector, model.language_model
     projected = [p for name, p in projector.named_parameters() if not name.startswith(("clip_projector", "clip_pe"))]
-    trained = projected + list(lm.parameters())
+    language = list(lm.parameters())
+    trained = projected + language
     for p in trained:
         p.requires_grad_(True)
     optimiser = torch.optim.AdamW([{"params": projected, "scale": recipe.projector_lr_scale},
-                                   {"params": list(lm.parameters()), "scale": 1.0}], lr=1e-3, weight_decay=0.0)
+                                   {"params": language, "scale": 1.0}], lr=1e-3, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     validation = make_scenes(budget.validation_scenes, seed=VALIDATION_SEED, size=SCENE_SIZE)
     embed = lm.get_input_embeddings()
