@@ -14,8 +14,8 @@ from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
 from groundlmm_ros.models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMMBackend, build_difflmm
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, Recipe, demo_config, demo_tokenizer
-from groundlmm_ros.training.train import (Budget, Progress, caption_batch, denoiser_target, tower_features,
-                                          train_captioner)
+from groundlmm_ros.training.train import (TAGS, Budget, Progress, caption_batch, caption_tags, denoiser_target,
+                                          tower_features, train_captioner, train_clip)
 from groundlmm_ros.world import make_scenes
 
 
@@ -27,7 +27,7 @@ def tiny_demo_backend():
 
 @pytest.mark.timeout(240)
 def test_train_command_on_a_tiny_budget(tmp_path):
-    budget = ["--scenes", "40", "--vae-steps", "2", "--denoiser-steps", "2", "--caption-steps", "3",
+    budget = ["--scenes", "40", "--clip-steps", "2", "--clip-batch-size", "4", "--vae-steps", "2", "--denoiser-steps", "2", "--caption-steps", "3",
               "--batch-size", "4", "--checkpoint-every", "3", "--validation-scenes", "2"]
 
     def train(out):
@@ -41,7 +41,7 @@ def test_train_command_on_a_tiny_budget(tmp_path):
     # Fixed seeds: a second run in a fresh process writes the same weights, bit for bit.
     train(tmp_path / "again")
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
-    for stage in ("vae 2/2", "denoiser 2/2", "captioning 1/3", "validation step 3", "saved step 3"):
+    for stage in ("clip 2/2", "vae 2/2", "denoiser 2/2", "captioning 1/3", "validation step 3", "saved step 3"):
         assert stage in run.stdout, f"no {stage!r} in the progress output"
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["step"] == 3 and summary["budget"]["caption_steps"] == 3
@@ -122,3 +122,34 @@ def test_projector_learning_rate_scale_zero_keeps_the_projector(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("mm_projector."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("language_model."))
+
+
+def test_caption_tags_are_the_phrases_the_caption_says():
+    tags = caption_tags("There is a red circle, the blue star and an orange heart.")
+    assert {TAGS[i] for i in tags.nonzero().flatten()} == {"red circle", "blue star", "orange heart"}
+    assert not caption_tags("a circle and the red.").any()
+
+
+def test_clip_pretraining_learns_tags_and_touches_only_clip():
+    """The tag loss must fall below what the tags' frequencies alone give (the image is
+    looked at); the UNet and projector are left as they were, CLIP ends frozen."""
+    torch.manual_seed(0)
+    backend = tiny_demo_backend()
+    model = backend.model
+    scenes = make_scenes(300, seed=4, max_objects=1)
+    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (model.config.pad_value,) * 3), model.config.image_size,
+                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])
+    captions = [s.caption for s in scenes]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = []
+    train_clip(model, pixels, captions, Budget(clip_steps=400, clip_batch_size=32),
+               lambda message: losses.append(float(message.split()[-1])))
+    tags = torch.stack([caption_tags(c) for c in captions])
+    rate = tags.mean(0).clamp(1e-6, 1 - 1e-6)
+    blind = float(-(tags * rate.log() + (1 - tags) * (1 - rate).log()).mean())
+    assert losses[-1] < 0.9 * blind, (losses, blind)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".clip." in k)
+    assert all(torch.equal(before[k], after[k]) for k in before if ".clip." not in k)
+    assert not model.vision_tower.clip.training
+    assert not any(p.requires_grad for p in model.vision_tower.clip.parameters())

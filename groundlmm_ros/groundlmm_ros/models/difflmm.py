@@ -219,6 +219,11 @@ class SDCLIPVisionTower(nn.Module):
 
     def clip_patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> (B, N, C_clip) penultimate-layer patch tokens (CLS dropped)."""
+        hidden = self.clip(pixel_values=self.clip_inputs(pixels), output_hidden_states=True).hidden_states
+        return hidden[-2][:, 1:]
+
+    def clip_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1] -> (B, 3, S, S): CLIP's own size and normalisation."""
         size = self.clip.config.image_size
         x = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
 
@@ -226,9 +231,7 @@ class SDCLIPVisionTower(nn.Module):
             return x.new_tensor(values).view(1, 3, 1, 1)
 
         # Undo DiffLMM's normalisation, apply CLIP's.
-        x = (x * per_channel(DIFFLMM_STD) + per_channel(DIFFLMM_MEAN) - per_channel(CLIP_MEAN)) / per_channel(CLIP_STD)
-        hidden = self.clip(pixel_values=x, output_hidden_states=True).hidden_states
-        return hidden[-2][:, 1:]
+        return (x * per_channel(DIFFLMM_STD) + per_channel(DIFFLMM_MEAN) - per_channel(CLIP_MEAN)) / per_channel(CLIP_STD)
 
     def noisy_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B, 3, R, R) -> (B, 4, L, L): VAE sample x scaling factor, then DDIM add_noise at t.

@@ -5,9 +5,10 @@ Sizes (Recipe's defaults: 64 px model input, 8x8 = 64 visual tokens):
   VAE 64 px -> 4 x 8 x 8 latent (4 blocks, downsampling 8, as in SD; one block more per
     doubling of image_size / latent_side)
   UNet 3 blocks (32, 64, 64) on the 8x8 latent; up_blocks[1] gives 64 x 8 x 8 features
-  CLIP ViT with ONE layer, image_size/8 px patches: its penultimate hidden state is the
-    patch embedding itself, so each visual token keeps its own patch (a prototype found
-    that patch-separating features ground far better than whole-object receptive fields)
+  CLIP ViT with 2 layers, image_size/8 px patches, pre-trained in stage 0 of train.py:
+    its penultimate hidden state is the patch embedding after ONE attention layer, so each
+    visual token is still mostly its own patch (a prototype found that patch-separating
+    features ground far better than whole-object receptive fields)
   Llama: 4 layers, 128 wide, 4 heads (~0.9M parameters)
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Recipe:
     latent_side: int = 8            # VAE latent side (8, or 16 with the UNet read one block earlier)
     latent_channels: int = 4        # SD v1.5 has 4
     prediction_type: str = "epsilon"   # the denoiser's target, as SD v1.5 (diffusers' names)
+    clip_layers: int = 2            # the penultimate is read: 1 gives the bare patch embedding
     llama_layers: int = 4
     llama_width: int = 128
     caption_order: str = "random"   # "random": reshuffled every time; "left-to-right": by object centre x
@@ -74,6 +76,8 @@ class Recipe:
                               ("prediction_type", PREDICTION_TYPES), ("caption_order", CAPTION_ORDERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 1 <= self.clip_layers <= 4:
+            raise ValueError(f"clip_layers must be in 1..4, got {self.clip_layers}")
         if not 0.0 <= self.projector_lr_scale <= 10.0:
             raise ValueError(f"projector_lr_scale must be in [0, 10], got {self.projector_lr_scale}")
 
@@ -98,7 +102,7 @@ def demo_config(vocab_size: int, seed: int = 0, recipe: Recipe = Recipe()) -> Di
                                           num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False,
                                           prediction_type=recipe.prediction_type).config)
     clip_width = size                   # a patch of 3 x (size / 8)^2 values -> size (64 px: 192 -> 64)
-    clip = CLIPVisionConfig(hidden_size=clip_width, intermediate_size=2 * clip_width, num_hidden_layers=1,
+    clip = CLIPVisionConfig(hidden_size=clip_width, intermediate_size=2 * clip_width, num_hidden_layers=recipe.clip_layers,
                             num_attention_heads=2, image_size=size, patch_size=size // GRID).to_dict()
     llama = LlamaConfig(vocab_size=vocab_size, hidden_size=recipe.llama_width, intermediate_size=3 * recipe.llama_width,
                         num_hidden_layers=recipe.llama_layers,

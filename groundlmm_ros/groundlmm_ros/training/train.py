@@ -1,6 +1,7 @@
 """The one training command of the demo model: captions only, no masks, boxes or points.
 
 Stages (all seeded; each prints its progress):
+  0. CLIP: the CLIP stand-in learns from the captions what its patches show (train_clip).
   1. VAE: a small AutoencoderKL learns to reconstruct the scenes (its encoder is
      DiffLMM's latent space; the decoder is dropped afterwards, as in DiffLMM).
   2. Denoiser: the UNet learns to denoise those latents (epsilon prediction by default,
@@ -16,7 +17,12 @@ Stages (all seeded; each prints its progress):
      validation scenes (refer pointing, through the real Engine) and the best so far is
      saved, so a partial run is usable and a late decline does not overwrite a good model.
 
-Deviation from DiffLMM's own recipe, for the CPU budget: the captioner is trained in
+Deviations from DiffLMM's own recipe. Its CLIP ViT-L comes pre-trained on 400M captioned
+images and its patch tokens know what lies in their patch; a random stand-in's do not (the
+probe in bench/shape_probe.py), and an LMM trained on them names shapes badly. So stage 0
+pre-trains the stand-in on the training captions, with image-level tags instead of CLIP's
+contrastive loss (which, at this scale, did not teach the tokens shape).
+For the CPU budget: the captioner is trained in
 stage 2 with the denoiser instead of in stage 4 with the projector, so stage 4 never
 backpropagates through the UNet and the tower runs once per scene instead of per step.
 """
@@ -39,7 +45,7 @@ from ..evaluation import evaluate
 from ..models.backend import pad_to_square, to_pixel_values
 from ..models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend, explicit
 from ..models.difflmm_checkpoint import save_difflmm
-from ..world import make_scenes
+from ..world import COLOURS, SHAPES, make_scenes
 from ..world.scenes import caption_for
 from .recipe import DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, Recipe, demo_config, demo_tokenizer
 
@@ -50,9 +56,11 @@ VALIDATION_SEED = 2     # scenes that choose the checkpoint; never the held-out 
 @dataclass
 class Budget:
     scenes: int = 8000
+    clip_steps: int = 4000
+    clip_batch_size: int = 128
     vae_steps: int = 200
     denoiser_steps: int = 400
-    caption_steps: int = 2500
+    caption_steps: int = 4000
     batch_size: int = 32
     checkpoint_every: int = 250
     validation_scenes: int = 40
@@ -79,6 +87,45 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1))))
+
+
+TAGS = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
+
+
+def caption_tags(caption: str) -> torch.Tensor:
+    """(len(TAGS),) 0/1: which "<colour> <shape>" phrases the caption says (a bigram match
+    over the world's words: these captions have no other structure to parse)."""
+    words = caption.lower().replace(",", " ").replace(".", " ").split()
+    said = {f"{a} {b}" for a, b in zip(words, words[1:])}
+    return torch.tensor([float(tag in said) for tag in TAGS])
+
+
+def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget: Budget, log: Progress) -> None:
+    """The CLIP stand-in learns which caption phrases (tags) its image has, each tag scored
+    by its best patch token of the last layer (multiple-instance learning): every token
+    learns what lies around it, and nothing says where. No mask, box or point; DiffLMM reads
+    the penultimate layer, one attention layer before the tags."""
+    clip = model.vision_tower.clip
+    with torch.no_grad():
+        clip_pixels = torch.cat([model.vision_tower.clip_inputs(pixels[s]) for s in batches(len(pixels), 512)])
+    tags = torch.stack([caption_tags(c) for c in captions]).to(pixels.device)            # (n, T)
+    head = torch.nn.Sequential(torch.nn.LayerNorm(clip.config.hidden_size),
+                               torch.nn.Linear(clip.config.hidden_size, len(TAGS))).to(pixels.device)  # dropped after
+    trained = list(clip.parameters()) + list(head.parameters())
+    clip.train().requires_grad_(True)
+    optimiser = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.05)
+    for step in range(budget.clip_steps):
+        for group in optimiser.param_groups:
+            group["lr"] = cosine_lr(step, budget.clip_steps, 1e-3, warmup=100)
+        index = torch.randint(len(pixels), (budget.clip_batch_size,), device=pixels.device)
+        tokens = clip(pixel_values=clip_pixels[index]).last_hidden_state[:, 1:]            # (B, N, C_clip)
+        loss = F.binary_cross_entropy_with_logits(head(tokens).amax(dim=1), tags[index])  # best patch per tag
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 100 == 0 or step == budget.clip_steps - 1:
+            log(f"clip {step + 1}/{budget.clip_steps} tag loss {loss.item():.4f}")
+    clip.eval().requires_grad_(False)
 
 
 def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, budget: Budget, log: Progress) -> None:
@@ -260,6 +307,7 @@ def train(output: str | Path, budget: Budget = Budget(), recipe: Recipe = Recipe
     config.vae = dict(vae.config)
     model = DiffLMM(config, vae=vae).to(device)   # drops the decoder; tower frozen, eval mode
     backend = DiffLMMBackend(model, tokenizer)
+    train_clip(model, pixels, [s.caption for s in scenes], budget, log)
     train_denoiser(model, pixels, budget, log)
     log("computing the frozen tower's features of every training scene")
     features, clips = tower_features(model, pixels)
