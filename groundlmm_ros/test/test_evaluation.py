@@ -75,10 +75,8 @@ def test_shipped_demo_model_grounds_on_held_out_scenes():
     assert metrics["scenes"] == 100
     assert metrics["refer_pointing_accuracy"] >= 0.5
     assert metrics["refer_pointing_accuracy"] >= 4 * metrics["random_pointing_accuracy"]
-    # The issue asked for 0.35; the shipped model reaches 0.21 on these 100 scenes with the colour
-    # fallback (0.217 on 500, MODEL_CARD.md): its captions name too few shapes right. This guards
-    # what it does reach, and that the colour refiner's masks stay well above the heat map's own.
-    assert metrics["describe_mask_recall"] >= 0.15
-    assert metrics["refer_miou"] >= 0.6
+    assert metrics["describe_mask_recall"] >= 0.35
+    # A point inside the object must give its mask: the colour refiner's IoU follows the point.
+    assert metrics["refer_miou"] >= 0.9 * metrics["refer_pointing_accuracy"]
     # Its time (~20 s alone on this machine, the issue's budget 60 s) is reported by pytest's
     # --durations, not asserted: a timed unit test fails on a loaded machine, not on slow code.
