@@ -1,4 +1,4 @@
-"""Why the demo model's describe recall is low: how well its captions name shapes, and how
+"""What limits the demo model's describe recall: how well its captions name shapes, and how
 much shape its visual features carry.
 
     python bench/shape_probe.py [--model demo|DIR] [--scenes 100] [--probe-scenes 3000]
