@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))  # the package, uninstalled
 
-from groundlmm_ros.cli import trained_engine_options  # noqa: E402
 from groundlmm_ros.evaluation import held_out_scenes, phrase_names, point_in_mask  # noqa: E402
 from groundlmm_ros.models.backend import pad_to_square, to_pixel_values  # noqa: E402
 from groundlmm_ros.models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD  # noqa: E402
@@ -108,7 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = build_engine(args.model, refiner="colour", **trained_engine_options(args.model))
+    engine = build_engine(args.model, refiner="colour")
     figures = {"model": args.model, "captions": caption_figures(engine, args.scenes),
                "shape_probe": feature_figures(engine.backend.model, args.probe_scenes)}
     print(json.dumps(figures))

@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 
 def add_train(sub) -> None:
@@ -49,16 +48,6 @@ def add_eval(sub) -> None:
     p.add_argument("--normalise", choices=("on", "off"), help="override the model's mean-map subtraction")
 
 
-def trained_engine_options(model: str) -> dict:
-    """For a directory written by `groundlmm train`: the mean-map setting its validation chose
-    (presets carry their own options)."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return {}
-    training = json.loads(config.read_text()).get("extra", {}).get("training", {})
-    return {"normalise": training["normalise"]} if "normalise" in training else {}
-
-
 def run_eval(args) -> None:
     import torch
 
@@ -68,9 +57,7 @@ def run_eval(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    options = trained_engine_options(args.model)
-    if args.normalise is not None:
-        options["normalise"] = args.normalise == "on"
+    options = {} if args.normalise is None else {"normalise": args.normalise == "on"}
     engine = build_engine(args.model, device=args.device, refiner=args.refiner, **options)
     scenes = held_out_scenes(args.scenes)
 

@@ -184,6 +184,18 @@ def test_engine_loads_a_local_difflmm_directory(tmp_path):
     np.testing.assert_array_equal(got.phrases[0].heatmap, expected.phrases[0].heatmap)
 
 
+def test_a_trained_directory_brings_its_own_mean_map_setting(tmp_path):
+    """`groundlmm train` records the mean-map setting its validation chose; the node, eval and
+    demo all build engines from a directory path, so build_engine must apply it."""
+    backend = tiny_difflmm_backend(seed=3)
+    save_difflmm(backend.model, backend.tokenizer, tmp_path / "plain")
+    backend.model.config.extra["training"] = {"step": 5, "normalise": False}
+    save_difflmm(backend.model, backend.tokenizer, tmp_path / "trained")
+    assert build_engine(str(tmp_path / "plain"), refiner="threshold").normalise is True   # the paper's default
+    assert build_engine(str(tmp_path / "trained"), refiner="threshold").normalise is False
+    assert build_engine(str(tmp_path / "trained"), refiner="threshold", normalise=True).normalise is True
+
+
 def test_a_trained_scaling_factor_and_scheduler_setting_survive_save_and_load(tmp_path):
     # diffusers' from_config ignores stored values of keys that were defaults at creation
     # ("_use_default_values"); the demo model's VAE sets scaling_factor after training.

@@ -77,9 +77,19 @@ def _backend_from_path(path: str, device: str, dtype: str):
     return LOADERS[model_type](path, device=device, dtype=dtype)
 
 
+def directory_engine_options(path: str) -> dict:
+    """Engine defaults a model directory carries: a directory written by `groundlmm train`
+    records the mean-map setting its validation chose (config.json extra.training.normalise),
+    and the paper's default (on) would ruin such a model's maps."""
+    with open(os.path.join(path, "config.json")) as f:
+        training = json.load(f).get("extra", {}).get("training", {})
+    return {"normalise": training["normalise"]} if "normalise" in training else {}
+
+
 def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", refiner: str = "auto",
                  sam_checkpoint: str = "", sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
-    """model: a PRESETS name or a model directory. refiner: "auto" (SAM when a checkpoint is
+    """model: a PRESETS name or a model directory (its own engine defaults apply, then
+    engine_options). refiner: "auto" (SAM when a checkpoint is
     given or the preset ships one, else the colour fallback), "sam", or a weight-free fallback: "colour"
     (ColourRefiner) or "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
@@ -102,5 +112,5 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
     else:
         chosen = ThresholdRefiner() if refiner == "threshold" else ColourRefiner()
 
-    options = {**(preset.engine_options if preset else {}), **engine_options}
+    options = {**(preset.engine_options if preset else directory_engine_options(model)), **engine_options}
     return Engine(backend, chosen, seed=seed, **options)
