@@ -1,7 +1,8 @@
 """The one training command of the demo model: captions only, no masks, boxes or points.
 
 Stages (all seeded; each prints its progress):
-  0. CLIP: the CLIP stand-in learns from the captions what its patches show (train_clip).
+  0. CLIP: the CLIP stand-in learns from the captions what its patches show (train_clip;
+     run right after stage 1, from which it is independent).
   1. VAE: a small AutoencoderKL learns to reconstruct the scenes (its encoder is
      DiffLMM's latent space; the decoder is dropped afterwards, as in DiffLMM).
   2. Denoiser: the UNet learns to denoise those latents (epsilon prediction by default,
