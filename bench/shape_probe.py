@@ -26,8 +26,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))  # the package, uninstalled
 
 from groundlmm_ros.evaluation import held_out_scenes, phrase_names, point_in_mask  # noqa: E402
-from groundlmm_ros.models.backend import pad_to_square, to_pixel_values  # noqa: E402
-from groundlmm_ros.models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD  # noqa: E402
 from groundlmm_ros.models.presets import build_engine  # noqa: E402
 from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, SCENE_SIZE  # noqa: E402
 from groundlmm_ros.training.train import tower_features  # noqa: E402
@@ -69,11 +67,10 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
         return float((net(x[cut:]).argmax(1) == y[cut:]).float().mean())
 
 
-def feature_figures(model, count: int) -> dict:
-    config = model.config
+def feature_figures(backend, count: int) -> dict:
+    model = backend.model
     scenes = make_scenes(count, seed=PROBE_SEED, size=SCENE_SIZE)
-    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (config.pad_value,) * 3), config.image_size,
-                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])
+    pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
     unet, clip = tower_features(model, pixels)                        # (n, C, G, G), (n, G*G, C_clip)
     with torch.no_grad():
         projected = model.mm_projector(unet, clip)                    # (n, G*G, hidden)
@@ -109,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     engine = build_engine(args.model, refiner="colour")
     figures = {"model": args.model, "captions": caption_figures(engine, args.scenes),
-               "shape_probe": feature_figures(engine.backend.model, args.probe_scenes)}
+               "shape_probe": feature_figures(engine.backend, args.probe_scenes)}
     print(json.dumps(figures))
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
-from groundlmm_ros.models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMMBackend, build_difflmm
+from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, Recipe, demo_config, demo_tokenizer
 from groundlmm_ros.training.train import (TAGS, Budget, Progress, caption_batch, caption_tags, denoiser_target,
@@ -112,8 +111,7 @@ def test_projector_learning_rate_scale_zero_keeps_the_projector(tmp_path):
     backend = tiny_demo_backend()
     model = backend.model
     scenes = make_scenes(8, seed=4)
-    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (model.config.pad_value,) * 3), model.config.image_size,
-                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])
+    pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
     features, clips = tower_features(model, pixels)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     budget = Budget(caption_steps=2, batch_size=4, checkpoint_every=2, validation_scenes=1)
@@ -137,8 +135,7 @@ def test_clip_pretraining_learns_tags_and_touches_only_clip():
     backend = tiny_demo_backend()
     model = backend.model
     scenes = make_scenes(300, seed=4, max_objects=1)
-    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (model.config.pad_value,) * 3), model.config.image_size,
-                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes])
+    pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
     captions = [s.caption for s in scenes]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
