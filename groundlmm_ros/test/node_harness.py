@@ -25,8 +25,9 @@ from rcl_interfaces.srv import SetParameters
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
+from visualization_msgs.msg import MarkerArray
 
 from groundlmm_ros.ros.conversion import numpy_to_image
 
@@ -95,9 +96,16 @@ class Client:
         self.status: dict[str, str] = {}
         self.status_count = 0
         self.overlays: list[Image] = []
+        self.markers: list[MarkerArray] = []
+        self.clouds: list[PointCloud2] = []
+        self.spin_errors: list[str] = []
+        # Every subscription is made here, before the spin thread starts: none is added while it spins.
         many = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
         self._keep(GroundingResult, "grounding", self.results, many)
         self._keep(DiagnosticStatus, "groundlmm_node/rejected", self.rejections, many)
+        self._keep(Image, "groundlmm_node/overlay", self.overlays, 10)
+        self._keep(MarkerArray, "groundlmm_node/markers", self.markers, 10)
+        self._keep(PointCloud2, "groundlmm_node/points", self.clouds, 10)
         self.node.create_subscription(Log, "/rosout", self._on_log, many)
         self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_status, 10)
         self.image_pub = self.node.create_publisher(Image, "image", QoSProfile(depth=5, reliability=image_reliability))
@@ -114,8 +122,9 @@ class Client:
         while self.context.ok():
             try:
                 self.executor.spin_once(timeout_sec=0.05)
-            except Exception:  # context shut down between ok() and spin_once
-                return
+            except Exception as error:  # the context shut down between ok() and spin_once, or a real fault
+                if self.context.ok():
+                    self.spin_errors.append(repr(error))  # shown by not_active_reason(); keep spinning
 
     def _keep(self, msg_type, topic, into: list, qos) -> None:
         def keep(msg):
@@ -153,6 +162,12 @@ class Client:
         return bool(self.wait_for(lambda: self.status.get("state") == "active"
                                   and self.image_pub.get_subscription_count() > 0
                                   and self.query_pub.get_subscription_count() > 0, timeout))
+
+    def not_active_reason(self) -> str:
+        return (f"state {self.status.get('state')!r} after {self.status_count} status messages; "
+                f"subscribers to image {self.image_pub.get_subscription_count()}, "
+                f"to query {self.query_pub.get_subscription_count()}; spin thread alive "
+                f"{self._thread.is_alive()}, spin errors {self.spin_errors[-3:]}")
 
     def wait_status(self, key: str, at_least: int, timeout: float = 5.0) -> bool:
         return bool(self.wait_for(lambda: int(self.status.get(key, "-1")) >= at_least, timeout))
@@ -225,6 +240,17 @@ class Client:
         self.node.destroy_node()
         rclpy.shutdown(context=self.context)
         self._thread.join(2.0)
+
+
+def connect(node: NodeProcess, timeout: float = 60.0) -> Client:
+    """A Client that sees `node` active. On failure it is closed first (a live DDS thread at interpreter
+    exit aborts the whole run) and the error says what was missing."""
+    client = Client()
+    if not client.wait_active(timeout):
+        reason = client.not_active_reason()
+        client.close()
+        raise AssertionError(f"node did not become active: {reason}\n{node.output()}")
+    return client
 
 
 def _transition(transition_id: int):

@@ -11,8 +11,7 @@ import pytest
 from action_msgs.msg import GoalStatus
 from groundlmm_msgs.action import Ground
 from lifecycle_msgs.msg import Transition
-from node_harness import Client, NodeProcess, is_rejection, rgb_image
-from sensor_msgs.msg import Image
+from node_harness import NodeProcess, connect, is_rejection, rgb_image
 
 from groundlmm_ros.ros.conversion import numpy_to_image
 from groundlmm_ros.world.scenes import make_scenes, referring_expression
@@ -30,11 +29,7 @@ def node():
 
 @pytest.fixture(scope="module")
 def client(node):
-    client = Client()
-    overlays = []
-    client.node.create_subscription(Image, "groundlmm_node/overlay", overlays.append, 10)
-    client.overlays = overlays
-    assert client.wait_active(), f"node did not become active:\n{node.output()}"
+    client = connect(node)
     yield client
     client.close()
 
@@ -100,8 +95,9 @@ def test_standing_query_repeats_within_max_rate(client):
         standing_mode="refer", max_rate_hz=2.0, standing_query="the standing cup"))
     start = time.monotonic()
     frame = 0
-    while time.monotonic() - start < 3.0:  # frames at 10 Hz
-        client.image_pub.publish(rgb_image(stamp_s=100 + frame * 0.1, seed=frame))
+    while time.monotonic() - start < 3.0:  # frames at ~10 Hz, stamped with their publish time: a loaded
+        # machine that starves this loop then cannot squeeze the stamps of frames 0.5 s apart together
+        client.image_pub.publish(rgb_image(stamp_s=100 + time.monotonic() - start, seed=frame))
         frame += 1
         time.sleep(0.1)
     assert all(r.successful for r in client.set_parameters(standing_query=""))
@@ -110,7 +106,7 @@ def test_standing_query_repeats_within_max_rate(client):
         received = [r for r in client.results if r.query == "the standing cup" and r.header.stamp.sec >= 100]
     stamps = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in received]
     assert 3 <= len(received) <= 7, stamps
-    # frames are 0.1 s apart by stamp: consecutive standing results at least ~1/max_rate_hz apart
+    # consecutive standing results at least ~1/max_rate_hz apart (0.1 s of delivery jitter allowed)
     assert min(np.diff(stamps)) >= 0.4 - 1e-6, stamps
     time.sleep(0.6)
     count = sum(r.query == "the standing cup" for r in client.results)

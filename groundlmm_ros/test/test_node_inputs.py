@@ -13,12 +13,11 @@ import pytest
 from action_msgs.msg import GoalStatus
 from groundlmm_msgs.msg import GroundingResult
 from lifecycle_msgs.msg import Transition
-from node_harness import Client, NodeProcess, is_rejection, rgb_image
+from node_harness import Client, NodeProcess, connect, is_rejection, rgb_image
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import serialize_message
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
-from visualization_msgs.msg import MarkerArray
 
 from groundlmm_ros.ros.conversion import numpy_to_image
 
@@ -39,11 +38,7 @@ def node():
 
 @pytest.fixture(scope="module")
 def client(node):
-    client = Client()
-    client.markers, client.clouds = [], []
-    client.node.create_subscription(MarkerArray, "groundlmm_node/markers", client.markers.append, 10)
-    client.node.create_subscription(PointCloud2, "groundlmm_node/points", client.clouds.append, 10)
-    assert client.wait_active(), f"node did not become active:\n{node.output()}"
+    client = connect(node)
     yield client
     client.close()
 
