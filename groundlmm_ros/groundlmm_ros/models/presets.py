@@ -66,24 +66,21 @@ LOADERS: dict[str, Callable[..., object]] = {
 }
 
 
-def _backend_from_path(path: str, device: str, dtype: str):
+def _from_directory(path: str, device: str, dtype: str) -> tuple[object, dict]:
+    """A model directory's backend (by config.json "model_type") and the engine defaults it
+    carries: a directory written by `groundlmm train` records the mean-map setting its
+    validation chose (extra.training.normalise); the paper's default (on) would ruin its maps."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
     with open(config_path) as f:
-        model_type = json.load(f).get("model_type")
+        config = json.load(f)
+    model_type = config.get("model_type")
     if model_type not in LOADERS:
         raise ValueError(f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})")
-    return LOADERS[model_type](path, device=device, dtype=dtype)
-
-
-def directory_engine_options(path: str) -> dict:
-    """Engine defaults a model directory carries: a directory written by `groundlmm train`
-    records the mean-map setting its validation chose (config.json extra.training.normalise),
-    and the paper's default (on) would ruin such a model's maps."""
-    with open(os.path.join(path, "config.json")) as f:
-        training = json.load(f).get("extra", {}).get("training", {})
-    return {"normalise": training["normalise"]} if "normalise" in training else {}
+    training = config.get("extra", {}).get("training", {})
+    defaults = {"normalise": training["normalise"]} if "normalise" in training else {}
+    return LOADERS[model_type](path, device=device, dtype=dtype), defaults
 
 
 def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", refiner: str = "auto",
@@ -99,7 +96,10 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
     preset = PRESETS.get(model)
     if refiner == "sam" and not sam_checkpoint and not (preset and preset.sam):
         raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
-    backend = preset.backend(device, dtype, seed) if preset else _backend_from_path(model, device, dtype)
+    if preset:
+        backend, defaults = preset.backend(device, dtype, seed), preset.engine_options
+    else:
+        backend, defaults = _from_directory(model, device, dtype)
 
     sam = None
     if refiner in ("auto", "sam"):
@@ -112,5 +112,4 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
     else:
         chosen = ThresholdRefiner() if refiner == "threshold" else ColourRefiner()
 
-    options = {**(preset.engine_options if preset else directory_engine_options(model)), **engine_options}
-    return Engine(backend, chosen, seed=seed, **options)
+    return Engine(backend, chosen, seed=seed, **{**defaults, **engine_options})
