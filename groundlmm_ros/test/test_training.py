@@ -128,9 +128,11 @@ def test_caption_tags_are_the_phrases_the_caption_says():
     assert not caption_tags("a circle and the red.").any()
 
 
-def test_clip_pretraining_learns_tags_and_touches_only_clip():
+@pytest.mark.parametrize("tag_layer", ["last", "read"])
+def test_clip_pretraining_learns_tags_and_touches_only_clip(tag_layer):
     """The tag loss must fall below what the tags' frequencies alone give (the image is
-    looked at); the UNet and projector are left as they were, CLIP ends frozen."""
+    looked at); the UNet and projector are left as they were, CLIP ends frozen. Tags on the
+    read (penultimate) layer leave the last layer as it was: nothing after the read trains."""
     torch.manual_seed(0)
     backend = tiny_demo_backend()
     model = backend.model
@@ -140,13 +142,15 @@ def test_clip_pretraining_learns_tags_and_touches_only_clip():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
     train_clip(model, pixels, captions, Budget(clip_steps=400, clip_batch_size=32),
-               lambda message: losses.append(float(message.split()[-1])))
+               lambda message: losses.append(float(message.split()[-1])), tag_layer)
     tags = torch.stack([caption_tags(c) for c in captions])
     rate = tags.mean(0).clamp(1e-6, 1 - 1e-6)
     blind = float(-(tags * rate.log() + (1 - tags) * (1 - rate).log()).mean())
     assert losses[-1] < 0.9 * blind, (losses, blind)
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if ".clip." in k)
+    last_layer = f".encoder.layers.{model.config.clip['num_hidden_layers'] - 1}."
+    assert all(torch.equal(before[k], after[k]) for k in before if last_layer in k) == (tag_layer == "read")
     assert all(torch.equal(before[k], after[k]) for k in before if ".clip." not in k)
     assert not model.vision_tower.clip.training
     assert not any(p.requires_grad for p in model.vision_tower.clip.parameters())

@@ -56,6 +56,7 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
 
 CAPTION_ORDERS = ("random", "left-to-right")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+TAG_LAYERS = ("last", "read")
 
 
 @dataclass
@@ -70,10 +71,12 @@ class Recipe:
     llama_width: int = 128
     caption_order: str = "random"   # "random": reshuffled every time; "left-to-right": by object centre x
     projector_lr_scale: float = 1.0    # the projector's learning rate relative to the Llama's
+    tag_layer: str = "last"         # which CLIP layer stage 0's tags score: "last" or "read" (the penultimate)
 
     def __post_init__(self):
         for name, allowed in (("image_size", (64, 128)), ("latent_side", (8, 16)), ("latent_channels", (4, 8, 16)),
-                              ("prediction_type", PREDICTION_TYPES), ("caption_order", CAPTION_ORDERS)):
+                              ("prediction_type", PREDICTION_TYPES), ("caption_order", CAPTION_ORDERS),
+                              ("tag_layer", TAG_LAYERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 1 <= self.clip_layers <= 4:

@@ -101,11 +101,13 @@ def caption_tags(caption: str) -> torch.Tensor:
     return torch.tensor([float(tag in said) for tag in TAGS])
 
 
-def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget: Budget, log: Progress) -> None:
+def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget: Budget, log: Progress,
+               tag_layer: str = "last") -> None:
     """The CLIP stand-in learns which caption phrases (tags) its image has, each tag scored
-    by its best patch token of the last layer (multiple-instance learning): every token
-    learns what lies around it, and nothing says where. No mask, box or point; DiffLMM reads
-    the penultimate layer, one attention layer before the tags."""
+    by its best patch token (multiple-instance learning): every token learns what lies
+    around it, and nothing says where. No mask, box or point. tag_layer (Recipe.tag_layer):
+    "last" scores the last layer's tokens, one attention layer after the penultimate that
+    DiffLMM reads; "read" scores the penultimate tokens themselves (the last layer idles)."""
     clip = model.vision_tower.clip
     with torch.no_grad():
         clip_pixels = torch.cat([model.vision_tower.clip_inputs(pixels[s]) for s in batches(len(pixels), 512)])
@@ -119,7 +121,8 @@ def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget
         for group in optimiser.param_groups:
             group["lr"] = cosine_lr(step, budget.clip_steps, 1e-3, warmup=100)
         index = torch.randint(len(pixels), (budget.clip_batch_size,), device=pixels.device)
-        tokens = clip(pixel_values=clip_pixels[index]).last_hidden_state[:, 1:]            # (B, N, C_clip)
+        hidden = clip(pixel_values=clip_pixels[index], output_hidden_states=True).hidden_states
+        tokens = hidden[-1 if tag_layer == "last" else -2][:, 1:]                          # (B, N, C_clip)
         loss = F.binary_cross_entropy_with_logits(head(tokens).amax(dim=1), tags[index])  # best patch per tag
         optimiser.zero_grad()
         loss.backward()
@@ -308,7 +311,7 @@ def train(output: str | Path, budget: Budget = Budget(), recipe: Recipe = Recipe
     config.vae = dict(vae.config)
     model = DiffLMM(config, vae=vae).to(device)   # drops the decoder; tower frozen, eval mode
     backend = DiffLMMBackend(model, tokenizer)
-    train_clip(model, pixels, [s.caption for s in scenes], budget, log)
+    train_clip(model, pixels, [s.caption for s in scenes], budget, log, recipe.tag_layer)
     train_denoiser(model, pixels, budget, log)
     log("computing the frozen tower's features of every training scene")
     features, clips = tower_features(model, pixels)
