@@ -71,7 +71,7 @@ class Recipe:
     llama_width: int = 128
     caption_order: str = "random"   # "random": reshuffled every time; "left-to-right": by object centre x
     projector_lr_scale: float = 1.0    # the projector's learning rate relative to the Llama's
-    tag_layer: str = "last"         # which CLIP layer stage 0's tags score: "last" or "read" (the penultimate)
+    tag_layer: str = "read"         # which CLIP layer stage 0's tags score: "read" (the penultimate) or "last"
 
     def __post_init__(self):
         for name, allowed in (("image_size", (64, 128)), ("latent_side", (8, 16)), ("latent_channels", (4, 8, 16)),

@@ -102,12 +102,13 @@ def caption_tags(caption: str) -> torch.Tensor:
 
 
 def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget: Budget, log: Progress,
-               tag_layer: str = "last") -> None:
+               tag_layer: str) -> None:
     """The CLIP stand-in learns which caption phrases (tags) its image has, each tag scored
     by its best patch token (multiple-instance learning): every token learns what lies
     around it, and nothing says where. No mask, box or point. tag_layer (Recipe.tag_layer):
-    "last" scores the last layer's tokens, one attention layer after the penultimate that
-    DiffLMM reads; "read" scores the penultimate tokens themselves (the last layer idles)."""
+    "read" scores the penultimate tokens DiffLMM reads (the last layer idles), so the tag of
+    an object lands in its own tokens; "last" scores the last layer's, one attention layer
+    further, which leaves the read tokens a mix of their neighbours (the earlier model)."""
     clip = model.vision_tower.clip
     with torch.no_grad():
         clip_pixels = torch.cat([model.vision_tower.clip_inputs(pixels[s]) for s in batches(len(pixels), 512)])
