@@ -32,6 +32,8 @@ from groundlmm_ros.models.llava import CLIP_MEAN, CLIP_STD
 from groundlmm_ros.models.tiny import tiny_tokenizer
 
 MODEL_TYPE = "difflmm"
+# The CLIP hidden state DiffLMM reads: the penultimate, as LLaVA-1.5 reads its CLIP.
+CLIP_READ_LAYER = -2
 # DiffLMM's own input normalisation (CLIPImageProcessor with mean = std = 0.5): values in [-1, 1].
 DIFFLMM_MEAN = DIFFLMM_STD = (0.5, 0.5, 0.5)
 
@@ -220,7 +222,7 @@ class SDCLIPVisionTower(nn.Module):
     def clip_patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> (B, N, C_clip) penultimate-layer patch tokens (CLS dropped)."""
         hidden = self.clip(pixel_values=self.clip_inputs(pixels), output_hidden_states=True).hidden_states
-        return hidden[-2][:, 1:]
+        return hidden[CLIP_READ_LAYER][:, 1:]
 
     def clip_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> (B, 3, S, S): CLIP's own size and normalisation."""

@@ -44,7 +44,7 @@ from ..engine.engine import Engine
 from ..engine.refiners import ColourRefiner
 from ..evaluation import evaluate
 from ..models.backend import pad_to_square, to_pixel_values
-from ..models.difflmm import DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend, explicit
+from ..models.difflmm import CLIP_READ_LAYER, DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend, explicit
 from ..models.difflmm_checkpoint import save_difflmm
 from ..world import COLOURS, SHAPES, make_scenes
 from ..world.scenes import caption_for
@@ -123,7 +123,7 @@ def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget
             group["lr"] = cosine_lr(step, budget.clip_steps, 1e-3, warmup=100)
         index = torch.randint(len(pixels), (budget.clip_batch_size,), device=pixels.device)
         hidden = clip(pixel_values=clip_pixels[index], output_hidden_states=True).hidden_states
-        tokens = hidden[-1 if tag_layer == "last" else -2][:, 1:]                          # (B, N, C_clip)
+        tokens = hidden[-1 if tag_layer == "last" else CLIP_READ_LAYER][:, 1:]             # (B, N, C_clip)
         loss = F.binary_cross_entropy_with_logits(head(tokens).amax(dim=1), tags[index])  # best patch per tag
         optimiser.zero_grad()
         loss.backward()
