@@ -56,15 +56,15 @@ VALIDATION_SEED = 2     # scenes that choose the checkpoint; never the held-out 
 
 @dataclass
 class Budget:
-    scenes: int = 8000
-    clip_steps: int = 4000
+    scenes: int = 16000
+    clip_steps: int = 8000
     clip_batch_size: int = 128
     vae_steps: int = 200
     denoiser_steps: int = 400
     caption_steps: int = 4000
     batch_size: int = 32
     checkpoint_every: int = 250
-    validation_scenes: int = 40
+    validation_scenes: int = 80
 
 
 class Progress:
