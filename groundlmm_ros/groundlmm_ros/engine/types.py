@@ -37,7 +37,7 @@ class GroundedPhrase:
 class Grounding:
     query: str
     mode: str                    # one of MODES
-    answer: str                  # the full answer text (refer: the expression itself)
+    answer: str                  # the answer as decoded, unstripped (refer: the expression itself)
     token_ids: list[int]         # the answer's token ids
     phrases: list[GroundedPhrase]
     image_size: tuple[int, int]  # (H, W)
