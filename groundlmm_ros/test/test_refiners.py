@@ -39,24 +39,36 @@ def test_sam_point_keeps_the_last_multimask_output(image):
     assert score == pytest.approx(float(scores[-1]))
 
 
-def test_sam_box_prompt_uses_the_box_above_the_fraction_and_mask_logits(image):
-    refiner = SamRefiner(tiny_sam(seed=1), "box", box_fraction=0.75)
+def test_sam_box_prompt_is_the_references_absolute_scale(image):
+    """instance_seg.py --sam-mode mask: x = map / 2e-4; box where x > 0.75; mask prompt
+    logit(clip(x, 1e-3, 1 - 1e-3)) resized bicubic to the mask frame's long side, zero-padded."""
+    refiner = SamRefiner(tiny_sam(seed=1), "box")
+    heat = np.zeros((H, W), np.float32)
+    heat[5:12, 10:20] = 2e-4      # x = 1.0: inside the box
+    heat[30:35, 50:60] = 1e-4     # x = 0.5: below 0.75, outside, however large relative to the rest
+    scaled = heat / 2e-4
+    np.testing.assert_array_equal(refiner._box(scaled), [10, 5, 20, 12])
+    np.testing.assert_array_equal(refiner._box(scaled * 0.7), [0, 0, 0, 0])   # nothing above 0.75
+    side = refiner.predictor.model.prompt_encoder.mask_input_size[0]          # 16 for the tiny SAM
+    # A constant map: every resized logit is logit(1 - 1e-3) = ln(999) in the top int(40 / 70 * 16) = 9
+    # rows (the long side W fills the frame), zeros below.
+    constant = refiner._mask_logits(np.ones((H, W), np.float32))
+    assert constant.shape == (1, side, side)
+    np.testing.assert_allclose(constant[0, :9], np.log(999.0), rtol=1e-5)
+    assert np.all(constant[0, 9:] == 0)
+    # The reference's convert_mask_SAM, written out for one map.
+    logits = np.log(np.clip(scaled, 1e-3, 1 - 1e-3) / (1 - np.clip(scaled, 1e-3, 1 - 1e-3)))
+    rows = int(H / W * side)
+    expected = torch.nn.functional.interpolate(torch.tensor(logits)[None, None], (rows, side), mode="bicubic",
+                                               align_corners=False)
+    expected = torch.nn.functional.pad(expected, (0, 0, 0, side - rows))[0].numpy()
+    np.testing.assert_allclose(refiner._mask_logits(scaled), expected, atol=1e-5)
     refiner.set_image(image)
-    heat = blobs()
-    x0, y0, x1, y1 = refiner._box(heat)  # both blobs peak above 0.75 of the max: one box over both
-    assert x0 <= 15 < x1 and y0 <= 10 < y1 and x0 <= 55 < x1 and y0 <= 30 < y1
-    x0, y0, x1, y1 = SamRefiner(refiner.predictor.model, "box", box_fraction=0.85)._box(heat)
-    assert x0 <= 15 < x1 and y0 <= 10 < y1 and x1 < 40 and y1 < 25
-    logits = refiner._mask_logits(heat)
-    side = refiner.predictor.model.prompt_encoder.mask_input_size[0]
-    assert logits.shape == (1, side, side)
-    # Long side W fills the frame; rows below H * side / W are padding (zeros).
-    assert np.all(logits[0, int(np.ceil(H * side / W)) + 1:] == 0)
-    row, column = np.unravel_index(np.argmax(logits[0]), logits[0].shape)
-    assert abs(column - 15 * side / W) <= 1.5 and abs(row - 10 * side / W) <= 1.5
-    mask, score = refiner.refine(heat, (15, 10))
-    masks, scores, _ = refiner.predictor.predict(box=refiner._box(heat), mask_input=logits, multimask_output=True)
+    mask, score = refiner.refine(heat, (15, 8))
+    masks, scores, _ = refiner.predictor.predict(box=np.array([10, 5, 20, 12], np.float32), mask_input=expected,
+                                                 multimask_output=True)
     np.testing.assert_array_equal(mask, masks[-1])
+    assert score == pytest.approx(float(scores[-1]), abs=1e-5)
 
 
 def test_sam_rejects_an_unknown_prompt():

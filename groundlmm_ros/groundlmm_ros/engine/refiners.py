@@ -1,4 +1,4 @@
-"""Point (and heat map) -> mask (PAPER.md section 1 steps 7-8).
+"""Point (and heat map) -> mask (docs/method.md, steps 7-8).
 
 Every refiner: `set_image(image)` once per query, then `refine(heatmap, point)`
 per phrase -> (mask (H, W) bool, score). Images are (H, W, 3) uint8 RGB,
@@ -11,6 +11,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from segment_anything import SamPredictor, sam_model_registry
 
 SAM_PROMPTS = ("point", "box")
@@ -27,17 +28,19 @@ class SamRefiner:
 
     prompt="point" (the paper's GCG setting): one positive point, multimask output, and
     the LAST of the three masks as the reference keeps it (not the best-scoring one).
-    prompt="box" (the reference's mask mode): the box around the heat map above
-    box_fraction of its maximum, plus the heat map as SAM's low-resolution mask logits.
+    prompt="box" (the reference's `aas/instance_seg.py --sam-mode mask`), on its absolute
+    scale: x = heat map / attention_temperature; the box around the pixels where
+    x > box_threshold, plus logit(clip(x)) as SAM's low-resolution mask prompt; the last mask.
     score: SAM's predicted IoU of the kept mask.
     """
 
-    def __init__(self, sam, prompt: str = "point", box_fraction: float = 0.75):
+    def __init__(self, sam, prompt: str = "point", attention_temperature: float = 2e-4, box_threshold: float = 0.75):
         if prompt not in SAM_PROMPTS:
             raise ValueError(f"SAM prompt must be one of {SAM_PROMPTS}, got {prompt!r}")
         self.predictor = SamPredictor(sam)
         self.prompt = prompt
-        self.box_fraction = box_fraction
+        self.attention_temperature = attention_temperature   # the reference's --attn-temp
+        self.box_threshold = box_threshold                   # the reference's --box-thresh
 
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image, image_format="RGB")
@@ -47,30 +50,32 @@ class SamRefiner:
             masks, scores, _ = self.predictor.predict(point_coords=np.array([point], dtype=np.float32),
                                                       point_labels=np.array([1]), multimask_output=True)
         else:
-            masks, scores, _ = self.predictor.predict(box=self._box(heatmap), mask_input=self._mask_logits(heatmap),
+            scaled = heatmap / self.attention_temperature
+            masks, scores, _ = self.predictor.predict(box=self._box(scaled), mask_input=self._mask_logits(scaled),
                                                       multimask_output=True)
         return masks[-1].astype(bool), float(scores[-1])
 
-    def _box(self, heatmap: np.ndarray) -> np.ndarray:
-        """(4,) x0, y0, x1, y1 (exclusive) around the pixels above box_fraction of the map's max;
-        the argmax pixel is always inside."""
-        rows, columns = np.nonzero(heatmap >= self.box_fraction * heatmap.max())
+    def _box(self, scaled: np.ndarray) -> np.ndarray:
+        """(4,) x0, y0, x1, y1 (exclusive) around the pixels where scaled > box_threshold; all
+        zeros when there is none (the reference's convert_box_SAM)."""
+        rows, columns = np.nonzero(scaled > self.box_threshold)
+        if rows.size == 0:
+            return np.zeros(4, np.float32)
         return np.array([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1], dtype=np.float32)
 
-    def _mask_logits(self, heatmap: np.ndarray, eps: float = 1e-3) -> np.ndarray:
-        """(1, m, m) logits in SAM's low-resolution mask frame (the image resized so its long
-        side fills m = 4 x the image embedding side, padded right/bottom), from the heat map
-        scaled so its maximum is 1 (the box threshold is relative too) and inverse-sigmoided
-        like the reference's convert_mask_SAM."""
+    def _mask_logits(self, scaled: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+        """(1, m, m) logits in SAM's low-resolution mask frame, the reference's convert_mask_SAM:
+        logit(clip(scaled, eps, 1 - eps)), resized bicubic (align_corners=False) so the long
+        side is m and the short side int(short / long * m), zero-padded right/bottom. m is the
+        prompt encoder's mask size (256 for every released SAM, which the reference hard-codes)."""
         side = self.predictor.model.prompt_encoder.mask_input_size[0]
-        height, width = heatmap.shape
-        scale = side / max(height, width)
-        size = (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)))  # (w, h) for cv2
-        peak = max(float(heatmap.max()), 1e-12)
-        probabilities = np.clip(heatmap / peak, eps, 1 - eps).astype(np.float32)
-        logits = np.log(probabilities / (1 - probabilities))
+        height, width = scaled.shape
+        probabilities = np.clip(scaled, eps, 1 - eps)
+        logits = torch.from_numpy(np.log(probabilities / (1 - probabilities))).float()[None, None]
+        size = (side, int(width / height * side)) if height >= width else (int(height / width * side), side)
+        resized = F.interpolate(logits, size, mode="bicubic", align_corners=False)[0, 0]
         padded = np.zeros((side, side), np.float32)
-        padded[:size[1], :size[0]] = cv2.resize(logits, size, interpolation=cv2.INTER_CUBIC)
+        padded[:size[0], :size[1]] = resized.numpy()
         return padded[None]
 
 
@@ -81,8 +86,7 @@ class ThresholdRefiner:
     Why not GrabCut seeded at the point: GrabCut needs a box or a seeded region to
     learn its colour models; from one point it often takes the whole image or a few
     pixels, and it costs 0.1-0.5 s per phrase on CPU. The thresholded map is what the
-    model itself attended to (the paper's box mode uses the same "above 0.75 of max"
-    region), always contains the point, is deterministic and takes ~1 ms.
+    model itself attended to, always contains the point, is deterministic and takes ~1 ms.
     score: 1.0 (no quality estimate, as GroundedPhrase documents).
     """
 
