@@ -15,7 +15,8 @@ from dataclasses import fields
 
 
 def add_train(sub) -> None:
-    from .training.recipe import Recipe, demo_model_dir
+    from .models.presets import demo_model_dir
+    from .training.recipe import Recipe
     from .training.train import Budget
 
     p = sub.add_parser("train", help="train the demo model from synthetic scenes and captions only")

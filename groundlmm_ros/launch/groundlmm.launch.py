@@ -15,7 +15,7 @@ from launch_ros.substitutions import FindPackageShare
 ARGUMENTS = {
     "model": ("", "model preset or directory (empty: params_file's)"),
     "device": ("", "torch device, e.g. cuda (empty: params_file's)"),
-    "dtype": ("", "float32, float16 or bfloat16 (empty: params_file's)"),
+    "dtype": ("", "auto, float32, float16 or bfloat16 (empty: params_file's)"),
     "namespace": ("", "namespace of the node and its relative topics"),
     "image_topic": ("/camera/color/image_raw", "colour images (sensor_msgs/Image; + /compressed when compressed)"),
     "depth_topic": ("/camera/aligned_depth_to_color/image_raw", "depth registered to the colour image"),

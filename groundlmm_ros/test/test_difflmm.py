@@ -184,16 +184,30 @@ def test_engine_loads_a_local_difflmm_directory(tmp_path):
     np.testing.assert_array_equal(got.phrases[0].heatmap, expected.phrases[0].heatmap)
 
 
-def test_a_trained_directory_brings_its_own_mean_map_setting(tmp_path):
-    """`groundlmm train` records the mean-map setting its validation chose; the node, eval and
-    demo all build engines from a directory path, so build_engine must apply it."""
+def test_a_trained_directory_brings_its_own_settings(tmp_path):
+    """`groundlmm train` records the settings its validation used (mean map, combine, template);
+    the node, eval and demo all build engines from a directory path, so build_engine applies them."""
     backend = tiny_difflmm_backend(seed=3)
     save_difflmm(backend.model, backend.tokenizer, tmp_path / "plain")
-    backend.model.config.extra["training"] = {"step": 5, "normalise": False}
+    backend.model.config.extra["training"] = {"step": 5, "normalise": False, "combine": "mean",
+                                              "conversation": "vicuna_v1"}
     save_difflmm(backend.model, backend.tokenizer, tmp_path / "trained")
-    assert build_engine(str(tmp_path / "plain"), refiner="threshold").normalise is True   # the paper's default
-    assert build_engine(str(tmp_path / "trained"), refiner="threshold").normalise is False
-    assert build_engine(str(tmp_path / "trained"), refiner="threshold", normalise=True).normalise is True
+    plain = build_engine(str(tmp_path / "plain"), refiner="threshold")
+    assert (plain.normalise, plain.combine, plain.backend.conversation) == (True, "max", "llava_v1")  # the paper's
+    trained = build_engine(str(tmp_path / "trained"), refiner="threshold")
+    assert (trained.normalise, trained.combine, trained.backend.conversation) == (False, "mean", "vicuna_v1")
+    overridden = build_engine(str(tmp_path / "trained"), refiner="threshold", normalise=True, conversation="llava_v1")
+    assert (overridden.normalise, overridden.backend.conversation) == (True, "llava_v1")
+
+
+def test_the_shipped_demo_model_keeps_what_it_was_trained_with():
+    """Trained on [-1, 1] pixels padded with grey, Vicuna's template, validated with mean combine
+    and without the mean map: its directory says so, and the preset applies it."""
+    engine = build_engine("demo", refiner="threshold")
+    preprocessing = engine.backend.preprocessing
+    assert (preprocessing.mean, preprocessing.std, preprocessing.pad_color) == ((0.5,) * 3, (0.5,) * 3, (127,) * 3)
+    assert (engine.normalise, engine.combine, engine.backend.conversation) == (False, "mean", "vicuna_v1")
+    assert engine.max_new_tokens == 40
 
 
 def test_a_trained_scaling_factor_and_scheduler_setting_survive_save_and_load(tmp_path):

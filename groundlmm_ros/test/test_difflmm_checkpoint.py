@@ -13,7 +13,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from PIL import Image
+from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
+                          LlamaForCausalLM)
 
 from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm, tiny_difflmm_config
 from groundlmm_ros.models.difflmm_checkpoint import (NON_LORA_FILE, CheckpointError, load_difflmm,
@@ -124,6 +126,28 @@ def test_released_backend_from_directories_and_uncached_ids(released):
     assert isinstance(backend, DiffLMMBackend) and backend.grid == (8, 8)
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model.* locally cached"):
         released_difflmm_backend("cpu", "float32", adapter="no-such-org/no-such-model")
+
+
+def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(released):
+    """The released weights saw LLaVA's process_images with CLIPImageProcessor(size=S, crop_size=S)
+    and OpenAI CLIP's mean/std (the reference's mean=std=0.5 keywords are not the class's, so
+    they change nothing): pad to square with int(255 * mean) = (122, 116, 104), then the processor."""
+    root = released[0]
+    backend = released_difflmm_backend("cpu", "float32", adapter=root / "adapter", base=root / "base",
+                                       sd=root / "sd", clip=root / "clip")
+    size = backend.image_size
+    processor = CLIPImageProcessor(size=size, crop_size=size)
+    assert backend.preprocessing.pad_color == (122, 116, 104)
+    for height, width in ((40, 28), (21, 64)):
+        picture = (np.random.default_rng(height).random((height, width, 3)) * 255).astype(np.uint8)
+        side = max(height, width)
+        square = Image.new("RGB", (side, side), (122, 116, 104))       # LLaVA's expand2square
+        square.paste(Image.fromarray(picture), ((side - width) // 2, (side - height) // 2))
+        expected = processor(images=square, return_tensors="pt")["pixel_values"]
+        got = backend.preprocess(picture)
+        assert got.shape == expected.shape == (1, 3, size, size)
+        assert (got - expected).abs().max() <= 0.02
+        assert expected.min() < -1.05 or expected.max() > 1.05   # CLIP-normalised, not [-1, 1]
 
 
 def test_lora_adapter_is_merged(released):

@@ -47,7 +47,7 @@ def test_describe_with_sam(sam_engine):
     result = sam_engine.ground(image(), QUESTION, on_token=lambda text, n: streamed.append((text, n)))
     assert result.mode == "describe" and result.query == QUESTION
     tokenizer = sam_engine.backend.tokenizer
-    assert result.answer == tokenizer.decode(result.token_ids, skip_special_tokens=True).strip()
+    assert result.answer == tokenizer.decode(result.token_ids, skip_special_tokens=True)  # unstripped, as grouped
     assert tokenizer.eos_token_id not in result.token_ids
     # Every noun chunk of the answer is grounded (no filters by default).
     answer, spans = token_spans(result.token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
@@ -176,15 +176,41 @@ def test_llava_v1_prompt_and_image_token_split(fallback_engine):
     tokenizer = backend.tokenizer
     before, after = backend.prompt_ids("What is on the table?")
     assert before[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in after
+    # The paper's GCG template (LLaVA's conv_llava_v1) unless the model says otherwise.
+    assert backend.conversation == "llava_v1"
     assert tokenizer.decode(before, skip_special_tokens=True) == (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the user's questions. USER: ")
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions. USER: ")
     assert tokenizer.decode(after) == "\nWhat is on the table? ASSISTANT:"
     visual = backend.encode(image())
     prompt = backend.prompt(visual, "What is on the table?")
     assert prompt.image_start == len(before) and prompt.n_image == visual.shape[0] == 36
     assert prompt.embeds.shape == (1, len(before) + 36 + len(after), visual.shape[1])
     torch.testing.assert_close(prompt.embeds[0, len(before):len(before) + 36], visual)
+
+
+def test_conversation_template_is_a_setting():
+    """LLaVA's conv_vicuna_v1 (what Vicuna, LLaVA-1.5 and DiffLMM were trained with) on request."""
+    engine = build_engine("tiny-random", refiner="threshold", conversation="vicuna_v1")
+    tokenizer = engine.backend.tokenizer
+    before, _ = engine.backend.prompt_ids("What is on the table?")
+    assert tokenizer.decode(before, skip_special_tokens=True) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: ")
+    with pytest.raises(ValueError, match="conversation must be one of vicuna_v1, llava_v1"):
+        build_engine("tiny-random", conversation="chatml")
+
+
+def test_paper_settings_are_the_default_and_dtype_auto_follows_the_device():
+    from groundlmm_ros.models.presets import resolve_dtype
+
+    engine = build_engine("tiny-difflmm-random", refiner="threshold")
+    assert (engine.combine, engine.normalise, engine.backend.conversation) == ("max", True, "llava_v1")
+    assert engine.backend.dtype == torch.float32               # dtype "auto" on the CPU
+    assert resolve_dtype("auto", "cuda:1") == "float16" and resolve_dtype("auto", "cpu") == "float32"
+    assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, float16, bfloat16"):
+        build_engine("tiny-random", dtype="float8")
 
 
 @pytest.mark.parametrize("height, width, top, left", [(20, 50, 15, 0), (50, 20, 0, 15), (21, 50, 14, 0)])

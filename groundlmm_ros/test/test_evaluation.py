@@ -11,7 +11,7 @@ import pytest
 from groundlmm_ros.engine.types import GroundedPhrase, Grounding
 from groundlmm_ros.evaluation import (held_out_scenes, mask_iou, match_describe, phrase_names, point_in_mask,
                                       score_describe, score_refer)
-from groundlmm_ros.training.recipe import demo_model_dir
+from groundlmm_ros.models.presets import demo_model_dir
 from groundlmm_ros.world import SceneObject
 
 

@@ -1,4 +1,4 @@
-"""Attend-and-segment: image + query -> Grounding (PAPER.md section 1), ROS-free.
+"""Attend-and-segment: image + query -> Grounding (docs/method.md), ROS-free.
 
 describe: the model answers the query greedily; every noun phrase of the
     answer gets a heat map, a point and a mask.
@@ -35,7 +35,7 @@ class Engine:
     """One model backend + one refiner. Options (all keyword):
 
     spacy_model: spaCy pipeline for noun chunks.
-    combine: "mean" (the reference GCG code) | "max" | "first", how a phrase's token maps merge.
+    combine: "max" (the paper's GCG) | "mean" | "first", how a phrase's token maps merge.
     upsample: "pad" | "resize" (default: "pad" when the backend pads to square).
     normalise: subtract the answer's mean map (the paper; a toy model may turn it off).
     refer_question: the user turn that the referring expression answers in refer mode.
@@ -113,7 +113,7 @@ class Engine:
         if mode == "describe":
             def tokens_arrived(ids):
                 if on_token is not None:
-                    on_token(self._decode(ids).strip(), len(ids))
+                    on_token(self._decode(ids), len(ids))
 
             limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
             with stage("generate"):
@@ -127,7 +127,7 @@ class Engine:
             with stage("teacher_force"):
                 maps = self.backend.teacher_force(visual_tokens, self.refer_question, answer_ids)
             if on_token is not None:
-                on_token(self._decode(answer_ids).strip(), len(answer_ids))
+                on_token(self._decode(answer_ids), len(answer_ids))
             with stage("phrases"):
                 answer, spans = token_spans(answer_ids, self._decode)
                 phrases = [referred_phrase(answer, spans, self.nlp)]

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 COMBINE = ("mean", "max", "first")
-# The reference's GCG script (groundLMM aas/gcg.py, group_tokens then attns.mean) averages
-# a phrase's root-token maps; PAPER.md's "max" disagrees with that code, and the code wins.
-DEFAULT_COMBINE = "mean"
+# The reference's GCG script takes the element-wise max of a phrase's root-token maps
+# (groundLMM aas/gcg.py --group-aggregation, default max; aas/gcg.sh passes max); its first
+# commit averaged them ("mean").
+DEFAULT_COMBINE = "max"
 UPSAMPLE = ("pad", "resize")
 
 

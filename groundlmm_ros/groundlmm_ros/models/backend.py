@@ -21,14 +21,55 @@ from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
 from groundlmm_ros.engine.types import Cancelled
 
 IMAGE_PLACEHOLDER = "<image>"
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+# LLaVA's conversation templates for one user turn (llava/conversation.py in LLaVA and in the
+# reference code): roles "USER"/"ASSISTANT", separators " " and "</s>"; only the system line differs.
+# Vicuna v1.5 and LLaVA-1.5 (and so DiffLMM) were TRAINED with vicuna_v1; the paper's GCG scripts
+# (the reference's aas/infer_attn.py, --conv-mode default "llava_v1") PROMPT with llava_v1.
+CONVERSATIONS = {
+    "vicuna_v1": ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+    "llava_v1": ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions."),
+}
+PAPER_CONVERSATION = "llava_v1"
 
 
-def llava_v1_prompt(question: str, system: str = VICUNA_SYSTEM) -> str:
-    """LLaVA's `conv_llava_v1` (separators " " and "</s>") for one user turn with
-    the image first, ending where the assistant's answer begins."""
-    return f"{system} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+def llava_v1_prompt(question: str, conversation: str = PAPER_CONVERSATION) -> str:
+    """One user turn of a LLaVA v1 conversation template with the image first, ending where
+    the assistant's answer begins: "{system} USER: <image>\n{question} ASSISTANT:"."""
+    if conversation not in CONVERSATIONS:
+        raise ValueError(f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
+    return f"{CONVERSATIONS[conversation]} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+
+
+# OpenAI CLIP's statistics: CLIPImageProcessor's defaults and what llava-hf ships.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a checkpoint's images became pixel values in training, so inference must repeat it:
+    pad to square with `pad_color`, bicubic resize, then (x / 255 - mean) / std per channel."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pad_color: tuple[int, int, int]
+
+    @classmethod
+    def llava(cls, mean=CLIP_MEAN, std=CLIP_STD) -> "Preprocessing":
+        """LLaVA's `process_images` with image_aspect_ratio "pad": expand2square fills with
+        int(255 * mean) of the image processor ((122, 116, 104) for CLIP's mean)."""
+        return cls(tuple(mean), tuple(std), tuple(int(255 * m) for m in mean))
+
+    def pixel_values(self, image: np.ndarray, size: int) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32."""
+        return to_pixel_values(pad_to_square(image, self.pad_color), size, self.mean, self.std)
+
+
+# The released LLaVA-1.5 and DiffLMM weights were trained on these pixels. (DiffLMM's code asks
+# CLIPImageProcessor for mean = std = 0.5, but through keywords the class does not take, so the
+# processor kept CLIP's statistics: the reference's llava/model/multimodal_encoder/sd_encoder.py.)
+CLIP_PREPROCESSING = Preprocessing.llava()
 
 
 def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
@@ -66,6 +107,7 @@ class Backend(Protocol):
     grid: tuple[int, int]             # (rows, columns) of the visual tokens, e.g. (24, 24)
     pads_to_square: bool              # preprocessing pads to a square (heat maps undo it)
     tokenizer: object                 # a transformers tokenizer (__call__, decode)
+    conversation: str                 # the prompt template, a CONVERSATIONS name
     end_ids: set[int]                 # ids that end an answer (the tokenizer's EOS)
 
     def encode(self, image: np.ndarray) -> torch.Tensor:
@@ -93,16 +135,14 @@ class LlavaStyleBackend:
     pads_to_square = True
 
     def __init__(self, lm, tokenizer, *, grid: tuple[int, int], image_size: int,
-                 image_mean, image_std, pad_color: tuple[int, int, int] | None = None,
-                 system: str = VICUNA_SYSTEM):
+                 preprocessing: Preprocessing = CLIP_PREPROCESSING, conversation: str = PAPER_CONVERSATION):
         self.lm = lm.eval()
         self.tokenizer = tokenizer
         self.grid = grid
         self.image_size = image_size
-        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        # LLaVA pads with the processor mean as a colour; DiffLMM passes (127, 127, 127).
-        self.pad_color = pad_color or tuple(int(m * 255) for m in self.image_mean)
-        self.system = system
+        self.preprocessing = preprocessing
+        llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
+        self.conversation = conversation
         self.end_ids = {tokenizer.eos_token_id}
         self.lm.set_attn_implementation(self._attention_target())
 
@@ -123,8 +163,7 @@ class LlavaStyleBackend:
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, image_size, image_size) on the model's device."""
-        square = pad_to_square(image, self.pad_color)
-        return to_pixel_values(square, self.image_size, self.image_mean, self.image_std).to(self.device)
+        return self.preprocessing.pixel_values(image, self.image_size).to(self.device)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(1, 3, S, S) -> (N_image, hidden). The model-specific part."""
@@ -144,7 +183,7 @@ class LlavaStyleBackend:
     def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids before and after "<image>", the way LLaVA's tokenizer_image_token
         does it: each chunk tokenized on its own, the BOS kept only on the first."""
-        before, after = llava_v1_prompt(question, self.system).split(IMAGE_PLACEHOLDER)
+        before, after = llava_v1_prompt(question, self.conversation).split(IMAGE_PLACEHOLDER)
         ids_before = self.tokenizer(before).input_ids
         ids_after = self.tokenizer(after).input_ids
         bos = self.tokenizer.bos_token_id

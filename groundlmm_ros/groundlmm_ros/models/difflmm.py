@@ -2,7 +2,7 @@
 encoder is one Stable Diffusion UNet pass, conditioned on CLIP through an
 implicit captioner.
 
-    pixels (B, 3, R, R) in [-1, 1]
+    pixels (B, 3, R, R), normalised as the checkpoint's `Preprocessing` says
       ├─ CLIP ViT (input resized to its own size) → penultimate patch tokens (B, N, C_clip)
       │     └─ captioner: clip_projector + clip_pe → (B, N, C_xattn), the UNet's text condition
       └─ VAE encode → latents (B, 4, L, L) → DDIM add_noise at t → UNet; the output of
@@ -27,15 +27,17 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from groundlmm_ros.models.backend import LlavaStyleBackend
-from groundlmm_ros.models.llava import CLIP_MEAN, CLIP_STD
+from groundlmm_ros.models.backend import (CLIP_MEAN, CLIP_PREPROCESSING, CLIP_STD, PAPER_CONVERSATION, LlavaStyleBackend,
+                                         Preprocessing)
 from groundlmm_ros.models.tiny import tiny_tokenizer
 
 MODEL_TYPE = "difflmm"
 # The CLIP hidden state DiffLMM reads: the penultimate, as LLaVA-1.5 reads its CLIP.
 CLIP_READ_LAYER = -2
-# DiffLMM's own input normalisation (CLIPImageProcessor with mean = std = 0.5): values in [-1, 1].
-DIFFLMM_MEAN = DIFFLMM_STD = (0.5, 0.5, 0.5)
+# What the tower undoes before applying CLIP's statistics: the reference's sd_to_clip_img
+# hard-codes x * 0.5 + 0.5, whatever normalisation the pixels really had (the released weights
+# were trained with CLIP's, see CLIP_PREPROCESSING), and the weights were trained so: keep it.
+TOWER_UNDO_MEAN = TOWER_UNDO_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass
@@ -54,10 +56,14 @@ class DiffLMMConfig:
     timestep: int = 100          # DDIM noise level of the single UNet pass (mm_vision_sd_timestep)
     feature_block: int = 1       # index of the UNet up block whose output is read (mm_vision_select_layer)
     seed: int = 0                # seed of the VAE sample and the diffusion noise, reset on every image
-    pad_value: int = 127         # grey of the pad-to-square border, (127, 127, 127) in the reference
+    # The pixels the weights were trained on (Preprocessing); default: the released DiffLMM's.
+    image_mean: tuple = CLIP_PREPROCESSING.mean
+    image_std: tuple = CLIP_PREPROCESSING.std
+    pad_color: tuple = CLIP_PREPROCESSING.pad_color
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. the demo model's recipe)
 
     def __post_init__(self):
+        self.image_mean, self.image_std, self.pad_color = map(tuple, (self.image_mean, self.image_std, self.pad_color))
         n_up = len(self.unet["up_block_types"])
         if not 0 <= self.feature_block < n_up - 1:
             raise ValueError(f"feature_block {self.feature_block} must name a UNet up block with an upsampler "
@@ -71,6 +77,10 @@ class DiffLMMConfig:
         if clip_grid != self.grid:
             raise ValueError(f"CLIP grid {clip_grid} (image_size/patch_size) != UNet feature grid {self.grid}: "
                              "the projector concatenates the two per patch")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.image_mean, self.image_std, self.pad_color)
 
     @property
     def latent_size(self) -> int:
@@ -220,20 +230,19 @@ class SDCLIPVisionTower(nn.Module):
         self.eval()
 
     def clip_patch_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> (B, N, C_clip) penultimate-layer patch tokens (CLS dropped)."""
+        """(B, 3, R, R) -> (B, N, C_clip) penultimate-layer patch tokens (CLS dropped)."""
         hidden = self.clip(pixel_values=self.clip_inputs(pixels), output_hidden_states=True).hidden_states
         return hidden[CLIP_READ_LAYER][:, 1:]
 
     def clip_inputs(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> (B, 3, S, S): CLIP's own size and normalisation."""
+        """(B, 3, R, R) -> (B, 3, S, S): CLIP's own size; the fixed x * 0.5 + 0.5, then CLIP's mean/std."""
         size = self.clip.config.image_size
         x = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False)
 
         def per_channel(values):
             return x.new_tensor(values).view(1, 3, 1, 1)
 
-        # Undo DiffLMM's normalisation, apply CLIP's.
-        return (x * per_channel(DIFFLMM_STD) + per_channel(DIFFLMM_MEAN) - per_channel(CLIP_MEAN)) / per_channel(CLIP_STD)
+        return (x * per_channel(TOWER_UNDO_STD) + per_channel(TOWER_UNDO_MEAN) - per_channel(CLIP_MEAN)) / per_channel(CLIP_STD)
 
     def noisy_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B, 3, R, R) -> (B, 4, L, L): VAE sample x scaling factor, then DDIM add_noise at t.
@@ -304,7 +313,7 @@ class DiffLMM(nn.Module):
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor, stage=lambda name: nullcontext()) -> torch.Tensor:
-        """(B, 3, R, R) in [-1, 1] -> (B, N, hidden) visual tokens, N = G*G in row-major patch order.
+        """(B, 3, R, R) pixel values -> (B, N, hidden) visual tokens, N = G*G in row-major patch order.
         stage(name): a context manager around each step ("clip", "vae", "unet", "projector"),
         for benchmarks that time them."""
         expected = (3, self.config.image_size, self.config.image_size)
@@ -340,17 +349,17 @@ def build_difflmm(config: DiffLMMConfig, dtype: torch.dtype = torch.float32,
 
 class DiffLMMBackend(LlavaStyleBackend):
     """DiffLMM behind the engine's backend protocol: the shared LLaVA-style code does the
-    template, pad-to-square preprocessing and generation; this supplies the visual tokens."""
+    template, pad-to-square preprocessing (as the checkpoint's config records it) and
+    generation; this supplies the visual tokens."""
 
-    def __init__(self, model: DiffLMM, tokenizer):
+    def __init__(self, model: DiffLMM, tokenizer, conversation: str = PAPER_CONVERSATION):
         self.model = model.eval()
         config = model.config
         super().__init__(model.language_model, tokenizer, grid=(config.grid, config.grid),
-                         image_size=config.image_size, image_mean=DIFFLMM_MEAN, image_std=DIFFLMM_STD,
-                         pad_color=(config.pad_value,) * 3)
+                         image_size=config.image_size, preprocessing=config.preprocessing, conversation=conversation)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(1, 3, R, R) in [-1, 1] -> (N_image, hidden)."""
+        """(1, 3, R, R) -> (N_image, hidden)."""
         return self.model.encode_image(pixel_values)[0]
 
 

@@ -5,22 +5,19 @@ import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
-from groundlmm_ros.models.backend import LlavaStyleBackend
-
-# CLIPImageProcessor's statistics, as llava-hf/llava-1.5-7b-hf ships them.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from groundlmm_ros.models.backend import CLIP_PREPROCESSING, LlavaStyleBackend
 
 
 class LlavaBackend(LlavaStyleBackend):
     """model: LlavaForConditionalGeneration; the vision tower keeps its own attention,
-    only the text model records."""
+    only the text model records. Pixels as LLaVA-1.5 was trained: pad to square with CLIP's
+    mean colour, CLIP's mean/std."""
 
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer):
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
         super().__init__(model, tokenizer, grid=(side, side), image_size=vision.image_size,
-                         image_mean=CLIP_MEAN, image_std=CLIP_STD)
+                         preprocessing=CLIP_PREPROCESSING)
 
     def _attention_target(self):
         return {"text_config": RECORDING_ATTENTION}

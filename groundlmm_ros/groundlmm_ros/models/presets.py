@@ -1,7 +1,8 @@
 """Models by name: build_engine("tiny-random"), build_engine("llava-1.5-7b"), or a path.
 
-A preset is one row of PRESETS: how to build its backend, optionally a SAM
-that comes with it (random tiny SAMs for tests), and engine option defaults.
+A preset is one row of PRESETS: how to build its backend (or the directory it is),
+optionally a SAM that comes with it (random tiny SAMs for tests), and the settings
+in which it differs from the paper's defaults.
 Add a model by adding a row (and, for a directory format, a LOADERS entry
 keyed by its config.json "model_type").
 """
@@ -11,24 +12,46 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
+from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
 from groundlmm_ros.models.difflmm import tiny_difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.llava import LlavaBackend, load_llava
 
 REFINERS = ("auto", "sam", "colour", "threshold")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+# What a model directory written by `groundlmm train` records in config.json's extra.training.
+RECORDED_SETTINGS = ("normalise", "combine", "conversation")
 
 
 @dataclass
 class Preset:
-    backend: Callable[[str, str, int], object]           # (device, dtype, seed) -> backend
-    sam: Callable[[int], object] | None = None           # seed -> segment_anything Sam, when the preset ships one
-    engine_options: dict = field(default_factory=dict)   # defaults for Engine(...)
+    """A model by name. `settings`: what the model carries that differs from the paper's
+    defaults (Engine options, and "conversation", its prompt template)."""
+    backend: Callable[[str, str, int], object] | None = None   # (device, dtype, seed) -> backend
+    directory: Callable[[], object] | None = None   # or: the model is this directory (its loader, its settings)
+    sam: Callable[[int], object] | None = None      # seed -> segment_anything Sam, when the preset ships one
+    settings: dict = field(default_factory=dict)
+
+
+def demo_model_dir() -> Path:
+    """Where the shipped demo model lives: groundlmm_ros/model/ in a source or editable
+    checkout, share/groundlmm_ros/model/ in a colcon install (setup.py installs model/*)."""
+    source = Path(__file__).resolve().parents[2] / "model"
+    if (source / "config.json").is_file():
+        return source
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return Path(get_package_share_directory("groundlmm_ros")) / "model"
+    except (ImportError, LookupError, OSError):  # no ament index, or the package is not in it
+        return source
 
 
 def _tiny_llava(device: str, dtype: str, seed: int) -> LlavaBackend:
@@ -37,25 +60,19 @@ def _tiny_llava(device: str, dtype: str, seed: int) -> LlavaBackend:
     return LlavaBackend(model, tokenizer)
 
 
-def _demo_difflmm(device: str, dtype: str, seed: int):
-    from groundlmm_ros.training.recipe import demo_model_dir  # the shipped model's folder
-
-    return load_difflmm_backend(str(demo_model_dir()), device=device, dtype=dtype)
-
-
 PRESETS: dict[str, Preset] = {
     # The shipped demo model: a miniature DiffLMM trained here on synthetic scenes with captions
-    # only (groundlmm_ros/model/MODEL_CARD.md). Mean-map subtraction: chosen on validation scenes.
-    "demo": Preset(_demo_difflmm, engine_options={"normalise": False, "max_new_tokens": 40}),
+    # only (groundlmm_ros/model/MODEL_CARD.md); its directory records its own settings.
+    "demo": Preset(directory=demo_model_dir, settings={"max_new_tokens": 40}),
     # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
-    "tiny-random": Preset(_tiny_llava, sam=tiny.tiny_sam, engine_options={"max_new_tokens": 24}),
-    # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline).
+    "tiny-random": Preset(_tiny_llava, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline); the paper's settings.
     "llava-1.5-7b": Preset(lambda device, dtype, seed: load_llava("llava-hf/llava-1.5-7b-hf", device=device,
                                                                   dtype=dtype)),
     # Tiny random DiffLMM (same code as the 7B one) + tiny random SAM: tests, CI.
-    "tiny-difflmm-random": Preset(tiny_difflmm_backend, sam=tiny.tiny_sam, engine_options={"max_new_tokens": 24}),
-    # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP);
-    # other directories: difflmm_checkpoint.released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
+    "tiny-difflmm-random": Preset(tiny_difflmm_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP), with
+    # the paper's settings; other directories: released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
 }
 
@@ -67,9 +84,9 @@ LOADERS: dict[str, Callable[..., object]] = {
 
 
 def _from_directory(path: str, device: str, dtype: str) -> tuple[object, dict]:
-    """A model directory's backend (by config.json "model_type") and the engine defaults it
-    carries: a directory written by `groundlmm train` records the mean-map setting its
-    validation chose (extra.training.normalise); the paper's default (on) would ruin its maps."""
+    """A model directory's backend (by config.json "model_type") and the settings it records
+    (extra.training, written by `groundlmm train`: e.g. the mean-map setting its validation
+    chose; the paper's default, on, would ruin the demo model's maps)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
@@ -79,27 +96,43 @@ def _from_directory(path: str, device: str, dtype: str) -> tuple[object, dict]:
     if model_type not in LOADERS:
         raise ValueError(f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})")
     training = config.get("extra", {}).get("training", {})
-    defaults = {"normalise": training["normalise"]} if "normalise" in training else {}
-    return LOADERS[model_type](path, device=device, dtype=dtype), defaults
+    recorded = {name: training[name] for name in RECORDED_SETTINGS if name in training}
+    return LOADERS[model_type](path, device=device, dtype=dtype), recorded
 
 
-def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", refiner: str = "auto",
-                 sam_checkpoint: str = "", sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
-    """model: a PRESETS name or a model directory (its own engine defaults apply, then
-    engine_options). refiner: "auto" (SAM when a checkpoint is
-    given or the preset ships one, else the colour fallback), "sam", or a weight-free fallback: "colour"
-    (ColourRefiner) or "threshold" (ThresholdRefiner)."""
+def resolve_dtype(dtype: str, device: str) -> str:
+    """"auto": half precision on CUDA (float16, as the reference runs the paper's models), float32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "float16" if torch.device(device).type == "cuda" else "float32"
+    return dtype
+
+
+def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conversation: str = "",
+                 refiner: str = "auto", sam_checkpoint: str = "", sam_prompt: str = "point", seed: int = 0,
+                 **engine_options) -> Engine:
+    """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
+    conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
+    paper's models). refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
+    else the colour fallback), "sam", or a weight-free fallback: "colour" (ColourRefiner) or
+    "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
-    if not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ValueError(f"dtype must name a torch dtype (float32, bfloat16, float16), got {dtype!r}")
+    dtype = resolve_dtype(dtype, device)
+    if conversation and conversation not in CONVERSATIONS:
+        raise ValueError(f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
     preset = PRESETS.get(model)
     if refiner == "sam" and not sam_checkpoint and not (preset and preset.sam):
         raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
-    if preset:
-        backend, defaults = preset.backend(device, dtype, seed), preset.engine_options
+    if preset and preset.backend:
+        backend, settings = preset.backend(device, dtype, seed), preset.settings
     else:
-        backend, defaults = _from_directory(model, device, dtype)
+        backend, recorded = _from_directory(str(preset.directory()) if preset else model, device, dtype)
+        settings = {**recorded, **(preset.settings if preset else {})}
+    options = {**settings, **engine_options}
+    backend.conversation = conversation or options.pop("conversation", PAPER_CONVERSATION)
+    options.pop("conversation", None)
 
     sam = None
     if refiner in ("auto", "sam"):
@@ -112,4 +145,4 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "float32", ref
     else:
         chosen = ThresholdRefiner() if refiner == "threshold" else ColourRefiner()
 
-    return Engine(backend, chosen, seed=seed, **{**defaults, **engine_options})
+    return Engine(backend, chosen, seed=seed, **options)

@@ -90,7 +90,7 @@ class GroundingNode(LifecycleNode):
         try:
             from groundlmm_ros.models.presets import build_engine  # torch is imported only now
             self._engine = build_engine(params.model, device=params.device, dtype=params.dtype,
-                                        refiner=params.refiner, sam_checkpoint=params.sam_checkpoint,
+                                        conversation=params.conversation, refiner=params.refiner, sam_checkpoint=params.sam_checkpoint,
                                         seed=params.seed, **params.engine_kwargs())
         except Exception as error:  # a bad model path or preset must leave the node unconfigured, alive
             self.get_logger().error(f"configure failed: cannot build model {params.model!r}: "

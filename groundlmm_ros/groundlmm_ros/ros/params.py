@@ -21,7 +21,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     # The model (read at configure).
     "model": ("demo", "model preset name or model directory"),
     "device": ("cpu", "torch device: cpu, cuda, cuda:1, ..."),
-    "dtype": ("float32", "float32, float16 or bfloat16"),
+    "dtype": ("auto", "auto (float16 on CUDA, float32 on the CPU), float32, float16 or bfloat16"),
+    "conversation": ("", "prompt template: llava_v1 (the paper's GCG) or vicuna_v1; empty: the model's own"),
     "refiner": ("auto", "point-to-mask refiner: auto, sam, colour or threshold (the weight-free fallbacks)"),
     "sam_checkpoint": ("", "SAM checkpoint path (refiner sam/auto)"),
     "seed": (0, "random seed of the model build and sampling"),
@@ -57,6 +58,7 @@ class NodeParams:
     model: str
     device: str
     dtype: str
+    conversation: str
     refiner: str
     sam_checkpoint: str
     seed: int

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
-from ..models.backend import IMAGE_PLACEHOLDER, VICUNA_SYSTEM, llava_v1_prompt
+from ..models.backend import IMAGE_PLACEHOLDER, Preprocessing, llava_v1_prompt
 from ..models.difflmm import DiffLMMConfig
 from ..world import COLOURS, SHAPES
 
@@ -30,6 +29,14 @@ GRID = 8                 # visual tokens per side, whatever the input size
 DESCRIBE_QUESTION = "Describe the image in detail."   # the paper's GCG prompt
 QUESTIONS = (DESCRIBE_QUESTION, "Describe the image.", "What is in the image?")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")    # ids 0..3, as Llama orders them
+# The demo model's own settings, recorded in the directory it is saved to (presets.py reads them):
+# trained with Vicuna's template (as LLaVA-1.5 was; its word-level vocabulary has no "human"),
+# on pixels in [-1, 1] padded with grey (DiffLMM's code as written, not as it ran: backend.py).
+DEMO_CONVERSATION = "vicuna_v1"
+DEMO_PREPROCESSING = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pad_color=(127, 127, 127))
+# Validation scores phrases with the mean of their root tokens' maps. With the word-level
+# tokenizer a root is one token, so mean, max and first give the same map.
+DEMO_COMBINE = "mean"
 
 
 def demo_tokenizer() -> PreTrainedTokenizerFast:
@@ -38,7 +45,7 @@ def demo_tokenizer() -> PreTrainedTokenizerFast:
     Whitespace is not part of a token, so "the red circle" tokenizes the same at the
     start of an answer, inside a caption and as a refer-mode expression; the WordPiece
     decoder rejoins words with spaces and no space before punctuation."""
-    prompt = llava_v1_prompt(" ".join(QUESTIONS), VICUNA_SYSTEM).replace(IMAGE_PLACEHOLDER, " ")
+    prompt = llava_v1_prompt(" ".join(QUESTIONS), DEMO_CONVERSATION).replace(IMAGE_PLACEHOLDER, " ")
     words = pre_tokenizers.Whitespace().pre_tokenize_str(prompt.lower())
     vocabulary = list(SPECIAL_TOKENS)
     for word in [w for w, _ in words] + "a an the there is and , .".split() + list(COLOURS) + list(SHAPES):
@@ -114,18 +121,6 @@ def demo_config(vocab_size: int, seed: int = 0, recipe: Recipe = Recipe()) -> Di
     # The UNet's up_blocks[1] gives latent/2 * 2 = latent: an 8 x 8 grid from an 8 x 8 latent;
     # from a 16 x 16 latent the 8 x 8 grid is up_blocks[0]'s output.
     return DiffLMMConfig(unet=unet_config, vae=vae_config, scheduler=scheduler_config, clip=clip, llama=llama,
-                         image_size=size, timestep=100, feature_block=1 if latent == GRID else 0, seed=seed)
-
-
-def demo_model_dir() -> Path:
-    """Where the shipped demo model lives: groundlmm_ros/model/ in a source or editable
-    checkout, share/groundlmm_ros/model/ in a colcon install (setup.py installs model/*)."""
-    source = Path(__file__).resolve().parents[2] / "model"
-    if (source / "config.json").is_file():
-        return source
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        return Path(get_package_share_directory("groundlmm_ros")) / "model"
-    except (ImportError, LookupError, OSError):  # no ament index, or the package is not in it
-        return source
+                         image_size=size, timestep=100, feature_block=1 if latent == GRID else 0, seed=seed,
+                         image_mean=DEMO_PREPROCESSING.mean, image_std=DEMO_PREPROCESSING.std,
+                         pad_color=DEMO_PREPROCESSING.pad_color)

@@ -43,12 +43,12 @@ from diffusers import AutoencoderKL
 from ..engine.engine import Engine
 from ..engine.refiners import ColourRefiner
 from ..evaluation import evaluate
-from ..models.backend import pad_to_square, to_pixel_values
-from ..models.difflmm import CLIP_READ_LAYER, DIFFLMM_MEAN, DIFFLMM_STD, DiffLMM, DiffLMMBackend, explicit
+from ..models.difflmm import CLIP_READ_LAYER, DiffLMM, DiffLMMBackend, explicit
 from ..models.difflmm_checkpoint import save_difflmm
 from ..world import COLOURS, SHAPES, make_scenes
 from ..world.scenes import caption_for
-from .recipe import DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, Recipe, demo_config, demo_tokenizer
+from .recipe import (DEMO_COMBINE, DEMO_CONVERSATION, DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, Recipe, demo_config,
+                     demo_tokenizer)
 
 TRAIN_SEED = 1          # scene stream of training (evaluation.EVAL_SEED is the held-out one)
 VALIDATION_SEED = 2     # scenes that choose the checkpoint; never the held-out evaluation scenes
@@ -236,7 +236,7 @@ def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.ra
 
 
 def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
-    engine = Engine(backend, ColourRefiner(), normalise=normalise, max_new_tokens=40)
+    engine = Engine(backend, ColourRefiner(), normalise=normalise, combine=DEMO_COMBINE, max_new_tokens=40)
     return evaluate(engine, validation, DESCRIBE_QUESTION)
 
 
@@ -284,7 +284,8 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
             metrics = scores[normalise]
             score = metrics["refer_pointing_accuracy"] + metrics["describe_mask_recall"]
             if score > best["score"]:
-                best = {"score": score, "step": step + 1, "normalise": normalise, "validation": metrics}
+                best = {"score": score, "step": step + 1, "normalise": normalise, "combine": DEMO_COMBINE,
+                        "conversation": DEMO_CONVERSATION, "validation": metrics}
                 model.config.extra["training"] = {k: v for k, v in best.items() if k != "score"}
                 save_difflmm(model, backend.tokenizer, output)
                 log(f"saved step {step + 1} to {output} (normalise={normalise})")
@@ -305,13 +306,13 @@ def train(output: str | Path, budget: Budget = Budget(), recipe: Recipe = Recipe
     config = demo_config(len(tokenizer), seed, recipe)
     log(f"{budget.scenes} training scenes (seed {TRAIN_SEED}), budget {asdict(budget)}, recipe {asdict(recipe)}")
     scenes = make_scenes(budget.scenes, seed=TRAIN_SEED, size=SCENE_SIZE)
-    pixels = torch.cat([to_pixel_values(pad_to_square(s.image, (config.pad_value,) * 3), config.image_size,
-                                        DIFFLMM_MEAN, DIFFLMM_STD) for s in scenes]).to(device)  # (n, 3, R, R)
+    pixels = torch.cat([config.preprocessing.pixel_values(s.image, config.image_size)
+                        for s in scenes]).to(device)  # (n, 3, R, R)
     vae = AutoencoderKL.from_config(explicit(config.vae)).to(device)
     train_vae(vae, pixels, budget, log)
     config.vae = dict(vae.config)
     model = DiffLMM(config, vae=vae).to(device)   # drops the decoder; tower frozen, eval mode
-    backend = DiffLMMBackend(model, tokenizer)
+    backend = DiffLMMBackend(model, tokenizer, DEMO_CONVERSATION)
     train_clip(model, pixels, [s.caption for s in scenes], budget, log, recipe.tag_layer)
     train_denoiser(model, pixels, budget, log)
     log("computing the frozen tower's features of every training scene")
