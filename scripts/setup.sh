@@ -34,7 +34,8 @@ if ! up_to_date requirements "$reqs_stamp"; then
 fi
 
 # The message wheels' exported cmake files name the wheel builder's python and
-# numpy include dirs (ENVIRONMENT.md, trap 2): point them at this venv's.
+# numpy include dirs (the wheels are built in manylinux containers under /opt/python):
+# point them at this venv's, or cmake fails to find Python.h and numpy's headers.
 fix_wheel_cmake_paths() {
   local py_inc np_inc
   py_inc=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')

@@ -12,7 +12,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${JAZZY_VENV:-$repo/.venv-jazzy}
 
 # Jazzy's wheels only (never beside Kilted's ros-* wheels in one venv), with
-# the build deps their metadata forgets (ENVIRONMENT.md, trap 1; Jazzy's
+# the build deps their metadata does not declare (as for Kilted; Jazzy's
 # ament_cmake_ros also wants the gmock/gtest/pytest cmake helpers); the non-ROS
 # pins come from requirements.txt, the one place they are kept.
 scratch=$(mktemp -d)

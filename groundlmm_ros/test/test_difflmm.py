@@ -14,7 +14,8 @@ from groundlmm_ros.models.presets import build_engine
 
 torch.set_num_threads(1)
 
-# PAPER.md section 4: the 14 tensors of non_lora_trainables.bin (after the prefix), 7B shapes.
+# The reference's SDCLIPBlock (llava/model/multimodal_projector/builder.py): the 14 tensors of
+# non_lora_trainables.bin (after the prefix), 7B shapes.
 RELEASED_PROJECTOR = {
     "clip_pe": (576, 768), "vt_pe": (576, 4096),
     "clip_projector.0.weight": (768, 1024), "clip_projector.0.bias": (768,),

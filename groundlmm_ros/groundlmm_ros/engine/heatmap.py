@@ -1,4 +1,4 @@
-"""Token maps -> phrase heat maps in image pixels -> point prompts (PAPER.md section 1 steps 3, 5, 6).
+"""Token maps -> phrase heat maps in image pixels -> point prompts (docs/method.md, steps 3, 5, 6).
 
 Maps are torch tensors on the grid of visual tokens: (T, h, w) per answer token;
 heat maps are numpy (H, W) float32 in input-image pixels.

@@ -1,6 +1,6 @@
 """Attention recorder: per generated token, the attention of the query row that
 predicts it over the image-token key columns, averaged over all heads and all
-layers (PAPER.md section 1 step 2), reduced on the fly inside SDPA.
+layers (docs/method.md, step 2), reduced on the fly inside SDPA.
 
 The reference keeps `generate(output_attentions=True)`'s eager tensors
 (layers x heads x queries x keys per step). Here the model runs on SDPA under

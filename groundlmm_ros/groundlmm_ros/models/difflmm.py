@@ -1,4 +1,4 @@
-"""DiffLMM (PAPER.md sections 2 and 4): a LLaVA-1.5-style LMM whose visual
+"""DiffLMM (docs/method.md, section 2): a LLaVA-1.5-style LMM whose visual
 encoder is one Stable Diffusion UNet pass, conditioned on CLIP through an
 implicit captioner.
 

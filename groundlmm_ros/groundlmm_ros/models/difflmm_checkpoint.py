@@ -1,6 +1,6 @@
 """Loading DiffLMM weights from disk, in two layouts.
 
-The RELEASED layout (PAPER.md section 4), as users have it:
+The RELEASED layout (docs/method.md, section 2), as users have it:
     adapter_dir/  config.json (LLaVA fields), adapter_config.json,
                   adapter_model.safetensors or adapter_model.bin (peft LoRA),
                   non_lora_trainables.bin (the SDCLIPBlock, keys base_model.model.model.mm_projector.*)
