@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))  # the package, uninstalled
 
+from groundlmm_ros.engine.engine import GCG_QUESTION  # noqa: E402
 from groundlmm_ros.evaluation import held_out_scenes, phrase_names, point_in_mask  # noqa: E402
 from groundlmm_ros.models.presets import build_engine  # noqa: E402
-from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, SCENE_SIZE  # noqa: E402
+from groundlmm_ros.training.recipe import SCENE_SIZE  # noqa: E402
 from groundlmm_ros.training.train import tower_features  # noqa: E402
 from groundlmm_ros.world import SHAPES, make_scenes  # noqa: E402
 
@@ -37,7 +38,7 @@ PROBE_SEED = 7
 def caption_figures(engine, count: int) -> dict:
     named = colour_only = pointed = single = single_named = total = 0
     for scene in held_out_scenes(count):
-        phrases = engine.ground(scene.image, DESCRIBE_QUESTION, mode="describe").phrases
+        phrases = engine.ground(scene.image, GCG_QUESTION, mode="describe").phrases
         for obj in scene.objects:
             hits = [p for p in phrases if phrase_names(p.text, obj)]
             named += bool(hits)

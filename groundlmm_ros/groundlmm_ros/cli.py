@@ -52,9 +52,9 @@ def add_eval(sub) -> None:
 def run_eval(args) -> None:
     import torch
 
+    from .engine.engine import GCG_QUESTION
     from .evaluation import format_table, held_out_scenes, evaluate
     from .models.presets import build_engine
-    from .training.recipe import DESCRIBE_QUESTION
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,7 +66,7 @@ def run_eval(args) -> None:
         if done % 50 == 0 or done == total:
             print(f"evaluated {done}/{total} scenes", file=sys.stderr, flush=True)
 
-    metrics = evaluate(engine, scenes, DESCRIBE_QUESTION, progress)
+    metrics = evaluate(engine, scenes, GCG_QUESTION, progress)
     metrics.update(model=args.model, refiner=args.refiner, normalise=engine.normalise)
     print(format_table(metrics))
     print(json.dumps(metrics))

@@ -27,7 +27,7 @@ from groundlmm_msgs.action import Ground
 
 from .evaluation import held_out_scenes, point_in_mask
 from .ros.conversion import numpy_to_image, to_rgb8
-from .training.recipe import DESCRIBE_QUESTION
+from .engine.engine import GCG_QUESTION
 from .world import referring_expression
 
 NODE = "groundlmm_node"
@@ -109,7 +109,7 @@ def run(out_dir: str, n_scenes: int = 3, model: str = "demo", startup_timeout: f
             while time.monotonic() < end:
                 rclpy.spin_once(client, timeout_sec=0.1)
             print(f"\nscene {k}: ground truth \"{scene.caption}\"")
-            queries = [(DESCRIBE_QUESTION, "describe")] + [(referring_expression(o), "refer") for o in scene.objects]
+            queries = [(GCG_QUESTION, "describe")] + [(referring_expression(o), "refer") for o in scene.objects]
             for q, (query, mode) in enumerate(queries):
                 result = client.ask(query, mode)
                 asked += 1

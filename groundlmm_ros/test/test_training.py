@@ -12,7 +12,8 @@ from diffusers import DDIMScheduler
 
 from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm
 from groundlmm_ros.models.presets import build_engine
-from groundlmm_ros.training.recipe import DESCRIBE_QUESTION, Recipe, demo_config, demo_tokenizer
+from groundlmm_ros.engine.engine import GCG_QUESTION
+from groundlmm_ros.training.recipe import Recipe, demo_config, demo_tokenizer
 from groundlmm_ros.training.train import (TAGS, Budget, Progress, caption_batch, caption_tags, denoiser_target,
                                           tower_features, train_captioner, train_clip)
 from groundlmm_ros.world import make_scenes
@@ -51,7 +52,7 @@ def test_train_command_on_a_tiny_budget(tmp_path):
     refer = engine.ground(scene.image, "the red circle", mode="refer")
     assert refer.answer == "the red circle" and len(refer.phrases) == 1
     assert refer.phrases[0].mask.shape == scene.image.shape[:2]
-    describe = engine.ground(scene.image, DESCRIBE_QUESTION, mode="describe", max_new_tokens=5)
+    describe = engine.ground(scene.image, GCG_QUESTION, mode="describe", max_new_tokens=5)
     assert 1 <= len(describe.token_ids) <= 5
 
 

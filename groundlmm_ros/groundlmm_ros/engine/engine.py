@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from groundlmm_ros.engine import heatmap
-from groundlmm_ros.engine.phrases import DEFAULT_SPACY, load_spacy, noun_phrases, referred_phrase, token_spans
+from groundlmm_ros.engine.backend import Backend
+from groundlmm_ros.engine.phrases import DEFAULT_SPACY, Phrase, load_spacy, noun_phrases, referred_phrase, token_spans
 from groundlmm_ros.engine.refiners import Refiner, nms_keep
 from groundlmm_ros.engine.types import MODES, Cancelled, GroundedPhrase, Grounding, InputError
 
-GCG_QUESTION = "Describe the image in detail."
+GCG_QUESTION = "Describe the image in detail."   # the paper's GCG prompt
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -29,6 +30,23 @@ def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
         return (0, 0, 0, 0)
     return (int(columns.min()), int(rows.min()), int(columns.max() - columns.min() + 1),
             int(rows.max() - rows.min() + 1))
+
+
+class Stages:
+    """Seconds per named stage of one query (`with stage("encode"): ...`), plus "total"."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def done(self) -> dict[str, float]:
+        return {**self.seconds, "total": time.perf_counter() - self.start}
 
 
 class Engine:
@@ -45,7 +63,7 @@ class Engine:
     seed: torch's global seed, reset before every query so stochastic encoders repeat.
     """
 
-    def __init__(self, backend, refiner: Refiner, *, spacy_model: str = DEFAULT_SPACY, combine: str = heatmap.DEFAULT_COMBINE,
+    def __init__(self, backend: Backend, refiner: Refiner, *, spacy_model: str = DEFAULT_SPACY, combine: str = heatmap.DEFAULT_COMBINE,
                  upsample: str | None = None, normalise: bool = True, refer_question: str = GCG_QUESTION,
                  max_query_chars: int = 1000, max_new_tokens: int = 512, min_score: float | None = None,
                  nms_iou: float | None = None, seed: int = 0):
@@ -66,9 +84,6 @@ class Engine:
         self.min_score = min_score
         self.nms_iou = nms_iou
         self.seed = seed
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.backend.tokenizer.decode(ids, skip_special_tokens=True)
 
     def check(self, image, query, mode, max_new_tokens) -> None:
         """Raise InputError for anything the model must not see."""
@@ -95,65 +110,67 @@ class Engine:
         """image: (H, W, 3) uint8 RGB. on_token(partial_answer, n_tokens) as tokens arrive;
         should_stop() between tokens raises Cancelled."""
         self.check(image, query, mode, max_new_tokens)
-        timings: dict[str, float] = {}
-
-        @contextmanager
-        def stage(name):
-            start = time.perf_counter()
-            yield
-            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-
-        start = time.perf_counter()
+        stage = Stages()
         if should_stop is not None and should_stop():
             raise Cancelled("stopped before the model ran")
         torch.manual_seed(self.seed)
         with stage("encode"):
             visual_tokens = self.backend.encode(image)
-
         if mode == "describe":
-            def tokens_arrived(ids):
-                if on_token is not None:
-                    on_token(self._decode(ids), len(ids))
-
             limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-            with stage("generate"):
-                ids, maps = self.backend.generate(visual_tokens, query.strip(), limit, tokens_arrived, should_stop)
-            answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
-            with stage("phrases"):
-                answer, spans = token_spans(answer_ids, self._decode)
-                phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
+            answer_ids, maps, answer, phrases = self._describe(visual_tokens, query.strip(), limit, on_token,
+                                                               should_stop, stage)
         else:
-            answer_ids = self.backend.tokenizer(query.strip(), add_special_tokens=False).input_ids
-            with stage("teacher_force"):
-                maps = self.backend.teacher_force(visual_tokens, self.refer_question, answer_ids)
+            answer_ids, maps, answer, phrases = self._refer(visual_tokens, query.strip(), on_token, stage)
+        grounded = self._ground_phrases(image, maps, phrases, stage) if phrases else []
+        return Grounding(query, mode, answer, list(answer_ids), grounded, image.shape[:2], stage.done())
+
+    def _describe(self, visual_tokens, question, max_new_tokens, on_token, should_stop, stage):
+        """The model answers greedily; every noun chunk of the answer with tokens is a phrase."""
+        def tokens_arrived(ids):
             if on_token is not None:
-                on_token(self._decode(answer_ids), len(answer_ids))
-            with stage("phrases"):
-                answer, spans = token_spans(answer_ids, self._decode)
-                phrases = [referred_phrase(answer, spans, self.nlp)]
+                on_token(self.backend.decode(ids), len(ids))
 
+        with stage("generate"):
+            ids, maps = self.backend.generate(visual_tokens, question, max_new_tokens, tokens_arrived, should_stop)
+        answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
+        with stage("phrases"):
+            answer, spans = token_spans(answer_ids, self.backend.decode)
+            phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
+        return answer_ids, maps, answer, phrases
+
+    def _refer(self, visual_tokens, expression, on_token, stage):
+        """The expression, teacher-forced as the answer to refer_question, is the one phrase."""
+        answer_ids = self.backend.encode_text(expression)
+        with stage("teacher_force"):
+            maps = self.backend.teacher_force(visual_tokens, self.refer_question, answer_ids)
+        if on_token is not None:
+            on_token(self.backend.decode(answer_ids), len(answer_ids))
+        with stage("phrases"):
+            answer, spans = token_spans(answer_ids, self.backend.decode)
+            phrases = [referred_phrase(answer, spans, self.nlp)]
+        return answer_ids, maps, answer, phrases
+
+    def _ground_phrases(self, image: np.ndarray, maps: torch.Tensor, phrases: list[Phrase],
+                        stage: Stages) -> list[GroundedPhrase]:
+        """maps (T, N_image), one row per answer token -> a heat map, point and mask per phrase."""
         height, width = image.shape[:2]
-        grounded: list[GroundedPhrase] = []
-        if phrases:
-            with stage("heatmaps"):
-                grid = maps.float().cpu().reshape(-1, *self.backend.grid)  # (T, h, w), rows = generated tokens
-                if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
-                    grid = heatmap.normalise(grid)
-                # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
-                heatmaps = [heatmap.upsample(heatmap.combine(grid, p.token_indices, self.combine)[None],
-                                             (height, width), self.upsample)[0] for p in phrases]  # P x (H, W)
-                points = [heatmap.argmax_point(h) for h in heatmaps]
-            with stage("refine_image"):
-                self.refiner.set_image(image)
-            with stage("refine"):
-                refined = [self.refiner.refine(h, p) for h, p in zip(heatmaps, points)]
-            for phrase, heat, point, (mask, score) in zip(phrases, heatmaps, points, refined):
-                grounded.append(GroundedPhrase(phrase.text, phrase.char_start, phrase.char_end,
-                                               phrase.token_indices, heat, point, mask, score, mask_bbox(mask)))
-            grounded = self._filter(grounded)
-
-        timings["total"] = time.perf_counter() - start
-        return Grounding(query, mode, answer, list(answer_ids), grounded, (height, width), timings)
+        with stage("heatmaps"):
+            grid = maps.float().cpu().reshape(-1, *self.backend.grid)  # (T, h, w), rows = answer tokens
+            if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
+                grid = heatmap.normalise(grid)
+            # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
+            heatmaps = [heatmap.upsample(heatmap.combine(grid, p.token_indices, self.combine)[None],
+                                         (height, width), self.upsample)[0] for p in phrases]  # P x (H, W)
+            points = [heatmap.argmax_point(h) for h in heatmaps]
+        with stage("refine_image"):
+            self.refiner.set_image(image)
+        with stage("refine"):
+            refined = [self.refiner.refine(h, p) for h, p in zip(heatmaps, points)]
+        grounded = [GroundedPhrase(phrase.text, phrase.char_start, phrase.char_end, phrase.token_indices, heat, point,
+                                   mask, score, mask_bbox(mask))
+                    for phrase, heat, point, (mask, score) in zip(phrases, heatmaps, points, refined)]
+        return self._filter(grounded)
 
     def _filter(self, phrases: list[GroundedPhrase]) -> list[GroundedPhrase]:
         """The reference demo's optional filters: refiner score, then NMS by mask IoU."""

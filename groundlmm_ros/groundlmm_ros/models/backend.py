@@ -1,4 +1,4 @@
-"""The backend protocol every LLaVA-style model implements, and the parts they share.
+"""The engine's Backend (engine/backend.py) for LLaVA-style models, and the parts they share.
 
 A backend turns an image into visual tokens (N_image x hidden embeddings laid
 out on a grid, e.g. 24x24), splices them into the LLaVA v1 prompt in place of
@@ -9,9 +9,7 @@ attention recorder on: greedy generation (describe) or one teacher-forced pass
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -101,31 +99,9 @@ class Prompt:
     n_image: int          # visual tokens, = grid[0] * grid[1]
 
 
-class Backend(Protocol):
-    """What the Engine needs from a model."""
-
-    grid: tuple[int, int]             # (rows, columns) of the visual tokens, e.g. (24, 24)
-    pads_to_square: bool              # preprocessing pads to a square (heat maps undo it)
-    tokenizer: object                 # a transformers tokenizer (__call__, decode)
-    conversation: str                 # the prompt template, a CONVERSATIONS name
-    end_ids: set[int]                 # ids that end an answer (the tokenizer's EOS)
-
-    def encode(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (N_image, hidden) visual tokens."""
-
-    def generate(self, visual_tokens: torch.Tensor, question: str, max_new_tokens: int,
-                 on_token: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None,
-                 stop_at_end: bool = True) -> tuple[list[int], torch.Tensor]:
-        """Greedy answer ids (the end token included when emitted) and their maps (T, N_image).
-        stop_at_end=False always makes max_new_tokens tokens (benchmarks of random models)."""
-
-    def teacher_force(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int]) -> torch.Tensor:
-        """Maps (T, N_image) of the given answer ids in one forward pass."""
-
-
 class LlavaStyleBackend:
-    """Shared implementation: preprocessing, prompt assembly, generation, teacher forcing.
+    """The engine's Backend for LLaVA-style models: preprocessing, prompt assembly, generation,
+    teacher forcing.
 
     lm: a transformers causal LM taking `inputs_embeds` (LlavaForConditionalGeneration,
     LlamaForCausalLM, ...); its text attention is switched to the recording SDPA.
@@ -177,6 +153,14 @@ class LlavaStyleBackend:
             raise ValueError(f"encode_image gave {tokens.shape[0]} visual tokens, "
                              f"the grid {self.grid} needs {expected}")
         return tokens
+
+    # -- text --------------------------------------------------------------------
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # -- prompt ------------------------------------------------------------------
 

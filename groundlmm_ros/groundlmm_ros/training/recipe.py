@@ -20,14 +20,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
+from ..engine.engine import GCG_QUESTION
 from ..models.backend import IMAGE_PLACEHOLDER, Preprocessing, llava_v1_prompt
 from ..models.difflmm import DiffLMMConfig
 from ..world import COLOURS, SHAPES
 
 SCENE_SIZE = 128         # scenes are drawn at this side; the backend resizes them to image_size
 GRID = 8                 # visual tokens per side, whatever the input size
-DESCRIBE_QUESTION = "Describe the image in detail."   # the paper's GCG prompt
-QUESTIONS = (DESCRIBE_QUESTION, "Describe the image.", "What is in the image?")
+QUESTIONS = (GCG_QUESTION, "Describe the image.", "What is in the image?")
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")    # ids 0..3, as Llama orders them
 # The demo model's own settings, recorded in the directory it is saved to (presets.py reads them):
 # trained with Vicuna's template (as LLaVA-1.5 was; its word-level vocabulary has no "human"),

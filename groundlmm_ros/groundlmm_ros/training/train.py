@@ -40,14 +40,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ..engine.engine import Engine
+from ..engine.engine import GCG_QUESTION, Engine
 from ..engine.refiners import ColourRefiner
 from ..evaluation import evaluate
 from ..models.difflmm import CLIP_READ_LAYER, DiffLMM, DiffLMMBackend, explicit
 from ..models.difflmm_checkpoint import save_difflmm
 from ..world import COLOURS, SHAPES, make_scenes
 from ..world.scenes import caption_for
-from .recipe import (DEMO_COMBINE, DEMO_CONVERSATION, DESCRIBE_QUESTION, QUESTIONS, SCENE_SIZE, Recipe, demo_config,
+from .recipe import (DEMO_COMBINE, DEMO_CONVERSATION, QUESTIONS, SCENE_SIZE, Recipe, demo_config,
                      demo_tokenizer)
 
 TRAIN_SEED = 1          # scene stream of training (evaluation.EVAL_SEED is the held-out one)
@@ -237,7 +237,7 @@ def caption_batch(backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.ra
 
 def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
     engine = Engine(backend, ColourRefiner(), normalise=normalise, combine=DEMO_COMBINE, max_new_tokens=40)
-    return evaluate(engine, validation, DESCRIBE_QUESTION)
+    return evaluate(engine, validation, GCG_QUESTION)
 
 
 def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, clips, budget: Budget,
