@@ -53,8 +53,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from groundlmm_ros.engine import heatmap  # noqa: E402
 from groundlmm_ros.engine.refiners import SamRefiner  # noqa: E402
 from groundlmm_ros.models import tiny  # noqa: E402
-from groundlmm_ros.models.difflmm import (DiffLMMBackend, build_difflmm, difflmm_7b_config,  # noqa: E402
-                                          tiny_difflmm_config)
+from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm, difflmm_7b_config  # noqa: E402
 
 QUESTION = "Describe the image in detail."
 EXPRESSION = "the red mug on the table"
@@ -87,7 +86,7 @@ def build(args):
     tokenizer = tiny.tiny_tokenizer()
     start = time.perf_counter()
     if args.tiny:
-        model = build_difflmm(tiny_difflmm_config(len(tokenizer)), dtype, device)
+        model = build_difflmm(tiny.tiny_difflmm_config(len(tokenizer)), dtype, device)
         sam = tiny.tiny_sam()
     else:
         model = build_difflmm(difflmm_7b_config(), dtype, device)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from groundlmm_ros.engine.types import Grounding
-from groundlmm_ros.models.difflmm import (DiffLMMBackend, DiffLMMConfig, build_difflmm, difflmm_7b_config,
-                                          tiny_difflmm_backend, tiny_difflmm_config)
+from groundlmm_ros.models.difflmm import DiffLMMBackend, DiffLMMConfig, build_difflmm, difflmm_7b_config
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm, save_difflmm
 from groundlmm_ros.models.presets import build_engine
+from groundlmm_ros.models.tiny import tiny_difflmm_backend, tiny_difflmm_config
 
 torch.set_num_threads(1)
 

@@ -17,10 +17,10 @@ from PIL import Image
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM)
 
-from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm, tiny_difflmm_config
+from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm
 from groundlmm_ros.models.difflmm_checkpoint import (NON_LORA_FILE, CheckpointError, load_difflmm,
                                                      load_released_difflmm, released_difflmm_backend, save_difflmm)
-from groundlmm_ros.models.tiny import tiny_tokenizer
+from groundlmm_ros.models.tiny import tiny_difflmm_config, tiny_tokenizer
 
 torch.set_num_threads(1)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -121,11 +121,11 @@ def test_released_layout_loads_and_matches_the_model_it_was_written_from(release
 
 def test_released_backend_from_directories_and_uncached_ids(released):
     root = released[0]
-    backend = released_difflmm_backend("cpu", "float32", adapter=root / "adapter", base=root / "base",
+    backend = released_difflmm_backend("cpu", torch.float32, adapter=root / "adapter", base=root / "base",
                                        sd=root / "sd", clip=root / "clip")
     assert isinstance(backend, DiffLMMBackend) and backend.grid == (8, 8)
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model.* locally cached"):
-        released_difflmm_backend("cpu", "float32", adapter="no-such-org/no-such-model")
+        released_difflmm_backend("cpu", torch.float32, adapter="no-such-org/no-such-model")
 
 
 def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(released):
@@ -133,7 +133,7 @@ def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(releas
     and OpenAI CLIP's mean/std (the reference's mean=std=0.5 keywords are not the class's, so
     they change nothing): pad to square with int(255 * mean) = (122, 116, 104), then the processor."""
     root = released[0]
-    backend = released_difflmm_backend("cpu", "float32", adapter=root / "adapter", base=root / "base",
+    backend = released_difflmm_backend("cpu", torch.float32, adapter=root / "adapter", base=root / "base",
                                        sd=root / "sd", clip=root / "clip")
     size = backend.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)

@@ -207,8 +207,8 @@ def test_paper_settings_are_the_default_and_dtype_auto_follows_the_device():
     engine = build_engine("tiny-difflmm-random", refiner="threshold")
     assert (engine.combine, engine.normalise, engine.backend.conversation) == ("max", True, "llava_v1")
     assert engine.backend.dtype == torch.float32               # dtype "auto" on the CPU
-    assert resolve_dtype("auto", "cuda:1") == "float16" and resolve_dtype("auto", "cpu") == "float32"
-    assert resolve_dtype("bfloat16", "cuda") == "bfloat16"
+    assert resolve_dtype("auto", "cuda:1") == torch.float16 and resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, float16, bfloat16"):
         build_engine("tiny-random", dtype="float8")
 

@@ -48,6 +48,11 @@ def test_train_command_on_a_tiny_budget(tmp_path):
     assert json.loads((out / "training.json").read_text()) == summary
 
     engine = build_engine(str(out), refiner="threshold")
+    # The directory records what validation ran with, and the engine built from it uses that.
+    assert (summary["combine"], summary["conversation"]) == ("mean", "vicuna_v1")
+    assert (engine.normalise, engine.combine, engine.backend.conversation) == (summary["normalise"], "mean",
+                                                                               "vicuna_v1")
+    assert engine.backend.preprocessing.pad_color == (127, 127, 127)
     scene = make_scenes(1, seed=5)[0]
     refer = engine.ground(scene.image, "the red circle", mode="refer")
     assert refer.answer == "the red circle" and len(refer.phrases) == 1

@@ -29,7 +29,6 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from groundlmm_ros.models.backend import (CLIP_MEAN, CLIP_PREPROCESSING, CLIP_STD, PAPER_CONVERSATION, LlavaStyleBackend,
                                          Preprocessing)
-from groundlmm_ros.models.tiny import tiny_tokenizer
 
 MODEL_TYPE = "difflmm"
 # The CLIP hidden state DiffLMM reads: the penultimate, as LLaVA-1.5 reads its CLIP.
@@ -145,26 +144,6 @@ def difflmm_7b_config(seed: int = 0) -> DiffLMMConfig:
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
                  bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     return DiffLMMConfig(unet=unet, vae=vae, scheduler=scheduler, clip=clip, llama=llama, seed=seed)
-
-
-def tiny_difflmm_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
-    """A miniature of the same architecture for tests: 32 px input, 16x16 latent, 8x8 grid
-    (64 image tokens), a 2-layer Llama of width 32."""
-    unet = dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=[8, 16, 32, 32], attention_head_dim=4, cross_attention_dim=16, norm_num_groups=8,
-        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
-    vae = dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[8, 16],
-        norm_num_groups=4, sample_size=32, scaling_factor=0.18215,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-    scheduler = difflmm_7b_config().scheduler
-    clip = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                image_size=32, patch_size=4, projection_dim=16, hidden_act="quick_gelu")
-    llama = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
-    return DiffLMMConfig(unet=unet, vae=vae, scheduler=scheduler, clip=clip, llama=llama, image_size=32, seed=seed)
 
 
 class SDCLIPBlock(nn.Module):
@@ -361,11 +340,3 @@ class DiffLMMBackend(LlavaStyleBackend):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(1, 3, R, R) -> (N_image, hidden)."""
         return self.model.encode_image(pixel_values)[0]
-
-
-def tiny_difflmm_backend(device: str = "cpu", dtype: str = "float32", seed: int = 0) -> DiffLMMBackend:
-    """Random tiny DiffLMM with the tiny BPE tokenizer (tests, CI): weights from `seed`."""
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    model = build_difflmm(tiny_difflmm_config(len(tokenizer), seed=seed), getattr(torch, dtype), device)
-    return DiffLMMBackend(model, tokenizer)

@@ -287,16 +287,16 @@ def _local(path_or_ids) -> Path:
                           "Hugging Face repo (download it first; the node works offline)")
 
 
-def released_difflmm_backend(device: str = "cpu", dtype: str = "float16", seed: int = 0, *,
+def released_difflmm_backend(device: str = "cpu", dtype: torch.dtype = torch.float16, seed: int = 0, *,
                              adapter=RELEASED_ADAPTER, base=RELEASED_BASE, sd=RELEASED_SD,
                              clip=RELEASED_CLIP) -> DiffLMMBackend:
     """The released DiffLMM-7B behind the backend protocol. Each of adapter/base/sd/clip is a
     directory or a cached hub id (default: the usual ids)."""
     model, tokenizer = load_released_difflmm(_local(adapter), _local(base), _local(sd), _local(clip),
-                                             dtype=getattr(torch, dtype), device=device, seed=seed)
+                                             dtype=dtype, device=device, seed=seed)
     return DiffLMMBackend(model, tokenizer)
 
 
-def load_difflmm_backend(path, device: str = "cpu", dtype: str = "float32") -> DiffLMMBackend:
+def load_difflmm_backend(path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DiffLMMBackend:
     """A local-layout DiffLMM directory (save_difflmm) behind the backend protocol."""
-    return DiffLMMBackend(*load_difflmm(path, dtype=getattr(torch, dtype), device=device))
+    return DiffLMMBackend(*load_difflmm(path, dtype=dtype, device=device))

@@ -34,8 +34,7 @@ class LlavaBackend(LlavaStyleBackend):
         return features[0]
 
 
-def load_llava(path: str, *, device: str = "cpu", dtype: str = "float32") -> LlavaBackend:
+def load_llava(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlavaBackend:
     """A local llava-hf directory (or a cached hub id, offline): weights as safetensors."""
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=getattr(torch, dtype), use_safetensors=True).to(device)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
     return LlavaBackend(model, AutoTokenizer.from_pretrained(path))

@@ -20,9 +20,8 @@ from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
-from groundlmm_ros.models.difflmm import tiny_difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
-from groundlmm_ros.models.llava import LlavaBackend, load_llava
+from groundlmm_ros.models.llava import load_llava
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -34,7 +33,7 @@ RECORDED_SETTINGS = ("normalise", "combine", "conversation")
 class Preset:
     """A model by name. `settings`: what the model carries that differs from the paper's
     defaults (Engine options, and "conversation", its prompt template)."""
-    backend: Callable[[str, str, int], object] | None = None   # (device, dtype, seed) -> backend
+    backend: Callable[[str, torch.dtype, int], object] | None = None   # (device, dtype, seed) -> backend
     directory: Callable[[], object] | None = None   # or: the model is this directory (its loader, its settings)
     sam: Callable[[int], object] | None = None      # seed -> segment_anything Sam, when the preset ships one
     settings: dict = field(default_factory=dict)
@@ -54,23 +53,17 @@ def demo_model_dir() -> Path:
         return source
 
 
-def _tiny_llava(device: str, dtype: str, seed: int) -> LlavaBackend:
-    tokenizer = tiny.tiny_tokenizer()
-    model = tiny.tiny_llava(len(tokenizer), seed).to(device, getattr(torch, dtype))
-    return LlavaBackend(model, tokenizer)
-
-
 PRESETS: dict[str, Preset] = {
     # The shipped demo model: a miniature DiffLMM trained here on synthetic scenes with captions
     # only (groundlmm_ros/model/MODEL_CARD.md); its directory records its own settings.
     "demo": Preset(directory=demo_model_dir, settings={"max_new_tokens": 40}),
     # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
-    "tiny-random": Preset(_tiny_llava, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    "tiny-random": Preset(tiny.tiny_llava_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
     # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline); the paper's settings.
     "llava-1.5-7b": Preset(lambda device, dtype, seed: load_llava("llava-hf/llava-1.5-7b-hf", device=device,
                                                                   dtype=dtype)),
     # Tiny random DiffLMM (same code as the 7B one) + tiny random SAM: tests, CI.
-    "tiny-difflmm-random": Preset(tiny_difflmm_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    "tiny-difflmm-random": Preset(tiny.tiny_difflmm_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
     # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP), with
     # the paper's settings; other directories: released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
@@ -83,7 +76,7 @@ LOADERS: dict[str, Callable[..., object]] = {
 }
 
 
-def _from_directory(path: str, device: str, dtype: str) -> tuple[object, dict]:
+def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object, dict]:
     """A model directory's backend (by config.json "model_type") and the settings it records
     (extra.training, written by `groundlmm train`: e.g. the mean-map setting its validation
     chose; the paper's default, on, would ruin the demo model's maps)."""
@@ -100,13 +93,14 @@ def _from_directory(path: str, device: str, dtype: str) -> tuple[object, dict]:
     return LOADERS[model_type](path, device=device, dtype=dtype), recorded
 
 
-def resolve_dtype(dtype: str, device: str) -> str:
-    """"auto": half precision on CUDA (float16, as the reference runs the paper's models), float32 elsewhere."""
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """A DTYPES name -> torch dtype. "auto": half precision on CUDA (float16, as the reference
+    runs the paper's models), float32 elsewhere."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
-        return "float16" if torch.device(device).type == "cuda" else "float32"
-    return dtype
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
 
 
 def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conversation: str = "",

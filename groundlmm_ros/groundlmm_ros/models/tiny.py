@@ -1,4 +1,4 @@
-"""Tiny random models built in code, for tests, the demo and CI (no downloads).
+"""Tiny random models built in code, for tests and CI (no downloads): LLaVA, DiffLMM, SAM.
 
 The tokenizer is a real byte-level BPE trained here on a fixed corpus (so words
 outside it, and non-ASCII text, split into several tokens as with real models).
@@ -13,6 +13,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, \
     PreTrainedTokenizerFast
+
+from groundlmm_ros.models.difflmm import DiffLMMBackend, DiffLMMConfig, build_difflmm, difflmm_7b_config
+from groundlmm_ros.models.llava import LlavaBackend
 
 _CORPUS = [
     "A man in a red shirt holds a white mug on the wooden table.",
@@ -60,6 +63,12 @@ def tiny_llava(vocab_size: int, seed: int = 0, *, hidden: int = 32, layers: int 
     return LlavaForConditionalGeneration(config).eval()
 
 
+def tiny_llava_backend(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> LlavaBackend:
+    """Random tiny LLaVA with the tiny BPE tokenizer (tests, CI): weights from `seed`."""
+    tokenizer = tiny_tokenizer()
+    return LlavaBackend(tiny_llava(len(tokenizer), seed).to(device, dtype), tokenizer)
+
+
 def tiny_sam(seed: int = 0, image_size: int = 64) -> Sam:
     """segment_anything's Sam with tiny dims (1-block ViT, 16-d prompts); SamPredictor works
     on it unchanged (images resized to image_size, low-res masks of image_size / 4)."""
@@ -75,3 +84,31 @@ def tiny_sam(seed: int = 0, image_size: int = 64) -> Sam:
                                  transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32, num_heads=2),
                                  iou_head_depth=1, iou_head_hidden_dim=16),
     ).eval()
+
+
+def tiny_difflmm_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
+    """A miniature of the same architecture for tests: 32 px input, 16x16 latent, 8x8 grid
+    (64 image tokens), a 2-layer Llama of width 32."""
+    unet = dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=[8, 16, 32, 32], attention_head_dim=4, cross_attention_dim=16, norm_num_groups=8,
+        down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    vae = dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, block_out_channels=[8, 16],
+        norm_num_groups=4, sample_size=32, scaling_factor=0.18215,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    scheduler = difflmm_7b_config().scheduler
+    clip = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=4, projection_dim=16, hidden_act="quick_gelu")
+    llama = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+    return DiffLMMConfig(unet=unet, vae=vae, scheduler=scheduler, clip=clip, llama=llama, image_size=32, seed=seed)
+
+
+def tiny_difflmm_backend(device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> DiffLMMBackend:
+    """Random tiny DiffLMM with the tiny BPE tokenizer (tests, CI): weights from `seed`."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = build_difflmm(tiny_difflmm_config(len(tokenizer), seed=seed), dtype, device)
+    return DiffLMMBackend(model, tokenizer)

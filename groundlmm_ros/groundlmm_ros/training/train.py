@@ -84,6 +84,19 @@ def batches(count: int, batch_size: int):
         yield slice(start, min(start + batch_size, count))
 
 
+def update(optimiser, loss: torch.Tensor, log: Progress, stage: str, step: int, total: int, every: int,
+           clip_norm_of: list | None = None) -> None:
+    """One optimiser step on loss (gradients clipped to norm 1 over clip_norm_of when given);
+    the loss is logged every `every` steps and at the last."""
+    optimiser.zero_grad()
+    loss.backward()
+    if clip_norm_of is not None:
+        torch.nn.utils.clip_grad_norm_(clip_norm_of, 1.0)
+    optimiser.step()
+    if step % every == 0 or step == total - 1:
+        log(f"{stage} {step + 1}/{total} loss {loss.item():.4f}")
+
+
 def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -125,11 +138,7 @@ def train_clip(model: DiffLMM, pixels: torch.Tensor, captions: list[str], budget
         hidden = clip(pixel_values=clip_pixels[index], output_hidden_states=True).hidden_states
         tokens = hidden[-1 if tag_layer == "last" else CLIP_READ_LAYER][:, 1:]             # (B, N, C_clip)
         loss = F.binary_cross_entropy_with_logits(head(tokens).amax(dim=1), tags[index])  # best patch per tag
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 100 == 0 or step == budget.clip_steps - 1:
-            log(f"clip {step + 1}/{budget.clip_steps} tag loss {loss.item():.4f}")
+        update(optimiser, loss, log, "clip", step, budget.clip_steps, every=100)
     clip.eval().requires_grad_(False)
 
 
@@ -143,11 +152,7 @@ def train_vae(vae: AutoencoderKL, pixels: torch.Tensor, budget: Budget, log: Pro
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(reconstruction, x) + 1e-6 * posterior.kl().mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 50 == 0 or step == budget.vae_steps - 1:
-            log(f"vae {step + 1}/{budget.vae_steps} reconstruction loss {loss.item():.4f}")
+        update(optimiser, loss, log, "vae", step, budget.vae_steps, every=50)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         std = torch.cat([vae.encode(pixels[s]).latent_dist.mean for s in batches(min(len(pixels), 512), 128)]).std()
@@ -174,11 +179,7 @@ def train_denoiser(model: DiffLMM, pixels: torch.Tensor, budget: Budget, log: Pr
         noisy = tower.scheduler.add_noise(latents[index], noise, t)
         prediction = tower.unet(noisy, t, encoder_hidden_states=captioner.caption(clip_tokens[index])).sample
         loss = F.mse_loss(prediction, denoiser_target(tower.scheduler, latents[index], noise, t))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 50 == 0 or step == budget.denoiser_steps - 1:
-            log(f"denoiser {step + 1}/{budget.denoiser_steps} loss {loss.item():.4f}")
+        update(optimiser, loss, log, "denoiser", step, budget.denoiser_steps, every=50)
     tower.unet.eval()
     for p in trained:
         p.requires_grad_(False)
@@ -268,12 +269,7 @@ def train_captioner(model: DiffLMM, backend: DiffLMMBackend, scenes, features, c
         attention = torch.cat([mask.new_ones(len(index), n_prefix), mask], dim=1)
         targets = torch.cat([labels.new_full((len(index), n_prefix), -100), labels], dim=1)
         loss = lm(inputs_embeds=embeds, attention_mask=attention, labels=targets).loss
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimiser.step()
-        if step % 25 == 0:
-            log(f"captioning {step + 1}/{budget.caption_steps} loss {loss.item():.4f}")
+        update(optimiser, loss, log, "captioning", step, budget.caption_steps, every=25, clip_norm_of=trained)
         if (step + 1) % budget.checkpoint_every == 0 or step == budget.caption_steps - 1:
             lm.eval()
             scores = {normalise: validate(backend, validation, normalise) for normalise in (False, True)}
