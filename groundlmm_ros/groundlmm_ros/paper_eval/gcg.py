@@ -229,5 +229,5 @@ def run(engine, images: list[GcgImage], image_folder: str, *, question: str = GC
             with open(prediction_path(prediction_folder, image.id), "w") as f:
                 json.dump(predictions[image.id], f)
         if progress is not None:
-            progress(k + 1, len(images), image.id, len(predictions[image.id]["phrases"]))
+            progress(k + 1, len(images), image.id, f"{len(predictions[image.id]['phrases'])} phrases")
     return predictions

@@ -59,3 +59,10 @@ def read_image(folder: str, file_name: str, size: tuple[int, int] | None = None)
     if size is not None and rgb.shape[:2] != tuple(size):
         raise ValueError(f"image {path} is {rgb.shape[0]}x{rgb.shape[1]}, its annotations say {size[0]}x{size[1]}")
     return rgb
+
+
+def check_images(folder: str, file_names) -> None:
+    """Every image is there, before hours of model time are spent on the ones before it."""
+    missing = sorted({name for name in file_names if not os.path.isfile(os.path.join(folder, name))})
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) missing in {folder}, e.g. {missing[0]}")

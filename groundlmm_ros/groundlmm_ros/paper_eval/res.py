@@ -131,7 +131,7 @@ def run(engine, samples: list[RefSample], image_folder: str, mode: str, *, templ
                             "sent": sample.sentence, "answer": answer, "point": list(phrase.point),
                             "mask": encode_mask(phrase.mask), "intersection": intersection, "union": union})
         if progress is not None:
-            progress(k + 1, len(samples), sample.sent_id, intersection / union if union else 0.0)
+            progress(k + 1, len(samples), sample.sent_id, f"IoU {intersection / union if union else 0.0:.3f}")
     if prediction_path:
         with open(prediction_path, "w") as f:
             json.dump(predictions, f)
