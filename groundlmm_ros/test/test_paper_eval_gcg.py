@@ -75,6 +75,11 @@ def test_metrics_on_hand_made_predictions(tmp_path):
     # recall 1/3 (34 of COCO's 101 recall points), 2/3 up to recall 2/3 (33 points), then 0.
     assert metrics["ap50"] == pytest.approx((34 * 1 + 33 * 2 / 3) / 101)
     assert (metrics["images"], metrics["gt_phrases"], metrics["predicted_phrases"]) == (2, 3, 3)
+    # Image a alone (--limit 1): recall 1/2, mIoU 0.6, AP50 from TP, FP over 2 GT: precision 1 up to
+    # recall 1/2 (51 recall points); image b's GT is not counted as missed.
+    first = gcg.score(coco, images[:1], PREDICTIONS, same_words)
+    assert (first["mask_recall"], first["miou"]) == (pytest.approx(0.5), pytest.approx(0.6))
+    assert first["ap50"] == pytest.approx(51 / 101)
 
 
 def test_matching_follows_glamm():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.paper_eval import res
 
@@ -133,6 +134,14 @@ def test_recipe_merges_the_first_8_token_maps_by_max(engine, max_new_tokens):
     assert np.array_equal(phrase.mask, sam_masks[-1])          # the last of SAM's three masks (aas/gcg.py)
     assert result.answer.startswith(phrase.text) and result.answer == engine.ground(
         image, question, max_new_tokens=max_new_tokens).answer
+
+
+def test_recipe_refuses_bad_input(engine):
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(InputError, match="token_count"):
+        engine.ground_answer_span(image, "Describe it.", 0)
+    with pytest.raises(InputError, match="query is empty"):
+        engine.ground_answer_span(image, " ", 8)
 
 
 def run_cli(*args, timeout=240):

@@ -15,7 +15,8 @@ Metrics (GLaMM eval/gcg/evaluate.py; the reference's aas/eval_gcg.py is the same
   over all images of the caption GT.
 - mIoU: per image, greedy one-to-one matching on the (prediction x GT) IoU matrix while the best
   IoU is > 0, mean of the matched IoUs (0 for an image with no pair); mean over images.
-- AP50 (and AP50:95): COCOeval "segm" on category 1, every predicted mask with score 1.
+- AP50 (and AP50:95): COCOeval "segm" on category 1 and the evaluated images, every predicted
+  mask with score 1.
 The caption metrics of those scripts (BLEU, METEOR, CIDEr via pycocoevalcap) are not computed here.
 """
 from __future__ import annotations
@@ -87,7 +88,8 @@ def greedy_pairs(ious: np.ndarray, accept: Callable[[int, int, float], bool]) ->
 
 
 def iou_matrix(rows: list[np.ndarray], columns: list[np.ndarray]) -> np.ndarray:
-    return np.array([[mask_iou(a, b) for b in columns] for a in rows], dtype=np.float64).reshape(len(rows), len(columns))
+    ious = [[mask_iou(a, b) for b in columns] for a in rows]
+    return np.array(ious, dtype=np.float64).reshape(len(rows), len(columns))  # (0, n) too
 
 
 def image_miou(pred_masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> float:
@@ -167,6 +169,7 @@ def average_precision(coco: COCO, images: list[GcgImage], predictions: dict) -> 
     with quiet():
         evaluation = COCOeval(coco, coco.loadRes(detections), "segm")
         evaluation.params.catIds = [1]
+        evaluation.params.imgIds = [image.id for image in images]  # GLaMM: all of the split's, the same set
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
