@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from groundlmm_ros.cli import main
 from groundlmm_ros.paper_eval import gcg
 from groundlmm_ros.paper_eval.masks import encode_mask
 
@@ -185,7 +186,7 @@ def test_eval_gcg_end_to_end_on_tiny_random(tmp_path):
     rescored = run_cli("eval-gcg", *common, "--rescore")
     assert rescored.returncode == 0, rescored.stderr
     assert {**json.loads(rescored.stdout.strip().splitlines()[-1]), "model": "tiny-random"} == metrics
-    # A missing prediction file is a clear error, not a traceback.
+    # A missing prediction file is a clear error (SystemExit with the message), not a traceback.
     (predictions / "img_b.json").unlink()
-    failed = run_cli("eval-gcg", *common, "--rescore")
-    assert failed.returncode != 0 and "img_b.json: no such file" in failed.stderr
+    with pytest.raises(SystemExit, match="img_b.json: no such file"):
+        main(["eval-gcg", *common, "--rescore"])
