@@ -154,7 +154,7 @@ def run_cli(*args, timeout=240):
 @pytest.mark.parametrize("mode", res.MODES)
 def test_eval_res_end_to_end_on_tiny_random(tmp_path, mode):
     refs, instances = write_dataset(tmp_path)
-    predictions = tmp_path / "predictions.json"
+    predictions = tmp_path / "predictions.jsonl"
     out = run_cli("eval-res", "--refs", refs, "--instances", instances, "--images", str(tmp_path), "--split", "val",
                   "--mode", mode, "--model", "tiny-random", "--max-new-tokens", "6", "--threads", "1",
                   "--predictions", str(predictions))
@@ -165,7 +165,7 @@ def test_eval_res_end_to_end_on_tiny_random(tmp_path, mode):
     assert (metrics["task"], metrics["mode"], metrics["split"], metrics["samples"], metrics["refs"]) == \
         ("res", mode, "val", 4, 3)
     # Recomputed from the saved masks against the drawn GT boxes.
-    saved = json.loads(predictions.read_text())
+    saved = [json.loads(line) for line in predictions.read_text().splitlines()]
     ann_of_ref = {100: 10, 101: 11, 201: 20}
     parts = []
     for record in saved:

@@ -101,7 +101,7 @@ def add_eval_res(sub) -> None:
     p.add_argument("--template", default=RES_TEMPLATE, help=f"recipe question (default {RES_TEMPLATE!r})")
     p.add_argument("--tokens", type=int, default=RES_TOKENS,
                    help=f"recipe: generated tokens merged (default {RES_TOKENS})")
-    p.add_argument("--predictions", default="", help="JSON file for the per-sentence predictions")
+    p.add_argument("--predictions", default="", help="JSON Lines file for the per-sentence predictions")
     add_paper_engine_args(p)
 
 

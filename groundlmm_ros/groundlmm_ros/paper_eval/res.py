@@ -19,6 +19,7 @@ gIoU = mean of per-sample IoUs.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -117,22 +118,26 @@ def ground(engine, image: np.ndarray, sentence: str, mode: str, *, template: str
 def run(engine, samples: list[RefSample], image_folder: str, mode: str, *, template: str = RES_TEMPLATE,
         token_count: int = RES_TOKENS, max_new_tokens: int = 512, prediction_path: str | None = None,
         progress=None) -> dict:
-    """Ground every sample; cIoU, gIoU and counts (predictions written as a JSON list when asked)."""
-    parts, predictions, image_cache = [], [], {}
-    for k, sample in enumerate(samples):
-        if sample.image_id not in image_cache:  # only the current image: an image's refs usually come together
-            image_cache = {sample.image_id: read_image(image_folder, sample.file_name, (sample.height, sample.width))}
-        answer, phrase = ground(engine, image_cache[sample.image_id], sample.sentence, mode, template=template,
-                                token_count=token_count, max_new_tokens=max_new_tokens)
-        gt = decode_segmentation(sample.segmentation, sample.height, sample.width)
-        intersection, union = intersection_union(phrase.mask, gt)
-        parts.append((intersection, union))
-        predictions.append({"ref_id": sample.ref_id, "sent_id": sample.sent_id, "image_id": sample.image_id,
-                            "sent": sample.sentence, "answer": answer, "point": list(phrase.point),
-                            "mask": encode_mask(phrase.mask), "intersection": intersection, "union": union})
-        if progress is not None:
-            progress(k + 1, len(samples), sample.sent_id, f"IoU {intersection / union if union else 0.0:.3f}")
-    if prediction_path:
-        with open(prediction_path, "w") as f:
-            json.dump(predictions, f)
+    """Ground every sample; cIoU, gIoU and counts. With prediction_path, one JSON line per sample
+    is written as it is scored, so a long run that stops keeps what it did."""
+    parts, image_cache = [], {}
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(prediction_path, "w")) if prediction_path else None
+        for k, sample in enumerate(samples):
+            if sample.image_id not in image_cache:  # only the current image: an image's refs usually come together
+                image_cache = {sample.image_id: read_image(image_folder, sample.file_name,
+                                                           (sample.height, sample.width))}
+            answer, phrase = ground(engine, image_cache[sample.image_id], sample.sentence, mode, template=template,
+                                    token_count=token_count, max_new_tokens=max_new_tokens)
+            gt = decode_segmentation(sample.segmentation, sample.height, sample.width)
+            intersection, union = intersection_union(phrase.mask, gt)
+            parts.append((intersection, union))
+            if out is not None:
+                out.write(json.dumps({"ref_id": sample.ref_id, "sent_id": sample.sent_id, "image_id": sample.image_id,
+                                      "sent": sample.sentence, "answer": answer, "point": list(phrase.point),
+                                      "mask": encode_mask(phrase.mask), "intersection": intersection,
+                                      "union": union}) + "\n")
+                out.flush()
+            if progress is not None:
+                progress(k + 1, len(samples), sample.sent_id, f"IoU {intersection / union if union else 0.0:.3f}")
     return {"samples": len(samples), "refs": len({s.ref_id for s in samples}), **metrics(parts)}
