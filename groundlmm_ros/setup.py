@@ -34,6 +34,7 @@ setup(
         "Pillow>=10",
         "huggingface-hub>=0.30",
         "tokenizers>=0.20",
+        "pycocotools>=2.0.7",       # groundlmm eval-gcg / eval-res
     ],
     zip_safe=True,
     maintainer="groundlmm_ros developers",

@@ -3,6 +3,8 @@
     groundlmm train [--output DIR]          the shipped demo model's one training command
     groundlmm eval --scenes N [--model M]   grounding metrics on held-out scenes; last line JSON
     groundlmm demo [--out DIR]              node + synthetic camera + queries, overlays in DIR
+    groundlmm eval-gcg --captions ... --masks ... --images DIR --text-model DIR    GranDf GCG; last line JSON
+    groundlmm eval-res --refs ... --instances ... --images DIR --split val        RefCOCO RES; last line JSON
 
 Also reachable as `python -m groundlmm_ros.cli ...`.
 """
@@ -12,6 +14,8 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+
+from groundlmm_ros.paper_eval import commands as paper_commands
 
 
 def add_train(sub) -> None:
@@ -85,7 +89,9 @@ def run_demo(args) -> None:
     run(args.out, args.scenes, args.model)
 
 
-COMMANDS = {"train": (add_train, run_train), "eval": (add_eval, run_eval), "demo": (add_demo, run_demo)}
+COMMANDS = {"train": (add_train, run_train), "eval": (add_eval, run_eval), "demo": (add_demo, run_demo),
+            "eval-gcg": (paper_commands.add_eval_gcg, paper_commands.run_eval_gcg),
+            "eval-res": (paper_commands.add_eval_res, paper_commands.run_eval_res)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -156,9 +156,7 @@ class Engine:
         """maps (T, N_image), one row per answer token -> a heat map, point and mask per phrase."""
         height, width = image.shape[:2]
         with stage("heatmaps"):
-            grid = maps.float().cpu().reshape(-1, *self.backend.grid)  # (T, h, w), rows = answer tokens
-            if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
-                grid = heatmap.normalise(grid)
+            grid = self._token_grid(maps)
             # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
             heatmaps = [heatmap.upsample(heatmap.combine(grid, p.token_indices, self.combine)[None],
                                          (height, width), self.upsample)[0] for p in phrases]  # P x (H, W)
@@ -172,6 +170,13 @@ class Engine:
                     for phrase, heat, point, (mask, score) in zip(phrases, heatmaps, points, refined)]
         return self._filter(grounded)
 
+    def _token_grid(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps (T, N_image) -> (T, h, w) on the visual-token grid, mean map subtracted when normalising."""
+        grid = maps.float().cpu().reshape(-1, *self.backend.grid)
+        if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
+            grid = heatmap.normalise(grid)
+        return grid
+
     def _filter(self, phrases: list[GroundedPhrase]) -> list[GroundedPhrase]:
         """The reference demo's optional filters: refiner score, then NMS by mask IoU."""
         if self.min_score is not None:
@@ -180,3 +185,32 @@ class Engine:
             keep = nms_keep(np.stack([p.mask for p in phrases]), np.array([p.score for p in phrases]), self.nms_iou)
             phrases = [phrases[i] for i in keep]
         return phrases
+
+    def ground_answer_span(self, image: np.ndarray, question: str, token_count: int = 8, combine: str = "max", *,
+                           max_new_tokens: int | None = None) -> Grounding:
+        """The reference's RES recipe (groundLMM aas/infer_attn_res.py, aas/res.py): answer the
+        question greedily, merge the first `token_count` generated tokens' maps (mean-map subtracted
+        over all generated steps, the end token's included as in the reference; upsampled to image
+        pixels) and refine the argmax point. Returns a Grounding with that one phrase: the answer text its
+        tokens cover; a token index equal to len(token_ids) is the end token's map (short answers)."""
+        self.check(image, question, "describe", max_new_tokens)
+        if not (isinstance(token_count, int) and token_count >= 1):
+            raise InputError(f"token_count must be a positive integer, got {token_count!r}")
+        torch.manual_seed(self.seed)
+        visual_tokens = self.backend.encode(image)
+        limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+        ids, maps = self.backend.generate(visual_tokens, question.strip(), limit)
+        answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
+        answer, spans = token_spans(answer_ids, self.backend.decode)
+        grid = self._token_grid(maps)
+        tokens = list(range(min(token_count, len(grid))))
+        height, width = image.shape[:2]
+        # Upsampled first, then combined, as aas/res.py does: bicubic upsampling and max do not commute.
+        upsampled = torch.from_numpy(heatmap.upsample(grid[tokens], (height, width), self.upsample))
+        heat = heatmap.combine(upsampled, range(len(tokens)), combine).numpy()
+        point = heatmap.argmax_point(heat)
+        self.refiner.set_image(image)
+        mask, score = self.refiner.refine(heat, point)
+        end = spans[min(len(tokens), len(spans)) - 1][1] if spans else 0
+        phrase = GroundedPhrase(answer[:end], 0, end, tokens, heat, point, mask, score, mask_bbox(mask))
+        return Grounding(question, "describe", answer, list(answer_ids), [phrase], (height, width))
