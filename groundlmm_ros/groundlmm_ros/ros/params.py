@@ -2,12 +2,12 @@
 
 Most are read when the node is configured (change them, then cleanup +
 configure); the standing-query ones (`DYNAMIC`) also take effect at once when
-set on a running node. README's parameter table mirrors PARAMETERS.
+set on a running node.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import make_dataclass
 
 from rcl_interfaces.msg import ParameterDescriptor
 
@@ -16,75 +16,76 @@ from groundlmm_ros.engine.types import MODES
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
 
-# name: (default, description). The default's type is the parameter's type.
+# name: (default, description). The one home of every parameter: the default's type is the
+# parameter's type, NodeParams is built from it, config/params.yaml must hold these defaults
+# and README's table is this table (markdown_table(); test/test_node_launch.py checks both).
 PARAMETERS: dict[str, tuple[object, str]] = {
     # The model (read at configure).
-    "model": ("demo", "model preset name or model directory"),
-    "device": ("cpu", "torch device: cpu, cuda, cuda:1, ..."),
-    "dtype": ("auto", "auto (float16 on CUDA, float32 on the CPU), float32, float16 or bfloat16"),
-    "conversation": ("", "prompt template: llava_v1 (the paper's GCG) or vicuna_v1; empty: the model's own"),
-    "refiner": ("auto", "point-to-mask refiner: auto, sam, colour or threshold (the weight-free fallbacks)"),
-    "sam_checkpoint": ("", "SAM checkpoint path (refiner sam/auto)"),
-    "seed": (0, "random seed of the model build and sampling"),
-    "engine_options": ("{}", "JSON object of extra keyword arguments for build_engine"),
-    "autostart": (True, "configure and activate on start-up (for labs that do not drive lifecycles)"),
+    "model": ("demo", "preset (`demo`: the shipped miniature DiffLMM; `tiny-random`, `tiny-difflmm-random`, "
+                      "`llava-1.5-7b`, `difflmm-7b`) or a model directory"),
+    "device": ("cpu", "torch device: `cpu`, `cuda`, `cuda:1`, ..."),
+    "dtype": ("auto", "`auto` (`float16` on CUDA, as the paper runs its models; `float32` on the CPU), `float32`, "
+                      "`float16` or `bfloat16`"),
+    "conversation": ("", "prompt template: `llava_v1` (the paper's GCG prompt) or `vicuna_v1` (what the 7B models "
+                         "were trained with); empty: the model's own"),
+    "refiner": ("auto", "point-to-mask refiner: `auto` (SAM when `sam_checkpoint` is set or the preset ships one, "
+                        "else `colour`), `sam`, or a weight-free fallback: `colour` or `threshold` (the heat map's "
+                        "own region)"),
+    "sam_checkpoint": ("", "SAM checkpoint file (`sam_vit_h_4b8939.pth` in the paper)"),
+    "seed": (0, "seed of the model build and of the diffusion noise"),
+    "engine_options": ("{}", "JSON object of extra Engine options, e.g. `{\"min_score\": 0.85, \"nms_iou\": 0.75}`"),
+    "autostart": (True, "configure and activate at start-up (for labs that do not drive lifecycles)"),
     # Inputs (read at configure).
-    "image_transport": ("raw", "raw: sensor_msgs/Image on `image`; compressed: CompressedImage on `image/compressed`"),
-    "image_qos_reliability": ("best_effort", "image, depth and camera_info subscriptions: best_effort or reliable"),
+    "image_transport": ("raw", "`raw`: sensor_msgs/Image on `image`; `compressed`: CompressedImage on "
+                               "`image/compressed`"),
+    "image_qos_reliability": ("best_effort", "reliability of the image, depth and camera_info subscriptions: "
+                                             "`best_effort` (receives from both kinds of publisher) or `reliable`"),
     "image_qos_depth": (5, "history depth of the image, depth and camera_info subscriptions"),
-    "query_mode": ("describe", "mode of queries on the `query` topic: describe or refer"),
-    "query_qos_depth": (1000, "history depth of the `query` subscription (reliable; deep so bursts are not overwritten)"),
-    "query_queue_size": (10, "queries waiting for the model; one more is rejected with a reason"),
+    "query_mode": ("describe", "mode of queries on the `query` topic: `describe` or `refer`"),
+    "query_qos_depth": (1000, "history depth of the `query` subscription (reliable): deep, so a burst of queries "
+                              "waits in DDS instead of being overwritten"),
+    "query_queue_size": (10, "queries waiting for the model; beyond it they are rejected"),
     "use_depth": (False, "subscribe to `depth` + `camera_info` and fill the phrases' 3D centroids"),
     "depth_unit_divisor": (1000.0, "16UC1 depth value / divisor = metres (1000: millimetres)"),
-    "depth_stamp_tolerance_s": (0.05, "largest |depth stamp - image stamp| of a matching depth frame"),
+    "depth_stamp_tolerance_s": (0.05, "largest stamp gap between a colour frame and its depth frame"),
     # Limits (read at configure).
     "max_image_pixels": (3840 * 2160, "larger images are rejected"),
     "max_query_length": (500, "longer queries (characters) are rejected"),
-    "max_new_tokens": (64, "most answer tokens generated per query"),
+    "max_new_tokens": (64, "most answer tokens generated per query (the paper: 512)"),
     # Standing query (dynamic).
-    "standing_query": ("", "when set, re-ground it on each new frame, at most max_rate_hz"),
-    "standing_mode": ("describe", "mode of the standing query: describe or refer"),
+    "standing_query": ("", "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time)"),
+    "standing_mode": ("describe", "mode of the standing query: `describe` or `refer`"),
     "max_rate_hz": (1.0, "most standing-query results per second (0: as fast as the model allows)"),
     # Outputs (read at configure).
     "marker_lifetime_s": (1.0, "lifetime of the RViz markers"),
-    "status_period_s": (1.0, "period of the /diagnostics status"),
+    "status_period_s": (1.0, "period of the `/diagnostics` status"),
 }
 DYNAMIC = ("standing_query", "standing_mode", "max_rate_hz")
+# build_engine options that are node parameters: one knob each, never set through engine_options.
+OWN_PARAMETER = {"max_new_tokens": "max_new_tokens", "max_query_chars": "max_query_length",
+                 "conversation": "conversation", "dtype": "dtype", "device": "device", "refiner": "refiner",
+                 "sam_checkpoint": "sam_checkpoint", "seed": "seed"}
 
 
-@dataclass(frozen=True)
-class NodeParams:
-    model: str
-    device: str
-    dtype: str
-    conversation: str
-    refiner: str
-    sam_checkpoint: str
-    seed: int
-    engine_options: str
-    autostart: bool
-    image_transport: str
-    image_qos_reliability: str
-    image_qos_depth: int
-    query_mode: str
-    query_qos_depth: int
-    query_queue_size: int
-    use_depth: bool
-    depth_unit_divisor: float
-    depth_stamp_tolerance_s: float
-    max_image_pixels: int
-    max_query_length: int
-    max_new_tokens: int
-    standing_query: str
-    standing_mode: str
-    max_rate_hz: float
-    marker_lifetime_s: float
-    status_period_s: float
+def _engine_kwargs(params) -> dict:
+    """The extra keyword arguments of build_engine (checked by check_parameters)."""
+    return json.loads(params.engine_options)
 
-    def engine_kwargs(self) -> dict:
-        """The keyword arguments of build_engine (checked by check_parameters)."""
-        return json.loads(self.engine_options)
+
+# One field per parameter, typed by its default.
+NodeParams = make_dataclass("NodeParams", [(name, type(default)) for name, (default, _) in PARAMETERS.items()],
+                            frozen=True, namespace={"engine_kwargs": _engine_kwargs})
+
+
+def markdown_table() -> str:
+    """README's parameter table: one row per parameter, in PARAMETERS order."""
+    def shown(value):
+        if isinstance(value, bool):
+            return f"`{str(value).lower()}`"
+        return f"`{value}`" if isinstance(value, str) and value else ('`""`' if value == "" else str(value))
+
+    rows = [f"| `{name}` | {shown(default)} | {description} |" for name, (default, description) in PARAMETERS.items()]
+    return "\n".join(["| Parameter | Default | Meaning |", "|---|---|---|", *rows])
 
 
 def declare_parameters(node) -> None:
@@ -127,4 +128,12 @@ def check_parameters(values: dict) -> str:
             return f"parameter engine_options is not JSON: {error}"
         if not isinstance(options, dict):
             return f"parameter engine_options={values['engine_options']!r}: must be a JSON object"
+        own = sorted(set(options) & set(OWN_PARAMETER))
+        if own:
+            return (f"parameter engine_options sets {', '.join(own)}: use the node parameter "
+                    f"{', '.join(OWN_PARAMETER[k] for k in own)} instead")
     return ""
+
+
+if __name__ == "__main__":
+    print(markdown_table())
