@@ -15,6 +15,7 @@ Targets: time_ratio <= 1.05, memory_ratio >= 100.
 
     .venv/bin/python bench/attention.py [--repeats 5] [--threads 1]
 """
+
 import argparse
 import json
 import statistics
@@ -33,11 +34,27 @@ def medium_llava(vocab_size: int) -> LlavaForConditionalGeneration:
     """Vicuna-7B proportions at 1/4 width and 1/4 depth (MHA, 2.69x MLP, 32k vocabulary);
     a one-layer CLIP at 336 px / patch 14 gives the 24 x 24 = 576 visual tokens."""
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=2, image_size=336, patch_size=14, projection_dim=64),
-        text_config=LlamaConfig(vocab_size=vocab_size, hidden_size=1024, intermediate_size=2752,
-                                num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
-                                max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3),
+        vision_config=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=336,
+            patch_size=14,
+            projection_dim=64,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=1024,
+            intermediate_size=2752,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=2048,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=3,
+        ),
         image_token_id=0,
     )
     torch.manual_seed(0)
@@ -60,8 +77,12 @@ def main():
     question = "Describe the image in detail."
     visual = backend.encode(image)
     prompt = backend.prompt(visual, question)
-    settings = dict(inputs_embeds=prompt.embeds, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                    do_sample=False)
+    settings = dict(
+        inputs_embeds=prompt.embeds,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+    )
 
     def plain():
         return backend.lm.generate(**settings)
@@ -92,23 +113,44 @@ def main():
 
     sequences, recorder = results["recorder"]
     out = results["eager"]
-    eager_bytes = sum(layer.numel() * layer.element_size() for step in out.attentions for layer in step)
+    eager_bytes = sum(
+        layer.numel() * layer.element_size() for step in out.attentions for layer in step
+    )
     start, n_image = prompt.image_start, prompt.n_image
-    # The reference's reduction: per step, the newest row's image columns, mean over layers and heads.
-    reference_maps = torch.stack([torch.stack([layer[0, :, -1, start:start + n_image] for layer in step])
-                                  .mean(dim=(0, 1)) for step in out.attentions])
+    # The reference's reduction: per step, the newest row's image columns, mean over layers and
+    # heads.
+    reference_maps = torch.stack(
+        [
+            torch.stack([layer[0, :, -1, start : start + n_image] for layer in step]).mean(
+                dim=(0, 1)
+            )
+            for step in out.attentions
+        ]
+    )
     max_diff = float((recorder.maps()[0] - reference_maps).abs().max())
     cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
     wall_median = {name: statistics.median(values) for name, values in wall.items()}
 
-    print(f"prompt {prompt.embeds.shape[1]} tokens ({n_image} visual), {args.new_tokens} new tokens, "
-          f"{args.threads} thread(s), {args.repeats} interleaved repeats, medians:")
-    print(f"{'method':<12} {'CPU s':>7} {'/plain':>7} {'wall s':>7} {'wall min':>8} {'wall max':>8} "
-          f"{'attention kept':>16}")
-    kept = {"plain": 0, "recorder": recorder.nbytes, "eager": eager_bytes, "engine_loop": recorder.nbytes}
+    print(
+        f"prompt {prompt.embeds.shape[1]} tokens ({n_image} visual), {args.new_tokens} new tokens, "
+        f"{args.threads} thread(s), {args.repeats} interleaved repeats, medians:"
+    )
+    print(
+        f"{'method':<12} {'CPU s':>7} {'/plain':>7} {'wall s':>7} {'wall min':>8} {'wall max':>8} "
+        f"{'attention kept':>16}"
+    )
+    kept = {
+        "plain": 0,
+        "recorder": recorder.nbytes,
+        "eager": eager_bytes,
+        "engine_loop": recorder.nbytes,
+    }
     for name in runs:
-        print(f"{name:<12} {cpu_median[name]:>7.3f} {cpu_median[name] / cpu_median['plain']:>7.3f} "
-              f"{wall_median[name]:>7.3f} {min(wall[name]):>8.3f} {max(wall[name]):>8.3f} {kept[name]:>14,d} B")
+        print(
+            f"{name:<12} {cpu_median[name]:>7.3f} {cpu_median[name] / cpu_median['plain']:>7.3f} "
+            f"{wall_median[name]:>7.3f} {min(wall[name]):>8.3f} {max(wall[name]):>8.3f} "
+            f"{kept[name]:>14,d} B"
+        )
     summary = {
         "time_ratio": round(cpu_median["recorder"] / cpu_median["plain"], 4),
         "memory_ratio": round(eager_bytes / recorder.nbytes, 1),

@@ -26,13 +26,14 @@ On the GPU machine (no internet; its image lacks diffusers and segment-anything,
 transformers, 5.17 when last listed, is older than this venv's): carry wheels, as
 /work/.library/device/README.md describes. Here, in the repo root:
     echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        -d .whl diffusers==0.42.1 segment-anything==1.0 transformers==5.24.0
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp -d .whl diffusers==0.42.1 segment-anything==1.0 transformers==5.24.0
 and as the device command (carry [".whl"], timeout_s ~480):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 &&
     python3 bench/gpu_latency.py 2>&1 | tee $OUT/gpu_latency.log
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))  # the package, uninstalled
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros")
+)  # the package, uninstalled
 
 from segment_anything import sam_model_registry  # noqa: E402
 
@@ -90,10 +93,10 @@ def build(args):
         sam = tiny.tiny_sam()
     else:
         model = build_difflmm(difflmm_7b_config(), dtype, device)
-        with torch.device(device):   # SAM in float32, as the reference runs it
+        with torch.device(device):  # SAM in float32, as the reference runs it
             sam = sam_model_registry["vit_h"]()
     sam = sam.to(device).eval()
-    if args.compile:   # fixed shapes: compile once, reuse for every image
+    if args.compile:  # fixed shapes: compile once, reuse for every image
         tower = model.vision_tower
         tower.vae.encoder = torch.compile(tower.vae.encoder)
         tower.clip = torch.compile(tower.clip)
@@ -104,14 +107,15 @@ def build(args):
                 blocks[i] = torch.compile(block)
         unet.mid_block = torch.compile(unet.mid_block)
     backend = DiffLMMBackend(model, tokenizer)
-    backend.end_ids = set()   # fixed-length answers: random weights would stop anywhere
+    backend.end_ids = set()  # fixed-length answers: random weights would stop anywhere
     timer = StageTimer(device)
     timer.sync()
     return backend, SamRefiner(sam), time.perf_counter() - start
 
 
 def heat_maps(backend, maps: torch.Tensor, phrases: list[list[int]], image_size):
-    """Engine.ground's heat-map step: normalise, combine per phrase (the default), un-pad, argmax."""
+    """Engine.ground's heat-map step: normalise, combine per phrase (the default), un-pad,
+    argmax."""
     grid = heatmap.normalise(maps.float().cpu().reshape(-1, *backend.grid))
     combined = torch.stack([heatmap.combine(grid, tokens) for tokens in phrases])
     heat = heatmap.upsample(combined, image_size, "pad")
@@ -139,7 +143,7 @@ def run_refer(backend, refiner, image, timer):
 
 def run_describe(backend, refiner, image, timer, new_tokens, n_phrases):
     visual = encode(backend, image, timer)
-    arrivals = []   # on_token runs after int(argmax), which waits for the GPU
+    arrivals = []  # on_token runs after int(argmax), which waits for the GPU
 
     def on_token(ids):
         arrivals.append(time.perf_counter())
@@ -166,7 +170,9 @@ def median_ms(runs: list[dict[str, float]]) -> dict[str, float]:
     names = runs[0].keys()
     figures = {f"{n}_ms": round(1000 * statistics.median(r[n] for r in runs), 3) for n in names}
     stages = [n for n in names if n not in ("decode_per_token",)]
-    figures["total_ms"] = round(1000 * statistics.median(sum(r[n] for n in stages) for r in runs), 3)
+    figures["total_ms"] = round(
+        1000 * statistics.median(sum(r[n] for n in stages) for r in runs), 3
+    )
     return figures
 
 
@@ -178,7 +184,11 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--phrases", type=int, default=8, help="phrases grounded in describe mode")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder, CLIP and the UNet's blocks")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the VAE encoder, CLIP and the UNet's blocks",
+    )
     args = parser.parse_args(argv)
     args.device = args.device or ("cpu" if args.tiny else "cuda")
     args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
@@ -199,12 +209,16 @@ def main(argv=None):
     results = {}
     for mode in ("refer", "describe"):
         runs = []
-        for repeat in range(args.repeats + 1):   # the first run warms up (kernels, allocator, compile)
+        for repeat in range(
+            args.repeats + 1
+        ):  # the first run warms up (kernels, allocator, compile)
             timer = StageTimer(device)
             if mode == "refer":
                 run_refer(backend, refiner, image, timer)
             else:
-                generated = run_describe(backend, refiner, image, timer, args.new_tokens, args.phrases)
+                generated = run_describe(
+                    backend, refiner, image, timer, args.new_tokens, args.phrases
+                )
             if repeat:
                 runs.append(timer.times)
         results[mode] = median_ms(runs)
@@ -217,11 +231,16 @@ def main(argv=None):
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
         "model": "tiny-difflmm" if args.tiny else "difflmm-7b (random weights)",
         "sam": "tiny" if args.tiny else "vit_h (random weights, float32)",
-        "dtype": args.dtype, "compile": args.compile, "repeats": args.repeats,
-        "image": list(image.shape[:2]), "prompt_tokens": len(before) + backend.grid[0] * backend.grid[1] + len(after),
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "repeats": args.repeats,
+        "image": list(image.shape[:2]),
+        "prompt_tokens": len(before) + backend.grid[0] * backend.grid[1] + len(after),
         "build_s": round(build_s, 2),
         "weights_gib": round(weights_gib, 2) if cuda else None,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else None,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if cuda
+        else None,
         **results,
     }
     print(json.dumps(summary))

@@ -13,6 +13,7 @@ much shape its visual features carry.
    attention read gives the Llama). Scenes from a seed used by neither training nor evaluation.
 The last line is JSON with every figure.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))  # the package, uninstalled
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros")
+)  # the package, uninstalled
 
 from groundlmm_ros.engine.engine import GCG_QUESTION  # noqa: E402
 from groundlmm_ros.evaluation import held_out_scenes, phrase_names, point_in_mask  # noqa: E402
@@ -47,8 +50,14 @@ def caption_figures(engine, count: int) -> dict:
             single += len(scene.objects) == 1
             single_named += len(scene.objects) == 1 and bool(hits)
             total += 1
-    return {"objects": total, "named": named, "colour_right_shape_wrong": colour_only,
-            "named_and_pointed": pointed, "single_object_scenes": single, "single_object_named": single_named}
+    return {
+        "objects": total,
+        "named": named,
+        "colour_right_shape_wrong": colour_only,
+        "named_and_pointed": pointed,
+        "single_object_scenes": single,
+        "single_object_named": single_named,
+    }
 
 
 def probe_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -56,7 +65,9 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
     torch.manual_seed(0)
     cut = int(0.8 * len(y))
     x = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-5)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, len(SHAPES)))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], 256), torch.nn.ReLU(), torch.nn.Linear(256, len(SHAPES))
+    )
     optimiser = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=1e-2)
     for _ in range(1500):
         index = torch.randint(cut, (128,))
@@ -72,13 +83,16 @@ def feature_figures(backend, count: int) -> dict:
     model = backend.model
     scenes = make_scenes(count, seed=PROBE_SEED, size=SCENE_SIZE)
     pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
-    unet, clip = tower_features(model, pixels)                        # (n, C, G, G), (n, G*G, C_clip)
+    unet, clip = tower_features(model, pixels)  # (n, C, G, G), (n, G*G, C_clip)
     with torch.no_grad():
-        projected = model.mm_projector(unet, clip)                    # (n, G*G, hidden)
+        projected = model.mm_projector(unet, clip)  # (n, G*G, hidden)
     grid = unet.shape[-1]
     cell = SCENE_SIZE // grid
-    maps = {"unet": unet, "clip": clip.transpose(1, 2).unflatten(2, (grid, grid)),
-            "projected": projected.transpose(1, 2).unflatten(2, (grid, grid))}   # each (n, C, G, G)
+    maps = {
+        "unet": unet,
+        "clip": clip.transpose(1, 2).unflatten(2, (grid, grid)),
+        "projected": projected.transpose(1, 2).unflatten(2, (grid, grid)),
+    }  # each (n, C, G, G)
     features = {f"{name}_3x3": [] for name in maps} | {"clip_mean": [], "projected_mean": []}
     shapes = []
     for k, scene in enumerate(scenes):
@@ -86,11 +100,15 @@ def feature_figures(backend, count: int) -> dict:
             row = min(grid - 2, max(1, obj.centre[1] // cell))
             column = min(grid - 2, max(1, obj.centre[0] // cell))
             for name, m in maps.items():
-                features[f"{name}_3x3"].append(m[k, :, row - 1:row + 2, column - 1:column + 2].flatten())
-            cover = torch.from_numpy(obj.mask.reshape(grid, cell, grid, cell).mean(axis=(1, 3))).flatten()
+                features[f"{name}_3x3"].append(
+                    m[k, :, row - 1 : row + 2, column - 1 : column + 2].flatten()
+                )
+            cover = torch.from_numpy(
+                obj.mask.reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+            ).flatten()
             weights = (cover > 0.3).float() if cover.max() > 0.3 else (cover == cover.max()).float()
             for name in ("clip", "projected"):
-                tokens = maps[name][k].flatten(1).T                    # (G*G, C)
+                tokens = maps[name][k].flatten(1).T  # (G*G, C)
                 features[f"{name}_mean"].append((tokens * weights[:, None]).sum(0) / weights.sum())
             shapes.append(SHAPES.index(obj.shape))
     y = torch.tensor(shapes)
@@ -99,15 +117,24 @@ def feature_figures(backend, count: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="demo", help="the demo preset or a directory written by groundlmm train")
-    parser.add_argument("--scenes", type=int, default=100, help="held-out scenes for the caption figures")
-    parser.add_argument("--probe-scenes", type=int, default=3000, help="scenes for the feature probe")
+    parser.add_argument(
+        "--model", default="demo", help="the demo preset or a directory written by groundlmm train"
+    )
+    parser.add_argument(
+        "--scenes", type=int, default=100, help="held-out scenes for the caption figures"
+    )
+    parser.add_argument(
+        "--probe-scenes", type=int, default=3000, help="scenes for the feature probe"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = build_engine(args.model, refiner="colour")
-    figures = {"model": args.model, "captions": caption_figures(engine, args.scenes),
-               "shape_probe": feature_figures(engine.backend, args.probe_scenes)}
+    figures = {
+        "model": args.model,
+        "captions": caption_figures(engine, args.scenes),
+        "shape_probe": feature_figures(engine.backend, args.probe_scenes),
+    }
     print(json.dumps(figures))
 
 

@@ -12,14 +12,15 @@
 - baselines on the refer queries: a uniformly random point (its exact expected hit rate,
   the mask's area fraction) and the image centre.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from .engine.types import Grounding
-from .world import Scene, SceneObject, make_scenes, referring_expression
+from groundlmm_ros.engine.types import Grounding
+from groundlmm_ros.world import Scene, SceneObject, make_scenes, referring_expression
 
-EVAL_SEED = 20_000   # the held-out stream; training draws its scenes from other seeds
+EVAL_SEED = 20_000  # the held-out stream; training draws its scenes from other seeds
 IOU_THRESHOLD = 0.5
 
 
@@ -41,7 +42,9 @@ def phrase_names(text: str, obj: SceneObject) -> bool:
     return obj.colour in words and obj.shape in words
 
 
-def match_describe(grounding: Grounding, objects: list[SceneObject]) -> list[tuple[int, int, float]]:
+def match_describe(
+    grounding: Grounding, objects: list[SceneObject]
+) -> list[tuple[int, int, float]]:
     """Greedy one-to-one matching of predicted phrases to objects by mask IoU, best pair
     first; returns (phrase index, object index, IoU) for pairs with IoU > 0."""
     ious = np.array([[mask_iou(p.mask, o.mask) for o in objects] for p in grounding.phrases])
@@ -79,10 +82,12 @@ def evaluate(engine, scenes: list[Scene], question: str, progress=None) -> dict:
     for k, scene in enumerate(scenes):
         h, w = scene.image.shape[:2]
         for obj in scene.objects:
-            hit, iou = score_refer(engine.ground(scene.image, referring_expression(obj), mode="refer"), obj)
+            hit, iou = score_refer(
+                engine.ground(scene.image, referring_expression(obj), mode="refer"), obj
+            )
             hits.append(hit)
             refer_ious.append(iou)
-            random_hits.append(obj.mask.mean())           # expected hit rate of a uniform random point
+            random_hits.append(obj.mask.mean())  # expected hit rate of a uniform random point
             centre_hits.append(point_in_mask((w // 2, h // 2), obj.mask))
         n, iou_sum = score_describe(engine.ground(scene.image, question, mode="describe"), scene)
         recalled += n
@@ -119,7 +124,10 @@ def format_table(metrics: dict) -> str:
         ("baseline: random point, pointing accuracy", metrics["random_pointing_accuracy"]),
         ("baseline: image centre, pointing accuracy", metrics["center_pointing_accuracy"]),
     ]
-    lines = [f"| metric ({metrics['scenes']} held-out scenes, {metrics['refer_queries']} refer queries) | value |",
-             "|---|---|"]
+    lines = [
+        f"| metric ({metrics['scenes']} held-out scenes, "
+        f"{metrics['refer_queries']} refer queries) | value |",
+        "|---|---|",
+    ]
     lines += [f"| {name} | {value:.3f} |" for name, value in rows]
     return "\n".join(lines)

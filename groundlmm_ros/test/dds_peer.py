@@ -6,6 +6,7 @@ until the echo is acknowledged, and exits 0 after --count messages, or 1 when
 --timeout seconds pass first. Reliable + transient-local QoS on both topics,
 so a subscriber that matches late still gets what was sent.
 """
+
 import argparse
 import os
 import sys
@@ -17,12 +18,16 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 
 from groundlmm_msgs.msg import GroundingResult
 
-QOS = QoSProfile(depth=4, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+QOS = QoSProfile(
+    depth=4, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--request", required=True, help="topic to receive GroundingResult messages on")
+    parser.add_argument(
+        "--request", required=True, help="topic to receive GroundingResult messages on"
+    )
     parser.add_argument("--echo", required=True, help="topic to send them back on")
     parser.add_argument("--count", type=int, default=1, help="messages to echo before exiting")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
@@ -43,12 +48,16 @@ def main():
     while len(echoed) < args.count and time.monotonic() < deadline:
         rclpy.spin_once(node, timeout_sec=0.1)
     acked = len(echoed) == args.count and echo.wait_for_all_acked(
-        Duration(seconds=max(0.0, deadline - time.monotonic())))
+        Duration(seconds=max(0.0, deadline - time.monotonic()))
+    )
     node.destroy_node()
     rclpy.shutdown()
     if not acked:
-        print(f"dds_peer: echoed {len(echoed)} of {args.count} messages, acknowledged: {acked}, "
-              f"within {args.timeout} s", file=sys.stderr)
+        print(
+            f"dds_peer: echoed {len(echoed)} of {args.count} messages, acknowledged: {acked}, "
+            f"within {args.timeout} s",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

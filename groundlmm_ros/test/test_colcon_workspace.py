@@ -6,6 +6,7 @@ colcon comes from PyPI into the venv (requirements-dev.txt): its bin/ first on P
 so CMake finds the venv's python, and AMENT_PREFIX_PATH naming the venv, the
 underlay that holds the ROS 2 wheels.
 """
+
 import json
 import os
 import subprocess
@@ -20,7 +21,11 @@ PACKAGES = ("groundlmm_msgs", "groundlmm_ros")
 
 
 def venv_env():
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(VENV), PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        AMENT_PREFIX_PATH=str(VENV),
+        PATH=f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
+    )
     env.pop("PYTHONPATH", None)
     return env
 
@@ -33,26 +38,49 @@ def workspace(tmp_path_factory):
     for package in PACKAGES:
         (ws / "src" / package).symlink_to(REPO / package, target_is_directory=True)
     build = subprocess.run(
-        [str(VENV / "bin" / "colcon"), "build", "--symlink-install", "--event-handlers", "console_direct-",
-         "--cmake-args", "-DBUILD_TESTING=OFF"],
-        cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=240)
-    assert build.returncode == 0, f"colcon build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+        [
+            str(VENV / "bin" / "colcon"),
+            "build",
+            "--symlink-install",
+            "--event-handlers",
+            "console_direct-",
+            "--cmake-args",
+            "-DBUILD_TESTING=OFF",
+        ],
+        cwd=ws,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert build.returncode == 0, (
+        f"colcon build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    )
     for package in PACKAGES:
         assert f"Finished <<< {package}" in build.stdout
     return ws
 
 
 def in_sourced_shell(ws, python_code):
-    """Run python_code with the venv's python in a shell that sourced install/setup.bash; its stdout as JSON."""
+    """Run python_code with the venv's python in a shell that sourced install/setup.bash; its
+    stdout as JSON."""
     shell = f'source install/setup.bash && exec "{VENV / "bin" / "python"}" -c "$0"'
-    result = subprocess.run(["bash", "-c", shell, python_code], cwd=ws, env=venv_env(),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", "-c", shell, python_code],
+        cwd=ws,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_generated_interfaces_import_from_the_install_space(workspace):
-    found = in_sourced_shell(workspace, """
+    found = in_sourced_shell(
+        workspace,
+        """
 import json
 from ament_index_python.packages import get_package_share_directory
 import groundlmm_msgs.msg
@@ -67,16 +95,30 @@ print(json.dumps({
     "ros_share": get_package_share_directory("groundlmm_ros"),
     "ros_package": list(groundlmm_ros.__path__),
 }))
-""")
+""",
+    )
     install = workspace / "install"
-    assert Path(found["msgs_module"]).is_relative_to(install / "groundlmm_msgs")  # not the venv's copy
-    assert found["result_fields"] == ["header", "success", "message", "query", "mode", "answer", "phrases",
-                                       "model", "inference_time"]
+    assert Path(found["msgs_module"]).is_relative_to(
+        install / "groundlmm_msgs"
+    )  # not the venv's copy
+    assert found["result_fields"] == [
+        "header",
+        "success",
+        "message",
+        "query",
+        "mode",
+        "answer",
+        "phrases",
+        "model",
+        "inference_time",
+    ]
     assert found["goal_fields"] == ["query", "mode", "image"]
     assert found["msgs_share"] == str(install / "groundlmm_msgs" / "share" / "groundlmm_msgs")
     assert found["ros_share"] == str(install / "groundlmm_ros" / "share" / "groundlmm_ros")
     # --symlink-install: the Python package is the source tree, so edits are live.
-    assert [Path(p).resolve() for p in found["ros_package"]] == [REPO / "groundlmm_ros" / "groundlmm_ros"]
+    assert [Path(p).resolve() for p in found["ros_package"]] == [
+        REPO / "groundlmm_ros" / "groundlmm_ros"
+    ]
 
 
 def test_ros2_run_finds_the_node_executable(workspace):
@@ -86,15 +128,25 @@ def test_ros2_run_finds_the_node_executable(workspace):
     # It must start the venv's python (the one with the ML stack), not the system's.
     shebang = node.read_text().splitlines()[0]
     assert shebang.startswith("#!") and Path(shebang[2:]).parent == VENV / "bin", shebang
-    # The script loads the console_scripts entry point; its module must be there (found, not imported:
-    # importing it would load the ML stack).
-    entry = in_sourced_shell(workspace, """
+    # The script loads the console_scripts entry point; its module must be there (found, not
+    # imported: importing it would load the ML stack).
+    entry = in_sourced_shell(
+        workspace,
+        """
 import importlib.metadata, importlib.util, json
-point, = [e for e in importlib.metadata.distribution("groundlmm-ros").entry_points if e.name == "groundlmm_node"]
+point, = [
+    e
+    for e in importlib.metadata.distribution("groundlmm-ros").entry_points
+    if e.name == "groundlmm_node"
+]
 print(json.dumps({"value": point.value, "origin": importlib.util.find_spec(point.module).origin}))
-""")
+""",
+    )
     assert entry["value"] == "groundlmm_ros.ros.node:main"
-    assert Path(entry["origin"]).resolve() == REPO / "groundlmm_ros" / "groundlmm_ros" / "ros" / "node.py"
+    assert (
+        Path(entry["origin"]).resolve()
+        == REPO / "groundlmm_ros" / "groundlmm_ros" / "ros" / "node.py"
+    )
 
 
 def test_ros2_launch_finds_the_installed_share_files(workspace):
@@ -102,4 +154,6 @@ def test_ros2_launch_finds_the_installed_share_files(workspace):
     assert (share / "package.xml").resolve() == REPO / "groundlmm_ros" / "package.xml"
     for folder in ("launch", "config", "model"):
         for source in sorted((REPO / "groundlmm_ros" / folder).glob("*")):
-            assert (share / folder / source.name).resolve() == source.resolve(), f"{folder}/{source.name} not installed"
+            assert (share / folder / source.name).resolve() == source.resolve(), (
+                f"{folder}/{source.name} not installed"
+            )

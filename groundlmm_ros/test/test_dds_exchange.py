@@ -4,6 +4,7 @@ This process publishes the result; dds_peer.py, a separate python process in
 the same ROS domain (conftest.py gives each test run its own ROS_DOMAIN_ID),
 echoes it back; the masks that return must be bit-identical to those sent.
 """
+
 import os
 import subprocess
 import sys
@@ -14,10 +15,10 @@ import numpy as np
 import pytest
 import rclpy
 from builtin_interfaces.msg import Time
+from dds_peer import QOS
 from rclpy.executors import SingleThreadedExecutor
 from std_msgs.msg import Header
 
-from dds_peer import QOS
 from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from groundlmm_ros.ros.conversion import image_to_numpy, mask_to_image
 
@@ -28,13 +29,29 @@ TIMEOUT_S = 60.0  # discovery on a loaded 2-core machine takes seconds, not minu
 def grounding_result():
     header = Header(stamp=Time(sec=1732600000, nanosec=5), frame_id="camera_color_optical_frame")
     rng = np.random.default_rng(0)
-    masks = [rng.random((480, 640)) < 0.5, rng.random((480, 640)) < 0.1]  # (H, W) bool, noisy on purpose
+    masks = [
+        rng.random((480, 640)) < 0.5,
+        rng.random((480, 640)) < 0.1,
+    ]  # (H, W) bool, noisy on purpose
     return GroundingResult(
-        header=header, query="What is on the table?", mode="describe",
-        answer="A red mug and a laptop.", model="tiny-random", inference_time=0.5,
-        phrases=[GroundedPhrase(phrase=text, char_start=start, char_end=end, score=1.0, point_x=10, point_y=20,
-                                mask=mask_to_image(mask, header))
-                 for (text, start, end), mask in zip([("A red mug", 0, 9), ("a laptop", 14, 22)], masks)],
+        header=header,
+        query="What is on the table?",
+        mode="describe",
+        answer="A red mug and a laptop.",
+        model="tiny-random",
+        inference_time=0.5,
+        phrases=[
+            GroundedPhrase(
+                phrase=text,
+                char_start=start,
+                char_end=end,
+                score=1.0,
+                point_x=10,
+                point_y=20,
+                mask=mask_to_image(mask, header),
+            )
+            for (text, start, end), mask in zip([("A red mug", 0, 9), ("a laptop", 14, 22)], masks)
+        ],
     ), masks
 
 
@@ -55,9 +72,14 @@ def spin_until(executor, condition, what, peer):
     deadline = time.monotonic() + TIMEOUT_S
     while not condition():
         if peer.poll() is not None:
-            pytest.fail(f"dds_peer exited with {peer.returncode} while waiting for {what}: {peer.stderr.read()}")
+            pytest.fail(
+                f"dds_peer exited with {peer.returncode} while waiting for {what}: "
+                f"{peer.stderr.read()}"
+            )
         if time.monotonic() > deadline:
-            pytest.fail(f"no {what} within {TIMEOUT_S} s (ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID')})")
+            pytest.fail(
+                f"no {what} within {TIMEOUT_S} s (ROS_DOMAIN_ID={os.environ.get('ROS_DOMAIN_ID')})"
+            )
         executor.spin_once(timeout_sec=0.05)
 
 
@@ -69,11 +91,29 @@ def test_masks_cross_processes_bit_identical(ros_node):
     node.create_subscription(GroundingResult, echo_topic, received.append, QOS)
     # The venv's python (this one), so the child sees the same ROS wheels and domain.
     peer = subprocess.Popen(
-        [sys.executable, str(PEER), "--request", request_topic, "--echo", echo_topic, "--timeout", str(TIMEOUT_S)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            str(PEER),
+            "--request",
+            request_topic,
+            "--echo",
+            echo_topic,
+            "--timeout",
+            str(TIMEOUT_S),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        spin_until(executor, lambda: request.get_subscription_count() >= 1 and node.count_publishers(echo_topic) >= 1,
-                   "matching with dds_peer", peer)
+        spin_until(
+            executor,
+            lambda: (
+                request.get_subscription_count() >= 1 and node.count_publishers(echo_topic) >= 1
+            ),
+            "matching with dds_peer",
+            peer,
+        )
         sent, masks = grounding_result()
         start = time.monotonic()
         request.publish(sent)
@@ -85,8 +125,10 @@ def test_masks_cross_processes_bit_identical(ros_node):
             peer.kill()
             peer.wait()
 
-    echo, = received
-    assert echo.model == f"tiny-random (echoed by pid {peer.pid})"  # it really went through the other process
+    (echo,) = received
+    assert (
+        echo.model == f"tiny-random (echoed by pid {peer.pid})"
+    )  # it really went through the other process
     assert len(echo.phrases) == 2
     for phrase, sent_phrase, mask in zip(echo.phrases, sent.phrases, masks):
         assert bytes(phrase.mask.data) == bytes(sent_phrase.mask.data)

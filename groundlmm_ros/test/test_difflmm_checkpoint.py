@@ -2,6 +2,7 @@
 same tensor names, a real peft LoRA adapter) loads through the real loader and
 matches the in-memory model it was written from; broken files are refused with
 messages that name the file and the tensor. Also the local save/load format."""
+
 import copy
 import json
 import os
@@ -12,14 +13,27 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
 from PIL import Image
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
-                          LlamaForCausalLM)
+from safetensors.torch import load_file, save_file
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm
-from groundlmm_ros.models.difflmm_checkpoint import (NON_LORA_FILE, CheckpointError, load_difflmm,
-                                                     load_released_difflmm, released_difflmm_backend, save_difflmm)
+from groundlmm_ros.models.difflmm_checkpoint import (
+    NON_LORA_FILE,
+    CheckpointError,
+    load_difflmm,
+    load_released_difflmm,
+    released_difflmm_backend,
+    save_difflmm,
+)
 from groundlmm_ros.models.tiny import tiny_difflmm_config, tiny_tokenizer
 
 torch.set_num_threads(1)
@@ -35,11 +49,24 @@ def write_released(root, *, patch_token_key: bool = True):
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(config.vae)
     unet = UNet2DConditionModel.from_config(config.unet)
-    # openai/clip-vit-large-patch14-336 is a full CLIP (text tower too); the model uses its vision part.
-    full_clip = CLIPModel(CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                      num_attention_heads=2, vocab_size=50,
-                                                      bos_token_id=0, eos_token_id=1, pad_token_id=1),
-                                     vision_config=config.clip, projection_dim=16))
+    # openai/clip-vit-large-patch14-336 is a full CLIP (text tower too); the model uses its vision
+    # part.
+    full_clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=50,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            ),
+            vision_config=config.clip,
+            projection_dim=16,
+        )
+    )
     clip = CLIPVisionModel(CLIPVisionConfig(**config.clip))
     clip.load_state_dict(full_clip.vision_model.state_dict())
     base = LlamaForCausalLM(LlamaConfig(**config.llama))
@@ -50,25 +77,49 @@ def write_released(root, *, patch_token_key: bool = True):
     base.save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
 
-    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, bias="none",
-                                                          target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    with torch.no_grad():   # peft starts lora_B at zero, a no-op adapter: make it count
+    lora = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.05,
+            bias="none",
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    with torch.no_grad():  # peft starts lora_B at zero, a no-op adapter: make it count
         for name, param in lora.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.2)
     lora.save_pretrained(root / "adapter")
     model = DiffLMM(config, vae=vae, unet=unet, clip=clip, language_model=lora.merge_and_unload())
-    torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in model.mm_projector.state_dict().items()},
-               root / "adapter" / NON_LORA_FILE)
+    torch.save(
+        {
+            f"base_model.model.model.mm_projector.{k}": v
+            for k, v in model.mm_projector.state_dict().items()
+        },
+        root / "adapter" / NON_LORA_FILE,
+    )
     llava_fields = {
-        "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-        "hidden_size": config.llama["hidden_size"], "vocab_size": config.llama["vocab_size"],
-        "mm_projector_type": "SDCLIPBlock", "mm_vision_tower": "runwayml/stable-diffusion-v1-5",
-        "mm_vision_select_layer": 1, "mm_vision_sd_timestep": 100, "mm_vision_sd_ensemble_size": 1,
-        "mm_vision_sd_clip": "openai/clip-vit-large-patch14-336", "mm_vision_sd_clip_proj_in": config.clip["hidden_size"],
-        "mm_vision_sd_clip_proj_out": config.unet["cross_attention_dim"], "mm_vision_sd_concat_clip": True,
-        "mm_vision_sd_implicit_caption": True, "mm_vision_sd_pe": config.num_image_tokens,
-        "mm_vision_resolution": config.image_size, "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava_llama",
+        "hidden_size": config.llama["hidden_size"],
+        "vocab_size": config.llama["vocab_size"],
+        "mm_projector_type": "SDCLIPBlock",
+        "mm_vision_tower": "runwayml/stable-diffusion-v1-5",
+        "mm_vision_select_layer": 1,
+        "mm_vision_sd_timestep": 100,
+        "mm_vision_sd_ensemble_size": 1,
+        "mm_vision_sd_clip": "openai/clip-vit-large-patch14-336",
+        "mm_vision_sd_clip_proj_in": config.clip["hidden_size"],
+        "mm_vision_sd_clip_proj_out": config.unet["cross_attention_dim"],
+        "mm_vision_sd_concat_clip": True,
+        "mm_vision_sd_implicit_caption": True,
+        "mm_vision_sd_pe": config.num_image_tokens,
+        "mm_vision_resolution": config.image_size,
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
         "mm_hidden_size": [32, config.sd_channels, 16, 8, config.clip["hidden_size"]],
     }
     if patch_token_key:
@@ -78,7 +129,12 @@ def write_released(root, *, patch_token_key: bool = True):
 
 
 def released_dirs(root):
-    return dict(adapter_dir=root / "adapter", base_dir=root / "base", sd_dir=root / "sd", clip_dir=root / "clip")
+    return dict(
+        adapter_dir=root / "adapter",
+        base_dir=root / "base",
+        sd_dir=root / "sd",
+        clip_dir=root / "clip",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +177,14 @@ def test_released_layout_loads_and_matches_the_model_it_was_written_from(release
 
 def test_released_backend_from_directories_and_uncached_ids(released):
     root = released[0]
-    backend = released_difflmm_backend("cpu", torch.float32, adapter=root / "adapter", base=root / "base",
-                                       sd=root / "sd", clip=root / "clip")
+    backend = released_difflmm_backend(
+        "cpu",
+        torch.float32,
+        adapter=root / "adapter",
+        base=root / "base",
+        sd=root / "sd",
+        clip=root / "clip",
+    )
     assert isinstance(backend, DiffLMMBackend) and backend.grid == (8, 8)
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model.* locally cached"):
         released_difflmm_backend("cpu", torch.float32, adapter="no-such-org/no-such-model")
@@ -131,23 +193,30 @@ def test_released_backend_from_directories_and_uncached_ids(released):
 def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(released):
     """The released weights saw LLaVA's process_images with CLIPImageProcessor(size=S, crop_size=S)
     and OpenAI CLIP's mean/std (the reference's mean=std=0.5 keywords are not the class's, so
-    they change nothing): pad to square with int(255 * mean) = (122, 116, 104), then the processor."""
+    they change nothing): pad to square with int(255 * mean) = (122, 116, 104), then the
+    processor."""
     root = released[0]
-    backend = released_difflmm_backend("cpu", torch.float32, adapter=root / "adapter", base=root / "base",
-                                       sd=root / "sd", clip=root / "clip")
+    backend = released_difflmm_backend(
+        "cpu",
+        torch.float32,
+        adapter=root / "adapter",
+        base=root / "base",
+        sd=root / "sd",
+        clip=root / "clip",
+    )
     size = backend.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)
     assert backend.preprocessing.pad_color == (122, 116, 104)
     for height, width in ((40, 28), (21, 64)):
         picture = (np.random.default_rng(height).random((height, width, 3)) * 255).astype(np.uint8)
         side = max(height, width)
-        square = Image.new("RGB", (side, side), (122, 116, 104))       # LLaVA's expand2square
+        square = Image.new("RGB", (side, side), (122, 116, 104))  # LLaVA's expand2square
         square.paste(Image.fromarray(picture), ((side - width) // 2, (side - height) // 2))
         expected = processor(images=square, return_tensors="pt")["pixel_values"]
         got = backend.preprocess(picture)
         assert got.shape == expected.shape == (1, 3, size, size)
         assert (got - expected).abs().max() <= 0.02
-        assert expected.min() < -1.05 or expected.max() > 1.05   # CLIP-normalised, not [-1, 1]
+        assert expected.min() < -1.05 or expected.max() > 1.05  # CLIP-normalised, not [-1, 1]
 
 
 def test_lora_adapter_is_merged(released):
@@ -165,7 +234,9 @@ def test_adapter_as_pickled_bin_loads_too(broken, released):
     os.remove(broken / "adapter" / "adapter_model.safetensors")
     loaded, _ = load_released_difflmm(**released_dirs(broken), dtype=torch.float32)
     name = "model.layers.1.mlp.down_proj.weight"
-    assert torch.equal(loaded.language_model.state_dict()[name], released[1].language_model.state_dict()[name])
+    assert torch.equal(
+        loaded.language_model.state_dict()[name], released[1].language_model.state_dict()[name]
+    )
 
 
 def test_missing_patch_token_key_grows_vocabulary_by_one(tmp_path):
@@ -173,12 +244,18 @@ def test_missing_patch_token_key_grows_vocabulary_by_one(tmp_path):
     loaded, loaded_tokenizer = load_released_difflmm(**released_dirs(tmp_path), dtype=torch.float32)
     assert len(loaded_tokenizer) == len(tokenizer) + 1
     assert loaded_tokenizer.convert_ids_to_tokens(len(tokenizer)) == "<im_patch>"
-    for weight in (loaded.language_model.get_input_embeddings().weight,
-                   loaded.language_model.get_output_embeddings().weight):
+    for weight in (
+        loaded.language_model.get_input_embeddings().weight,
+        loaded.language_model.get_output_embeddings().weight,
+    ):
         assert weight.shape[0] == len(tokenizer) + 1
         torch.testing.assert_close(weight[-1], weight[:-1].mean(0))
-    torch.testing.assert_close(loaded.encode_image(torch.zeros(1, 3, 32, 32)),
-                               model.encode_image(torch.zeros(1, 3, 32, 32)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        loaded.encode_image(torch.zeros(1, 3, 32, 32)),
+        model.encode_image(torch.zeros(1, 3, 32, 32)),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_bf16_on_request(released):
@@ -203,47 +280,125 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda d: os.remove(d / "adapter" / NON_LORA_FILE), f"missing file: .*{NON_LORA_FILE}"),
-    (lambda d: os.remove(d / "sd" / "unet" / "config.json"), "missing file: .*unet/config.json"),
-    (lambda d: os.remove(d / "adapter" / "adapter_model.safetensors"), "missing file: .*adapter_model"),
-    (lambda d: save_non_lora(d / "adapter" / NON_LORA_FILE,
-                             lambda t: t.pop("base_model.model.model.mm_projector.vt_pe")),
-     f"{NON_LORA_FILE}: missing tensor.*vt_pe"),
-    (lambda d: save_non_lora(d / "adapter" / NON_LORA_FILE,
-                             lambda t: t.update({"base_model.model.model.mm_projector.linear.0.weight": torch.zeros(32, 7)})),
-     r"tensor linear.0.weight has shape \(32, 7\), the model needs \(32, 32\)"),
-    (lambda d: save_non_lora(d / "adapter" / NON_LORA_FILE,
-                             lambda t: t.update({"base_model.model.model.embed_tokens.weight": torch.zeros(2)})),
-     "outside model.mm_projector"),
-    (lambda d: (d / "adapter" / NON_LORA_FILE).write_bytes(np.random.default_rng(0).bytes(4096)),
-     f"{NON_LORA_FILE}: corrupt, truncated or unsafe"),
-    (lambda d: (d / "adapter" / NON_LORA_FILE).write_bytes((d / "adapter" / NON_LORA_FILE).read_bytes()[:3000]),
-     f"{NON_LORA_FILE}: corrupt, truncated or unsafe"),
-    (lambda d: (d / "adapter" / "adapter_model.safetensors").write_bytes(
-        (d / "adapter" / "adapter_model.safetensors").read_bytes()[:2000]),
-     "adapter_model.safetensors: corrupt, truncated or unsafe"),
-    (lambda d: save_file({k: v for k, v in load_file(d / "adapter" / "adapter_model.safetensors").items()
-                          if "layers.1.mlp.up_proj.lora_A" not in k}, d / "adapter" / "adapter_model.safetensors"),
-     r"adapter_model.safetensors: missing tensor.*layers.1.mlp.up_proj.lora_A.weight"),
-    (lambda d: save_file({k: v for k, v in load_file(d / "base" / "model.safetensors").items()
-                          if k != "model.layers.1.mlp.up_proj.weight"}, d / "base" / "model.safetensors",
-                         metadata={"format": "pt"}),
-     r"base: missing tensor.*model.layers.1.mlp.up_proj.weight"),
-    (lambda d: (d / "sd" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
-        (d / "sd" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:3000]),
-     "sd/unet: could not load"),
-    (lambda d: os.remove(d / "clip" / "model.safetensors"), "clip: could not load .*no file named model.safetensors"),
-    (lambda d: (d / "adapter" / "config.json").write_text(
-        (d / "adapter" / "config.json").read_text().replace('"SDCLIPBlock"', '"mlp2x_gelu"')),
-     "mm_projector_type is 'mlp2x_gelu'"),
-    (lambda d: (d / "adapter" / "config.json").write_text(
-        (d / "adapter" / "config.json").read_text().replace('"mm_vision_sd_pe": 64', '"mm_vision_sd_pe": 576')),
-     "mm_vision_sd_pe is 576 but the component configs give 64"),
-], ids=["no-non-lora", "no-unet-config", "no-adapter", "non-lora-missing-tensor", "non-lora-shape",
-        "non-lora-stray-tensor", "non-lora-corrupt", "non-lora-truncated", "adapter-truncated",
-        "adapter-missing-tensor", "base-missing-tensor", "unet-truncated", "clip-no-weights", "wrong-projector-type",
-        "wrong-pe"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: os.remove(d / "adapter" / NON_LORA_FILE), f"missing file: .*{NON_LORA_FILE}"),
+        (
+            lambda d: os.remove(d / "sd" / "unet" / "config.json"),
+            "missing file: .*unet/config.json",
+        ),
+        (
+            lambda d: os.remove(d / "adapter" / "adapter_model.safetensors"),
+            "missing file: .*adapter_model",
+        ),
+        (
+            lambda d: save_non_lora(
+                d / "adapter" / NON_LORA_FILE,
+                lambda t: t.pop("base_model.model.model.mm_projector.vt_pe"),
+            ),
+            f"{NON_LORA_FILE}: missing tensor.*vt_pe",
+        ),
+        (
+            lambda d: save_non_lora(
+                d / "adapter" / NON_LORA_FILE,
+                lambda t: t.update(
+                    {"base_model.model.model.mm_projector.linear.0.weight": torch.zeros(32, 7)}
+                ),
+            ),
+            r"tensor linear.0.weight has shape \(32, 7\), the model needs \(32, 32\)",
+        ),
+        (
+            lambda d: save_non_lora(
+                d / "adapter" / NON_LORA_FILE,
+                lambda t: t.update({"base_model.model.model.embed_tokens.weight": torch.zeros(2)}),
+            ),
+            "outside model.mm_projector",
+        ),
+        (
+            lambda d: (d / "adapter" / NON_LORA_FILE).write_bytes(
+                np.random.default_rng(0).bytes(4096)
+            ),
+            f"{NON_LORA_FILE}: corrupt, truncated or unsafe",
+        ),
+        (
+            lambda d: (d / "adapter" / NON_LORA_FILE).write_bytes(
+                (d / "adapter" / NON_LORA_FILE).read_bytes()[:3000]
+            ),
+            f"{NON_LORA_FILE}: corrupt, truncated or unsafe",
+        ),
+        (
+            lambda d: (d / "adapter" / "adapter_model.safetensors").write_bytes(
+                (d / "adapter" / "adapter_model.safetensors").read_bytes()[:2000]
+            ),
+            "adapter_model.safetensors: corrupt, truncated or unsafe",
+        ),
+        (
+            lambda d: save_file(
+                {
+                    k: v
+                    for k, v in load_file(d / "adapter" / "adapter_model.safetensors").items()
+                    if "layers.1.mlp.up_proj.lora_A" not in k
+                },
+                d / "adapter" / "adapter_model.safetensors",
+            ),
+            r"adapter_model.safetensors: missing tensor.*layers.1.mlp.up_proj.lora_A.weight",
+        ),
+        (
+            lambda d: save_file(
+                {
+                    k: v
+                    for k, v in load_file(d / "base" / "model.safetensors").items()
+                    if k != "model.layers.1.mlp.up_proj.weight"
+                },
+                d / "base" / "model.safetensors",
+                metadata={"format": "pt"},
+            ),
+            r"base: missing tensor.*model.layers.1.mlp.up_proj.weight",
+        ),
+        (
+            lambda d: (d / "sd" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(
+                (d / "sd" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:3000]
+            ),
+            "sd/unet: could not load",
+        ),
+        (
+            lambda d: os.remove(d / "clip" / "model.safetensors"),
+            "clip: could not load .*no file named model.safetensors",
+        ),
+        (
+            lambda d: (d / "adapter" / "config.json").write_text(
+                (d / "adapter" / "config.json").read_text().replace('"SDCLIPBlock"', '"mlp2x_gelu"')
+            ),
+            "mm_projector_type is 'mlp2x_gelu'",
+        ),
+        (
+            lambda d: (d / "adapter" / "config.json").write_text(
+                (d / "adapter" / "config.json")
+                .read_text()
+                .replace('"mm_vision_sd_pe": 64', '"mm_vision_sd_pe": 576')
+            ),
+            "mm_vision_sd_pe is 576 but the component configs give 64",
+        ),
+    ],
+    ids=[
+        "no-non-lora",
+        "no-unet-config",
+        "no-adapter",
+        "non-lora-missing-tensor",
+        "non-lora-shape",
+        "non-lora-stray-tensor",
+        "non-lora-corrupt",
+        "non-lora-truncated",
+        "adapter-truncated",
+        "adapter-missing-tensor",
+        "base-missing-tensor",
+        "unet-truncated",
+        "clip-no-weights",
+        "wrong-projector-type",
+        "wrong-pe",
+    ],
+)
 def test_broken_released_checkpoints_are_refused(broken, damage, message):
     damage(broken)
     with pytest.raises(CheckpointError, match=message):
@@ -252,8 +407,13 @@ def test_broken_released_checkpoints_are_refused(broken, damage, message):
 
 def test_pickle_with_code_is_refused_without_running_it(broken, tmp_path):
     marker = tmp_path / "ran"
-    torch.save({"base_model.model.model.mm_projector.vt_pe": Payload(marker)}, broken / "adapter" / NON_LORA_FILE)
-    with pytest.raises(CheckpointError, match=f"{NON_LORA_FILE}: .*unsafe.*the pickle calls posix.system"):
+    torch.save(
+        {"base_model.model.model.mm_projector.vt_pe": Payload(marker)},
+        broken / "adapter" / NON_LORA_FILE,
+    )
+    with pytest.raises(
+        CheckpointError, match=f"{NON_LORA_FILE}: .*unsafe.*the pickle calls posix.system"
+    ):
         load_released_difflmm(**released_dirs(broken), dtype=torch.float32)
     assert not marker.exists()
 
@@ -269,7 +429,11 @@ def test_local_format_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[name], tensor), name
     expected = answer_and_maps(DiffLMMBackend(model, tokenizer))
     got = answer_and_maps(DiffLMMBackend(loaded, loaded_tokenizer))
-    assert torch.equal(got[0], expected[0]) and got[1] == expected[1] and torch.equal(got[2], expected[2])
+    assert (
+        torch.equal(got[0], expected[0])
+        and got[1] == expected[1]
+        and torch.equal(got[2], expected[2])
+    )
 
 
 def test_local_format_refuses_damage(tmp_path):

@@ -1,5 +1,6 @@
 """Engine end to end on the tiny random LLaVA: both modes, SAM and the fallback, determinism,
 streaming, cancel, limits and bad input."""
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +33,10 @@ def image(height=48, width=80, seed=0):
 def check_phrases(result: Grounding, height, width):
     assert result.image_size == (height, width)
     for phrase in result.phrases:
-        assert result.answer[phrase.char_start:phrase.char_end] == phrase.text
-        assert phrase.token_indices and all(0 <= i < len(result.token_ids) for i in phrase.token_indices)
+        assert result.answer[phrase.char_start : phrase.char_end] == phrase.text
+        assert phrase.token_indices and all(
+            0 <= i < len(result.token_ids) for i in phrase.token_indices
+        )
         assert phrase.heatmap.shape == (height, width) and phrase.heatmap.dtype == np.float32
         assert phrase.mask.shape == (height, width) and phrase.mask.dtype == bool
         assert phrase.point == argmax_point(phrase.heatmap)
@@ -44,22 +47,40 @@ def check_phrases(result: Grounding, height, width):
 def test_describe_with_sam(sam_engine):
     assert isinstance(sam_engine.refiner, SamRefiner)
     streamed = []
-    result = sam_engine.ground(image(), QUESTION, on_token=lambda text, n: streamed.append((text, n)))
+    result = sam_engine.ground(
+        image(), QUESTION, on_token=lambda text, n: streamed.append((text, n))
+    )
     assert result.mode == "describe" and result.query == QUESTION
     tokenizer = sam_engine.backend.tokenizer
-    assert result.answer == tokenizer.decode(result.token_ids, skip_special_tokens=True)  # unstripped, as grouped
+    assert result.answer == tokenizer.decode(
+        result.token_ids, skip_special_tokens=True
+    )  # unstripped, as grouped
     assert tokenizer.eos_token_id not in result.token_ids
     # Every noun chunk of the answer is grounded (no filters by default).
-    answer, spans = token_spans(result.token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
-    assert [p.text for p in result.phrases] == [p.text for p in noun_phrases(answer, spans, sam_engine.nlp)]
+    answer, spans = token_spans(
+        result.token_ids, lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    )
+    assert [p.text for p in result.phrases] == [
+        p.text for p in noun_phrases(answer, spans, sam_engine.nlp)
+    ]
     assert result.phrases, "the fixed seed's answer has noun chunks"
     check_phrases(result, 48, 80)
     # Streaming: one call per generated token, growing prefixes ending at the answer.
     assert [n for _, n in streamed] == list(range(1, len(streamed) + 1))
     assert len(streamed) in (len(result.token_ids), len(result.token_ids) + 1)  # + the end token
     assert streamed[-1][0] == result.answer
-    assert set(result.timings) == {"encode", "generate", "phrases", "heatmaps", "refine_image", "refine", "total"}
-    assert result.timings["total"] >= sum(v for k, v in result.timings.items() if k != "total") * 0.99
+    assert set(result.timings) == {
+        "encode",
+        "generate",
+        "phrases",
+        "heatmaps",
+        "refine_image",
+        "refine",
+        "total",
+    }
+    assert (
+        result.timings["total"] >= sum(v for k, v in result.timings.items() if k != "total") * 0.99
+    )
 
 
 def test_refer_with_sam_gives_exactly_one_mask(sam_engine):
@@ -102,8 +123,12 @@ def test_deterministic_for_a_seed():
 def test_cancel_between_tokens(fallback_engine):
     seen = []
     with pytest.raises(Cancelled):
-        fallback_engine.ground(image(), QUESTION, on_token=lambda text, n: seen.append(n),
-                               should_stop=lambda: len(seen) >= 2)
+        fallback_engine.ground(
+            image(),
+            QUESTION,
+            on_token=lambda text, n: seen.append(n),
+            should_stop=lambda: len(seen) >= 2,
+        )
     assert seen == [1, 2]  # stopped right after the token that asked for it
     with pytest.raises(Cancelled):
         fallback_engine.ground(image(), QUESTION, should_stop=lambda: True)
@@ -120,25 +145,43 @@ def test_filters(fallback_engine):
     engine = Engine(fallback_engine.backend, ThresholdRefiner(), nms_iou=0.0)  # any overlap merges
     result = engine.ground(image(), QUESTION)
     masks = [p.mask for p in result.phrases]
-    assert all(not (a & b).any() for i, a in enumerate(masks) for b in masks[i + 1:])
+    assert all(not (a & b).any() for i, a in enumerate(masks) for b in masks[i + 1 :])
 
 
-@pytest.mark.parametrize("bad_image", [
-    np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32),
-    np.zeros((0, 10, 3), np.uint8), [[0, 0, 0]],
-])
+@pytest.mark.parametrize(
+    "bad_image",
+    [
+        np.zeros((10, 10), np.uint8),
+        np.zeros((10, 10, 4), np.uint8),
+        np.zeros((10, 10, 3), np.float32),
+        np.zeros((0, 10, 3), np.uint8),
+        [[0, 0, 0]],
+    ],
+)
 def test_bad_images_are_refused_before_model_work(fallback_engine, monkeypatch, bad_image):
-    monkeypatch.setattr(fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran"))
+    monkeypatch.setattr(
+        fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran")
+    )
     with pytest.raises(InputError, match="image"):
         fallback_engine.ground(bad_image, QUESTION)
 
 
-@pytest.mark.parametrize("query, mode, limit, message", [
-    ("", "describe", None, "empty"), ("   \n", "refer", None, "empty"), ("x" * 1001, "describe", None, "limit"),
-    ("a mug", "segment", None, "mode"), ("a mug", "describe", 0, "max_new_tokens"),
-])
-def test_bad_queries_are_refused_before_model_work(fallback_engine, monkeypatch, query, mode, limit, message):
-    monkeypatch.setattr(fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran"))
+@pytest.mark.parametrize(
+    "query, mode, limit, message",
+    [
+        ("", "describe", None, "empty"),
+        ("   \n", "refer", None, "empty"),
+        ("x" * 1001, "describe", None, "limit"),
+        ("a mug", "segment", None, "mode"),
+        ("a mug", "describe", 0, "max_new_tokens"),
+    ],
+)
+def test_bad_queries_are_refused_before_model_work(
+    fallback_engine, monkeypatch, query, mode, limit, message
+):
+    monkeypatch.setattr(
+        fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran")
+    )
     with pytest.raises(InputError, match=message):
         fallback_engine.ground(image(), query, mode, max_new_tokens=limit)
 
@@ -179,14 +222,15 @@ def test_llava_v1_prompt_and_image_token_split(fallback_engine):
     # The paper's GCG template (LLaVA's conv_llava_v1) unless the model says otherwise.
     assert backend.conversation == "llava_v1"
     assert tokenizer.decode(before, skip_special_tokens=True) == (
-        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the human's questions. USER: ")
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions. USER: "
+    )
     assert tokenizer.decode(after) == "\nWhat is on the table? ASSISTANT:"
     visual = backend.encode(image())
     prompt = backend.prompt(visual, "What is on the table?")
     assert prompt.image_start == len(before) and prompt.n_image == visual.shape[0] == 36
     assert prompt.embeds.shape == (1, len(before) + 36 + len(after), visual.shape[1])
-    torch.testing.assert_close(prompt.embeds[0, len(before):len(before) + 36], visual)
+    torch.testing.assert_close(prompt.embeds[0, len(before) : len(before) + 36], visual)
 
 
 def test_conversation_template_is_a_setting():
@@ -195,8 +239,9 @@ def test_conversation_template_is_a_setting():
     tokenizer = engine.backend.tokenizer
     before, _ = engine.backend.prompt_ids("What is on the table?")
     assert tokenizer.decode(before, skip_special_tokens=True) == (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the user's questions. USER: ")
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. USER: "
+    )
     with pytest.raises(ValueError, match="conversation must be one of vicuna_v1, llava_v1"):
         build_engine("tiny-random", conversation="chatml")
 
@@ -205,21 +250,31 @@ def test_paper_settings_are_the_default_and_dtype_auto_follows_the_device():
     from groundlmm_ros.models.presets import resolve_dtype
 
     engine = build_engine("tiny-difflmm-random", refiner="threshold")
-    assert (engine.combine, engine.normalise, engine.backend.conversation) == ("max", True, "llava_v1")
-    assert engine.backend.dtype == torch.float32               # dtype "auto" on the CPU
-    assert resolve_dtype("auto", "cuda:1") == torch.float16 and resolve_dtype("auto", "cpu") == torch.float32
+    assert (engine.combine, engine.normalise, engine.backend.conversation) == (
+        "max",
+        True,
+        "llava_v1",
+    )
+    assert engine.backend.dtype == torch.float32  # dtype "auto" on the CPU
+    assert (
+        resolve_dtype("auto", "cuda:1") == torch.float16
+        and resolve_dtype("auto", "cpu") == torch.float32
+    )
     assert resolve_dtype("bfloat16", "cuda") == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of auto, float32, float16, bfloat16"):
         build_engine("tiny-random", dtype="float8")
 
 
-@pytest.mark.parametrize("height, width, top, left", [(20, 50, 15, 0), (50, 20, 0, 15), (21, 50, 14, 0)])
+@pytest.mark.parametrize(
+    "height, width, top, left", [(20, 50, 15, 0), (50, 20, 0, 15), (21, 50, 14, 0)]
+)
 def test_pad_to_square_centres_the_image(height, width, top, left):
     from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
+
     picture = np.full((height, width, 3), 200, np.uint8)
     square = pad_to_square(picture, (1, 2, 3))
     assert square.shape == (50, 50, 3)
-    np.testing.assert_array_equal(square[top:top + height, left:left + width], picture)
+    np.testing.assert_array_equal(square[top : top + height, left : left + width], picture)
     assert square[0, 0].tolist() == ([1, 2, 3] if (top or left) else [200, 200, 200])
     pixels = to_pixel_values(square, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert pixels.shape == (1, 3, 32, 32) and pixels.dtype == torch.float32

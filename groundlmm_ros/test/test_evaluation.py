@@ -1,5 +1,6 @@
 """Evaluation metrics on hand-made results, and the CI check that the shipped demo model
 grounds: the real engine, model to mask, on held-out scenes."""
+
 import json
 import os
 import subprocess
@@ -9,8 +10,15 @@ import numpy as np
 import pytest
 
 from groundlmm_ros.engine.types import GroundedPhrase, Grounding
-from groundlmm_ros.evaluation import (held_out_scenes, mask_iou, match_describe, phrase_names, point_in_mask,
-                                      score_describe, score_refer)
+from groundlmm_ros.evaluation import (
+    held_out_scenes,
+    mask_iou,
+    match_describe,
+    phrase_names,
+    point_in_mask,
+    score_describe,
+    score_refer,
+)
 from groundlmm_ros.models.presets import demo_model_dir
 from groundlmm_ros.world import SceneObject
 
@@ -22,7 +30,9 @@ def box(y0, y1, x0, x1, size=20):
 
 
 def phrase(text, mask, point=(0, 0)):
-    return GroundedPhrase(text, 0, len(text), [0], np.zeros(mask.shape, np.float32), point, mask, 1.0, (0, 0, 0, 0))
+    return GroundedPhrase(
+        text, 0, len(text), [0], np.zeros(mask.shape, np.float32), point, mask, 1.0, (0, 0, 0, 0)
+    )
 
 
 def grounding(*phrases):
@@ -36,14 +46,20 @@ BLUE = SceneObject("blue", "star", (40, 70, 225), (15, 15), 5, 0.0, box(10, 20, 
 def test_iou_and_point():
     assert mask_iou(box(0, 10, 0, 10), box(0, 10, 5, 15)) == pytest.approx(50 / 150)
     assert mask_iou(box(0, 0, 0, 0), box(0, 0, 0, 0)) == 0.0
-    assert point_in_mask((3, 2), box(0, 10, 0, 10)) and not point_in_mask((12, 2), box(0, 10, 0, 10))
-    assert not point_in_mask((25, 2), box(0, 10, 0, 10))      # outside the image is a miss, not an error
+    assert point_in_mask((3, 2), box(0, 10, 0, 10)) and not point_in_mask(
+        (12, 2), box(0, 10, 0, 10)
+    )
+    assert not point_in_mask(
+        (25, 2), box(0, 10, 0, 10)
+    )  # outside the image is a miss, not an error
 
 
 def test_describe_matching_is_greedy_one_to_one_and_checks_the_phrase():
-    g = grounding(phrase("a red circle", box(0, 10, 0, 8)),       # IoU 0.8 with RED
-                  phrase("the blue star", box(0, 10, 0, 10)),     # IoU 1.0 with RED: wins RED, wrong name
-                  phrase("a blue star", box(10, 20, 10, 15)))     # IoU 0.5 with BLUE
+    g = grounding(
+        phrase("a red circle", box(0, 10, 0, 8)),  # IoU 0.8 with RED
+        phrase("the blue star", box(0, 10, 0, 10)),  # IoU 1.0 with RED: wins RED, wrong name
+        phrase("a blue star", box(10, 20, 10, 15)),
+    )  # IoU 0.5 with BLUE
     assert match_describe(g, [RED, BLUE]) == [(1, 0, 1.0), (2, 1, 0.5)]
     recalled, iou_sum = score_describe(g, type("S", (), {"objects": [RED, BLUE]}))
     assert recalled == 1 and iou_sum == pytest.approx(1.5)
@@ -68,8 +84,13 @@ def test_held_out_scenes_are_fixed():
 def test_shipped_demo_model_grounds_on_held_out_scenes():
     """`groundlmm eval` on 100 held-out scenes with the weight-free colour fallback refiner."""
     assert (demo_model_dir() / "model.safetensors").is_file(), "the shipped demo model is missing"
-    out = subprocess.run([sys.executable, "-m", "groundlmm_ros.cli", "eval", "--scenes", "100", "--threads", "1"],
-                         capture_output=True, text=True, check=True, env=os.environ.copy())
+    out = subprocess.run(
+        [sys.executable, "-m", "groundlmm_ros.cli", "eval", "--scenes", "100", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=os.environ.copy(),
+    )
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     print(out.stdout)
     assert metrics["scenes"] == 100

@@ -1,4 +1,5 @@
 """Heat-map maths on maps with known answers."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +30,9 @@ def test_normalise_removes_the_shared_sink():
 def test_combine_max_mean_first():
     maps = torch.tensor([[[1.0, 0.0]], [[0.0, 3.0]], [[2.0, 1.0]]])  # (3 tokens, 1, 2)
     assert heatmap.combine(maps, [0, 1], "max").tolist() == [[1.0, 3.0]]
-    torch.testing.assert_close(heatmap.combine(maps, [0, 1, 2], "mean"), torch.tensor([[1.0, 4.0 / 3.0]]))
+    torch.testing.assert_close(
+        heatmap.combine(maps, [0, 1, 2], "mean"), torch.tensor([[1.0, 4.0 / 3.0]])
+    )
     assert heatmap.combine(maps, [2, 0], "first").tolist() == [[2.0, 1.0]]
     with pytest.raises(ValueError, match="combine"):
         heatmap.combine(maps, [0], "median")
@@ -56,17 +59,23 @@ def test_pad_undo_puts_the_peak_where_the_object_is(height, width):
     assert abs(x - object_x) <= cell_pixels and abs(y - object_y) <= cell_pixels
     # A plain resize of the same map lands elsewhere on non-square images.
     if height != width:
-        x_resized, y_resized = heatmap.argmax_point(heatmap.upsample(peak_map(*cell), (height, width), "resize")[0])
+        x_resized, y_resized = heatmap.argmax_point(
+            heatmap.upsample(peak_map(*cell), (height, width), "resize")[0]
+        )
         assert abs(x_resized - object_x) > cell_pixels or abs(y_resized - object_y) > cell_pixels
 
 
 def test_pad_upsample_is_bicubic_upsample_then_centre_crop():
     maps = torch.rand(2, GRID, GRID, generator=torch.Generator().manual_seed(0))
     heat = heatmap.upsample(maps, (50, 120), "pad")
-    full = torch.nn.functional.interpolate(maps[None], size=(120, 120), mode="bicubic", align_corners=False)[0]
+    full = torch.nn.functional.interpolate(
+        maps[None], size=(120, 120), mode="bicubic", align_corners=False
+    )[0]
     np.testing.assert_allclose(heat, full[:, 35:85, :].numpy(), atol=1e-6)
     resized = heatmap.upsample(maps, (50, 120), "resize")
-    expected = torch.nn.functional.interpolate(maps[None], size=(50, 120), mode="bicubic", align_corners=False)[0]
+    expected = torch.nn.functional.interpolate(
+        maps[None], size=(50, 120), mode="bicubic", align_corners=False
+    )[0]
     np.testing.assert_allclose(resized, expected.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="upsample mode"):
         heatmap.upsample(maps, (5, 5), "stretch")

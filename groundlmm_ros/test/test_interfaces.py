@@ -4,6 +4,7 @@ Each message is filled with values that differ from its defaults in every
 field (checked, so a field added later and forgotten here fails the test),
 serialized with rclpy.serialization and deserialized into an equal message.
 """
+
 import math
 
 import numpy as np
@@ -19,13 +20,15 @@ from groundlmm_msgs.action import Ground
 from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from groundlmm_ros.ros.conversion import mask_to_image, numpy_to_image
 
-HEADER = Header(stamp=Time(sec=1732600000, nanosec=123456789), frame_id="camera_color_optical_frame")
+HEADER = Header(
+    stamp=Time(sec=1732600000, nanosec=123456789), frame_id="camera_color_optical_frame"
+)
 GOAL_ID = UUID(uuid=list(range(1, 17)))
 
 
 def grounded_phrase(x, y):
     mask = np.zeros((48, 64), bool)
-    mask[y:y + 10, x:x + 12] = True
+    mask[y : y + 10, x : x + 12] = True
     return GroundedPhrase(
         phrase="the red mug — 红色杯子",  # non-ASCII: strings go over the wire as UTF-8
         char_start=4,
@@ -77,7 +80,9 @@ MESSAGES = {
     "Ground.Result": result,
     "Ground.Feedback": feedback,
     "SendGoal.Request": lambda: Ground.Impl.SendGoalService.Request(goal_id=GOAL_ID, goal=goal()),
-    "SendGoal.Response": lambda: Ground.Impl.SendGoalService.Response(accepted=True, stamp=Time(sec=5, nanosec=6)),
+    "SendGoal.Response": lambda: Ground.Impl.SendGoalService.Response(
+        accepted=True, stamp=Time(sec=5, nanosec=6)
+    ),
     "GetResult.Request": lambda: Ground.Impl.GetResultService.Request(goal_id=GOAL_ID),
     "GetResult.Response": lambda: Ground.Impl.GetResultService.Response(status=4, result=result()),
     "FeedbackMessage": lambda: Ground.Impl.FeedbackMessage(goal_id=GOAL_ID, feedback=feedback()),
@@ -89,7 +94,9 @@ def test_serialize_deserialize_round_trip(name):
     msg = MESSAGES[name]()
     default = type(msg)()
     for field in msg.get_fields_and_field_types():
-        assert getattr(msg, field) != getattr(default, field), f"{name}.{field} is left at its default"
+        assert getattr(msg, field) != getattr(default, field), (
+            f"{name}.{field} is left at its default"
+        )
     wire = serialize_message(msg)
     assert isinstance(wire, bytes) and len(wire) > 0
     received = deserialize_message(wire, type(msg))
@@ -100,7 +107,12 @@ def test_serialize_deserialize_round_trip(name):
 def test_masks_arrive_byte_for_byte():
     received = deserialize_message(serialize_message(grounding_result()), GroundingResult)
     first, second = received.phrases
-    assert (first.mask.encoding, first.mask.height, first.mask.width, first.mask.step) == ("mono8", 48, 64, 64)
+    assert (first.mask.encoding, first.mask.height, first.mask.width, first.mask.step) == (
+        "mono8",
+        48,
+        64,
+        64,
+    )
     mask = np.frombuffer(second.mask.data, np.uint8).reshape(48, 64)
     assert mask.sum() == 255 * 12 * 10 and mask[20:30, 30:42].min() == 255
     assert second.mask.header == HEADER
@@ -110,5 +122,7 @@ def test_nan_centroid_means_no_depth():
     phrase = grounded_phrase(3, 4)
     phrase.centroid = Point(x=math.nan, y=math.nan, z=math.nan)
     received = deserialize_message(serialize_message(phrase), GroundedPhrase)
-    assert all(math.isnan(value) for value in (received.centroid.x, received.centroid.y, received.centroid.z))
-
+    assert all(
+        math.isnan(value)
+        for value in (received.centroid.x, received.centroid.y, received.centroid.z)
+    )

@@ -2,6 +2,7 @@
 
 (test_node_inputs.py checks the same path end to end through the node over DDS.)
 """
+
 import numpy as np
 import pytest
 from sensor_msgs.msg import CameraInfo
@@ -24,7 +25,9 @@ def test_depth_units_and_invalid_pixels():
     metres = depth.depth_metres(numpy_to_image(millimetres, "16UC1"), unit_divisor=1000.0)
     assert np.allclose(metres, [[1.5, np.nan], [65.535, 0.25]], equal_nan=True)
     floats = np.array([[0.8, np.nan], [np.inf, -1.0]], np.float32)
-    metres = depth.depth_metres(numpy_to_image(floats, "32FC1"), unit_divisor=1000.0)  # divisor ignored: metres
+    metres = depth.depth_metres(
+        numpy_to_image(floats, "32FC1"), unit_divisor=1000.0
+    )  # divisor ignored: metres
     assert np.allclose(metres, [[0.8, np.nan], [np.nan, np.nan]], equal_nan=True)
     with pytest.raises(depth.DepthError, match="'8UC1' is not supported"):
         depth.depth_metres(numpy_to_image(np.zeros((2, 2), np.uint8), "8UC1"), 1000.0)
@@ -53,13 +56,17 @@ def test_masks_points_check_sizes_and_calibration():
     info = CameraInfo(width=80, height=60, k=K.ravel().tolist())
     mask = np.ones((60, 80), bool)
     small = numpy_to_image(np.ones((30, 40), np.float32), "32FC1")
-    with pytest.raises(depth.DepthError, match="depth image is 40x30 but the colour image is 80x60"):
+    with pytest.raises(
+        depth.DepthError, match="depth image is 40x30 but the colour image is 80x60"
+    ):
         depth.masks_points([mask], small, info, 1000.0)
     plane = numpy_to_image(np.ones((60, 80), np.float32), "32FC1")
     with pytest.raises(depth.DepthError, match="not calibrated"):
         depth.masks_points([mask], plane, CameraInfo(width=80, height=60), 1000.0)
     with pytest.raises(depth.DepthError, match="camera_info is for 40x30"):
-        depth.masks_points([mask], plane, CameraInfo(width=40, height=30, k=K.ravel().tolist()), 1000.0)
+        depth.masks_points(
+            [mask], plane, CameraInfo(width=40, height=30, k=K.ravel().tolist()), 1000.0
+        )
     assert len(depth.masks_points([mask], plane, info, 1000.0)[0]) == 80 * 60
 
 
@@ -79,8 +86,14 @@ def test_buffer_matches_the_nearest_stamp_within_tolerance():
 def test_pointcloud_layout_reads_back():
     points = [np.array([[1, 2, 3]], np.float32), np.array([[4, 5, 6], [7, 8, 9]], np.float32)]
     cloud = depth.pointcloud(points, stamped(2.0))
-    layout = np.dtype({"names": [f.name for f in cloud.fields], "offsets": [f.offset for f in cloud.fields],
-                       "formats": ["<f4", "<f4", "<f4", "<u4"], "itemsize": cloud.point_step})
+    layout = np.dtype(
+        {
+            "names": [f.name for f in cloud.fields],
+            "offsets": [f.offset for f in cloud.fields],
+            "formats": ["<f4", "<f4", "<f4", "<u4"],
+            "itemsize": cloud.point_step,
+        }
+    )
     read = np.frombuffer(bytes(cloud.data), layout)
     assert cloud.width == 3 and list(read["phrase"]) == [0, 1, 1]
     assert np.allclose(np.stack([read["x"], read["y"], read["z"]], 1), np.concatenate(points))

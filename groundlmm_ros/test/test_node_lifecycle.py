@@ -1,5 +1,6 @@
 """Lifecycle in process: cleanup lets the model go (no reference left to keep its memory), configure
 fails cleanly on a bad model. (test_node_basic.py drives the transitions over DDS.)"""
+
 import gc
 import weakref
 

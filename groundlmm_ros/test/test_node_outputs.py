@@ -1,4 +1,5 @@
 """The node's outputs built in process: GroundingResult fields, the overlay, markers."""
+
 import numpy as np
 from std_msgs.msg import Header
 
@@ -10,23 +11,61 @@ def grounding() -> Grounding:
     masks = [np.zeros((40, 60), bool) for _ in range(2)]  # (H, W)
     masks[0][5:15, 10:30] = True
     masks[1][20:35, 40:55] = True
-    phrases = [GroundedPhrase("a red mug", 9, 18, [3, 4], np.zeros((40, 60), np.float32), (20, 10), masks[0], 0.75,
-                              (10, 5, 20, 10)),
-               GroundedPhrase("the table", 22, 31, [6], np.zeros((40, 60), np.float32), (47, 27), masks[1], 1.0,
-                              (40, 20, 15, 15))]
-    return Grounding("Describe.", "describe", "There is a red mug on the table.", list(range(9)), phrases, (40, 60))
+    phrases = [
+        GroundedPhrase(
+            "a red mug",
+            9,
+            18,
+            [3, 4],
+            np.zeros((40, 60), np.float32),
+            (20, 10),
+            masks[0],
+            0.75,
+            (10, 5, 20, 10),
+        ),
+        GroundedPhrase(
+            "the table",
+            22,
+            31,
+            [6],
+            np.zeros((40, 60), np.float32),
+            (47, 27),
+            masks[1],
+            1.0,
+            (40, 20, 15, 15),
+        ),
+    ]
+    return Grounding(
+        "Describe.",
+        "describe",
+        "There is a red mug on the table.",
+        list(range(9)),
+        phrases,
+        (40, 60),
+    )
 
 
 def test_grounding_result_carries_every_phrase_field():
     header = Header(frame_id="cam")
     header.stamp.sec = 7
-    result = messages.grounding_result(grounding(), header, "tiny-random", 0.25,
-                                       [np.array([0.1, 0.2, 0.9]), np.full(3, np.nan)])
-    assert (result.header, result.query, result.mode, result.model) == (header, "Describe.", "describe", "tiny-random")
-    assert result.answer[result.phrases[0].char_start:result.phrases[0].char_end] == "a red mug"
+    result = messages.grounding_result(
+        grounding(), header, "tiny-random", 0.25, [np.array([0.1, 0.2, 0.9]), np.full(3, np.nan)]
+    )
+    assert (result.header, result.query, result.mode, result.model) == (
+        header,
+        "Describe.",
+        "describe",
+        "tiny-random",
+    )
+    assert result.answer[result.phrases[0].char_start : result.phrases[0].char_end] == "a red mug"
     first, second = result.phrases
     assert (first.point_x, first.point_y, first.score) == (20, 10, 0.75)
-    assert (first.bbox.x_offset, first.bbox.y_offset, first.bbox.width, first.bbox.height) == (10, 5, 20, 10)
+    assert (first.bbox.x_offset, first.bbox.y_offset, first.bbox.width, first.bbox.height) == (
+        10,
+        5,
+        20,
+        10,
+    )
     mask = np.frombuffer(first.mask.data, np.uint8).reshape(40, 60)
     assert np.array_equal(mask > 0, grounding().phrases[0].mask) and first.mask.header == header
     assert np.isclose(first.centroid.z, 0.9) and np.isnan(second.centroid.x)
@@ -37,12 +76,18 @@ def test_overlay_tints_masks_and_leaves_the_background():
     canvas = visualization.overlay(rgb, grounding())
     assert canvas.shape == rgb.shape and canvas.dtype == np.uint8
     # half image, half the phrase's colour (away from the point and label drawn at (20, 10))
-    assert np.allclose(canvas[14, 11], (rgb[14, 11].astype(int) + visualization.PALETTE[0]) / 2, atol=1)
+    assert np.allclose(
+        canvas[14, 11], (rgb[14, 11].astype(int) + visualization.PALETTE[0]) / 2, atol=1
+    )
     assert (canvas[38, 2] == rgb[38, 2]).all()
 
 
 def test_markers_only_for_phrases_with_a_centroid():
-    array = visualization.markers(grounding(), [np.array([0.1, 0.2, 0.9]), np.full(3, np.nan)], Header(), 1.5)
+    array = visualization.markers(
+        grounding(), [np.array([0.1, 0.2, 0.9]), np.full(3, np.nan)], Header(), 1.5
+    )
     assert len(array.markers) == 2  # sphere + label of the first phrase
-    assert array.markers[1].text == "a red mug" and np.isclose(array.markers[0].pose.position.z, 0.9)
+    assert array.markers[1].text == "a red mug" and np.isclose(
+        array.markers[0].pose.position.z, 0.9
+    )
     assert (array.markers[0].lifetime.sec, array.markers[0].lifetime.nanosec) == (1, 500_000_000)

@@ -1,12 +1,21 @@
-"""Refiners: SAM (a tiny segment_anything Sam), the weight-free colour and threshold fallbacks; filters."""
+"""Refiners: SAM (a tiny segment_anything Sam), the weight-free colour and threshold fallbacks;
+filters."""
+
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
-from groundlmm_ros.engine.refiners import (ColourRefiner, SamRefiner, ThresholdRefiner, heat_region, load_sam,
-                                           mask_iou, nms_keep)
+from groundlmm_ros.engine.refiners import (
+    ColourRefiner,
+    SamRefiner,
+    ThresholdRefiner,
+    heat_region,
+    load_sam,
+    mask_iou,
+    nms_keep,
+)
 from groundlmm_ros.evaluation import mask_iou as iou
 from groundlmm_ros.models.tiny import tiny_sam
 from groundlmm_ros.world import make_scenes
@@ -18,8 +27,10 @@ H, W = 40, 70
 def blobs():
     """Heat map with a strong blob around (x=15, y=10) and a weaker one around (x=55, y=30)."""
     y, x = np.mgrid[0:H, 0:W]
-    return (np.exp(-((x - 15) ** 2 + (y - 10) ** 2) / 20.0)
-            + 0.8 * np.exp(-((x - 55) ** 2 + (y - 30) ** 2) / 20.0)).astype(np.float32)
+    return (
+        np.exp(-((x - 15) ** 2 + (y - 10) ** 2) / 20.0)
+        + 0.8 * np.exp(-((x - 55) ** 2 + (y - 30) ** 2) / 20.0)
+    ).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +42,9 @@ def test_sam_point_keeps_the_last_multimask_output(image):
     refiner = SamRefiner(tiny_sam(seed=1), "point")
     refiner.set_image(image)
     mask, score = refiner.refine(blobs(), (15, 10))
-    masks, scores, _ = refiner.predictor.predict(point_coords=np.array([[15.0, 10.0]]), point_labels=np.array([1]),
-                                                 multimask_output=True)
+    masks, scores, _ = refiner.predictor.predict(
+        point_coords=np.array([[15.0, 10.0]]), point_labels=np.array([1]), multimask_output=True
+    )
     assert masks.shape == (3, H, W)
     assert mask.shape == (H, W) and mask.dtype == bool
     np.testing.assert_array_equal(mask, masks[-1])
@@ -44,14 +56,14 @@ def test_sam_box_prompt_is_the_references_absolute_scale(image):
     logit(clip(x, 1e-3, 1 - 1e-3)) resized bicubic to the mask frame's long side, zero-padded."""
     refiner = SamRefiner(tiny_sam(seed=1), "box")
     heat = np.zeros((H, W), np.float32)
-    heat[5:12, 10:20] = 2e-4      # x = 1.0: inside the box
-    heat[30:35, 50:60] = 1e-4     # x = 0.5: below 0.75, outside, however large relative to the rest
+    heat[5:12, 10:20] = 2e-4  # x = 1.0: inside the box
+    heat[30:35, 50:60] = 1e-4  # x = 0.5: below 0.75, outside, however large relative to the rest
     scaled = heat / 2e-4
     np.testing.assert_array_equal(refiner._box(scaled), [10, 5, 20, 12])
-    np.testing.assert_array_equal(refiner._box(scaled * 0.7), [0, 0, 0, 0])   # nothing above 0.75
-    side = refiner.predictor.model.prompt_encoder.mask_input_size[0]          # 16 for the tiny SAM
-    # A constant map: every resized logit is logit(1 - 1e-3) = ln(999) in the top int(40 / 70 * 16) = 9
-    # rows (the long side W fills the frame), zeros below.
+    np.testing.assert_array_equal(refiner._box(scaled * 0.7), [0, 0, 0, 0])  # nothing above 0.75
+    side = refiner.predictor.model.prompt_encoder.mask_input_size[0]  # 16 for the tiny SAM
+    # A constant map: every resized logit is logit(1 - 1e-3) = ln(999) in the top
+    # int(40 / 70 * 16) = 9 rows (the long side W fills the frame), zeros below.
     constant = refiner._mask_logits(np.ones((H, W), np.float32))
     assert constant.shape == (1, side, side)
     np.testing.assert_allclose(constant[0, :9], np.log(999.0), rtol=1e-5)
@@ -59,14 +71,16 @@ def test_sam_box_prompt_is_the_references_absolute_scale(image):
     # The reference's convert_mask_SAM, written out for one map.
     logits = np.log(np.clip(scaled, 1e-3, 1 - 1e-3) / (1 - np.clip(scaled, 1e-3, 1 - 1e-3)))
     rows = int(H / W * side)
-    expected = torch.nn.functional.interpolate(torch.tensor(logits)[None, None], (rows, side), mode="bicubic",
-                                               align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        torch.tensor(logits)[None, None], (rows, side), mode="bicubic", align_corners=False
+    )
     expected = torch.nn.functional.pad(expected, (0, 0, 0, side - rows))[0].numpy()
     np.testing.assert_allclose(refiner._mask_logits(scaled), expected, atol=1e-5)
     refiner.set_image(image)
     mask, score = refiner.refine(heat, (15, 8))
-    masks, scores, _ = refiner.predictor.predict(box=np.array([10, 5, 20, 12], np.float32), mask_input=expected,
-                                                 multimask_output=True)
+    masks, scores, _ = refiner.predictor.predict(
+        box=np.array([10, 5, 20, 12], np.float32), mask_input=expected, multimask_output=True
+    )
     np.testing.assert_array_equal(mask, masks[-1])
     assert score == pytest.approx(float(scores[-1]), abs=1e-5)
 
@@ -94,12 +108,19 @@ def coarse_heatmap(obj, size):
     """What an 8 x 8 attention map upsampled to the image looks like: a wide blob on the object."""
     y, x = np.mgrid[0:size, 0:size]
     cx, cy = obj.centre
-    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * (1.5 * obj.radius) ** 2)).astype(np.float32)
+    return np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * (1.5 * obj.radius) ** 2)).astype(
+        np.float32
+    )
 
 
 def scene_objects():
     """(image, object) pairs of synthetic scenes whose object centre lies on the object."""
-    return [(s.image, o) for s in make_scenes(12, seed=11) for o in s.objects if o.mask[o.centre[1], o.centre[0]]]
+    return [
+        (s.image, o)
+        for s in make_scenes(12, seed=11)
+        for o in s.objects
+        if o.mask[o.centre[1], o.centre[0]]
+    ]
 
 
 def test_colour_refiner_follows_the_object_where_the_map_is_coarse():
@@ -110,7 +131,11 @@ def test_colour_refiner_follows_the_object_where_the_map_is_coarse():
         for refiner, ious in ((colour, colour_ious), (threshold, threshold_ious)):
             refiner.set_image(image)
             mask, score = refiner.refine(heat, obj.centre)
-            assert mask.shape == obj.mask.shape and mask.dtype == bool and mask[obj.centre[1], obj.centre[0]]
+            assert (
+                mask.shape == obj.mask.shape
+                and mask.dtype == bool
+                and mask[obj.centre[1], obj.centre[0]]
+            )
             assert score == 1.0
             ious.append(iou(mask, obj.mask))
     assert len(colour_ious) >= 20
@@ -119,7 +144,9 @@ def test_colour_refiner_follows_the_object_where_the_map_is_coarse():
 
 def test_colour_refiner_survives_sensor_noise():
     image, obj = scene_objects()[0]
-    noisy = np.clip(image + np.random.RandomState(1).normal(0, 8, image.shape), 0, 255).astype(np.uint8)
+    noisy = np.clip(image + np.random.RandomState(1).normal(0, 8, image.shape), 0, 255).astype(
+        np.uint8
+    )
     refiner = ColourRefiner()
     refiner.set_image(noisy)
     mask, _ = refiner.refine(coarse_heatmap(obj, image.shape[0]), obj.centre)
@@ -127,21 +154,21 @@ def test_colour_refiner_survives_sensor_noise():
 
 
 def test_colour_refiner_falls_back_to_the_map_without_a_colour_edge():
-    flat = np.full((H, W, 3), 120, np.uint8)           # nothing to follow: the fill takes the whole region
+    flat = np.full((H, W, 3), 120, np.uint8)  # nothing to follow: the fill takes the whole region
     refiner, fallback = ColourRefiner(), ThresholdRefiner()
     refiner.set_image(flat)
     mask, score = refiner.refine(blobs(), (15, 10))
     np.testing.assert_array_equal(mask, fallback.refine(blobs(), (15, 10))[0])
     assert score == 1.0 and not mask[30, 55]
     speck = flat.copy()
-    speck[10, 15] = (250, 0, 0)                        # the point on a one-pixel speck: too small a fill
+    speck[10, 15] = (250, 0, 0)  # the point on a one-pixel speck: too small a fill
     refiner.set_image(speck)
     np.testing.assert_array_equal(refiner.refine(blobs(), (15, 10))[0], mask)
 
 
 def test_colour_refiner_stays_inside_the_region_of_the_map():
     image = np.full((H, W, 3), 120, np.uint8)
-    image[:, :35] = (200, 30, 30)                      # one red half, wider than the left blob's region
+    image[:, :35] = (200, 30, 30)  # one red half, wider than the left blob's region
     refiner = ColourRefiner(margin=0.0, max_fill=1.0)
     refiner.set_image(image)
     mask, _ = refiner.refine(blobs(), (15, 10))

@@ -1,5 +1,6 @@
 """The synthetic world's ground truth is consistent: masks are exactly the drawn object
 pixels, and captions name exactly the drawn objects."""
+
 import cv2
 import numpy as np
 import pytest
@@ -21,18 +22,20 @@ def test_masks_are_exactly_the_object_pixels():
         for obj in scene.objects:
             assert obj.mask.shape == scene.image.shape[:2] and obj.mask.dtype == bool
             assert obj.mask.any()
-            assert (scene.image[obj.mask] == obj.rgb).all()      # every mask pixel shows the object
-            assert not (union & obj.mask).any()                  # visible masks never overlap
+            assert (scene.image[obj.mask] == obj.rgb).all()  # every mask pixel shows the object
+            assert not (union & obj.mask).any()  # visible masks never overlap
             union |= obj.mask
         sat = saturation(scene.image)
-        assert (sat[~union] < BACKGROUND_MAX_SATURATION).all()   # no object colour outside the masks
+        assert (sat[~union] < BACKGROUND_MAX_SATURATION).all()  # no object colour outside the masks
         assert (sat[union] > 150).all()
 
 
 def test_occluded_objects_stay_mostly_visible():
     for scene in SCENES:
         for obj in scene.objects:
-            whole = draw_shape_mask(obj.shape, obj.centre, obj.radius, obj.angle, scene.image.shape[0])
+            whole = draw_shape_mask(
+                obj.shape, obj.centre, obj.radius, obj.angle, scene.image.shape[0]
+            )
             assert not (obj.mask & ~whole).any()
             assert obj.mask.sum() >= MIN_VISIBLE * whole.sum()
     assert any(len(s.objects) == 4 for s in SCENES) and any(len(s.objects) == 1 for s in SCENES)
@@ -46,9 +49,12 @@ def test_captions_name_exactly_the_drawn_objects():
         for chunk, obj in zip(chunks, scene.objects):
             assert chunk.text.split()[-2:] == [obj.colour, obj.shape]
         kinds = [(o.colour, o.shape) for o in scene.objects]
-        assert len(set(kinds)) == len(kinds)                     # referring expressions are unique
+        assert len(set(kinds)) == len(kinds)  # referring expressions are unique
         assert all(o.colour in COLOURS and o.shape in SHAPES for o in scene.objects)
-        assert referring_expression(scene.objects[0]) == f"the {scene.objects[0].colour} {scene.objects[0].shape}"
+        assert (
+            referring_expression(scene.objects[0])
+            == f"the {scene.objects[0].colour} {scene.objects[0].shape}"
+        )
 
 
 def test_same_seed_same_scenes_and_bad_input_refused():

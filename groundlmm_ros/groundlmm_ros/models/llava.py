@@ -1,4 +1,5 @@
 """LLaVA-1.5 on transformers' LlavaForConditionalGeneration (llava-hf layout)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,13 @@ class LlavaBackend(LlavaStyleBackend):
     def __init__(self, model: LlavaForConditionalGeneration, tokenizer):
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
-        super().__init__(model, tokenizer, grid=(side, side), image_size=vision.image_size,
-                         preprocessing=CLIP_PREPROCESSING)
+        super().__init__(
+            model,
+            tokenizer,
+            grid=(side, side),
+            image_size=vision.image_size,
+            preprocessing=CLIP_PREPROCESSING,
+        )
 
     def _attention_target(self):
         return {"text_config": RECORDING_ATTENTION}
@@ -34,7 +40,11 @@ class LlavaBackend(LlavaStyleBackend):
         return features[0]
 
 
-def load_llava(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlavaBackend:
+def load_llava(
+    path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> LlavaBackend:
     """A local llava-hf directory (or a cached hub id, offline): weights as safetensors."""
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, use_safetensors=True
+    ).to(device)
     return LlavaBackend(model, AutoTokenizer.from_pretrained(path))

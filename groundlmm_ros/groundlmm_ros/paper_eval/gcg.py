@@ -19,6 +19,7 @@ Metrics (GLaMM eval/gcg/evaluate.py; the reference's aas/eval_gcg.py is the same
   mask with score 1.
 The caption metrics of those scripts (BLEU, METEOR, CIDEr via pycocoevalcap) are not computed here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +53,9 @@ class PhraseSimilarity:
         from transformers import AutoModel, AutoTokenizer
 
         if not os.path.isdir(directory):
-            raise ValueError(f"text model {directory!r} is not a directory (a bert-base-uncased folder)")
+            raise ValueError(
+                f"text model {directory!r} is not a directory (a bert-base-uncased folder)"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         self.model = AutoModel.from_pretrained(directory, local_files_only=True).to(device).eval()
         self.device = device
@@ -60,7 +63,9 @@ class PhraseSimilarity:
 
     def embed(self, text: str) -> np.ndarray:
         if text not in self.cache:
-            inputs = self.tokenizer(text, return_tensors="pt", max_length=512, truncation=True).to(self.device)
+            inputs = self.tokenizer(text, return_tensors="pt", max_length=512, truncation=True).to(
+                self.device
+            )
             with torch.inference_mode():
                 hidden = self.model(**inputs).last_hidden_state[0]
             self.cache[text] = hidden.mean(dim=0).float().cpu().numpy()
@@ -69,10 +74,14 @@ class PhraseSimilarity:
     def __call__(self, a: str, b: str) -> float:
         x, y = self.embed(a), self.embed(b)
         norms = float(np.linalg.norm(x) * np.linalg.norm(y))
-        return float(x @ y / norms) if norms else 0.0  # sklearn's cosine_similarity gives 0 for a zero vector
+        return (
+            float(x @ y / norms) if norms else 0.0
+        )  # sklearn's cosine_similarity gives 0 for a zero vector
 
 
-def greedy_pairs(ious: np.ndarray, accept: Callable[[int, int, float], bool]) -> list[tuple[int, int]]:
+def greedy_pairs(
+    ious: np.ndarray, accept: Callable[[int, int, float], bool]
+) -> list[tuple[int, int]]:
     """Best remaining pair first (np.argmax: the first in row-major order on ties), its row and
     column then zeroed; stops at the first pair that accept(row, column, remaining IoU) refuses."""
     ious = ious.astype(np.float64, copy=True)
@@ -99,20 +108,27 @@ def image_miou(pred_masks: list[np.ndarray], gt_masks: list[np.ndarray]) -> floa
     return float(np.mean([ious[i, j] for i, j in pairs])) if pairs else 0.0
 
 
-def image_matches(gt_masks, gt_labels, pred_masks, pred_labels, similarity) -> list[tuple[int, int]]:
+def image_matches(
+    gt_masks, gt_labels, pred_masks, pred_labels, similarity
+) -> list[tuple[int, int]]:
     """GLaMM's find_best_matches: (gt index, prediction index) pairs passing both thresholds."""
     ious = iou_matrix(gt_masks, pred_masks)
-    return greedy_pairs(ious, lambda i, j, iou: iou >= IOU_THRESHOLD
-                        and similarity(gt_labels[i], pred_labels[j]) >= TEXT_SIMILARITY_THRESHOLD)
+    return greedy_pairs(
+        ious,
+        lambda i, j, iou: (
+            iou >= IOU_THRESHOLD
+            and similarity(gt_labels[i], pred_labels[j]) >= TEXT_SIMILARITY_THRESHOLD
+        ),
+    )
 
 
 @dataclass
 class GcgImage:
-    id: object          # GranDf ids are strings (the file name without .jpg)
+    id: object  # GranDf ids are strings (the file name without .jpg)
     file_name: str
     height: int
     width: int
-    labels: list[str]   # the GT phrases, in the order of the image's mask annotations
+    labels: list[str]  # the GT phrases, in the order of the image's mask annotations
 
 
 def quiet():
@@ -122,12 +138,16 @@ def quiet():
 
 def load_ground_truth(caption_path: str, mask_path: str) -> tuple[list[GcgImage], COCO]:
     captions = load_json(caption_path, ("images", "annotations"))
-    masks = load_json(mask_path, ("images", "annotations", "categories"))
+    load_json(mask_path, ("images", "annotations", "categories"))
     labels: dict = {}
     for annotation in captions["annotations"]:
         if "labels" not in annotation:
-            raise ValueError(f"{caption_path}: caption annotation {annotation.get('id')} has no 'labels'")
-        labels.setdefault(annotation["image_id"], annotation["labels"])  # the first one, as GLaMM's [0]
+            raise ValueError(
+                f"{caption_path}: caption annotation {annotation.get('id')} has no 'labels'"
+            )
+        labels.setdefault(
+            annotation["image_id"], annotation["labels"]
+        )  # the first one, as GLaMM's [0]
     with quiet():
         coco = COCO(mask_path)
     images = []
@@ -137,43 +157,61 @@ def load_ground_truth(caption_path: str, mask_path: str) -> tuple[list[GcgImage]
         if entry["id"] not in coco.imgs:
             raise ValueError(f"{mask_path}: image {entry['id']!r} of {caption_path} is missing")
         size = coco.imgs[entry["id"]]
-        image = GcgImage(entry["id"], entry.get("file_name", f"{entry['id']}.jpg"), size["height"], size["width"],
-                         list(labels[entry["id"]]))
+        image = GcgImage(
+            entry["id"],
+            entry.get("file_name", f"{entry['id']}.jpg"),
+            size["height"],
+            size["width"],
+            list(labels[entry["id"]]),
+        )
         n_masks = len(coco.getAnnIds(imgIds=[image.id]))
         if n_masks != len(image.labels):
-            raise ValueError(f"image {image.id!r}: {len(image.labels)} GT labels but {n_masks} GT masks")
+            raise ValueError(
+                f"image {image.id!r}: {len(image.labels)} GT labels but {n_masks} GT masks"
+            )
         images.append(image)
     return images, coco
 
 
 def gt_masks(coco: COCO, image: GcgImage) -> list[np.ndarray]:
     """The image's GT masks in file order (GLaMM scans coco.anns in order; imgToAnns keeps it)."""
-    return [coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds(imgIds=[image.id]))]
+    return [
+        coco.annToMask(a).astype(bool) for a in coco.loadAnns(coco.getAnnIds(imgIds=[image.id]))
+    ]
 
 
 def pred_masks(prediction: dict, image: GcgImage) -> list[np.ndarray]:
     masks = [mask_utils.decode(rle).astype(bool) for rle in prediction["pred_masks"]]
     for mask in masks:
         if mask.shape != (image.height, image.width):
-            raise ValueError(f"image {image.id!r}: a predicted mask is {mask.shape[0]}x{mask.shape[1]}, "
-                             f"the image {image.height}x{image.width}")
+            raise ValueError(
+                f"image {image.id!r}: a predicted mask is {mask.shape[0]}x{mask.shape[1]}, "
+                f"the image {image.height}x{image.width}"
+            )
     return masks
 
 
 def average_precision(coco: COCO, images: list[GcgImage], predictions: dict) -> tuple[float, float]:
     """(AP50, AP50:95) of COCOeval "segm", category 1, every predicted mask scored 1."""
-    detections = [{"image_id": image.id, "category_id": 1, "segmentation": copy.deepcopy(rle), "score": 1.0}
-                  for image in images for rle in predictions[image.id]["pred_masks"]]
+    detections = [
+        {"image_id": image.id, "category_id": 1, "segmentation": copy.deepcopy(rle), "score": 1.0}
+        for image in images
+        for rle in predictions[image.id]["pred_masks"]
+    ]
     if not detections:  # loadRes cannot take an empty list; no detection is AP 0
         return 0.0, 0.0
     with quiet():
         evaluation = COCOeval(coco, coco.loadRes(detections), "segm")
         evaluation.params.catIds = [1]
-        evaluation.params.imgIds = [image.id for image in images]  # GLaMM: all of the split's, the same set
+        evaluation.params.imgIds = [
+            image.id for image in images
+        ]  # GLaMM: all of the split's, the same set
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return max(float(evaluation.stats[1]), 0.0), max(float(evaluation.stats[0]), 0.0)  # -1: no GT at all
+    return max(float(evaluation.stats[1]), 0.0), max(
+        float(evaluation.stats[0]), 0.0
+    )  # -1: no GT at all
 
 
 def score(coco: COCO, images: list[GcgImage], predictions: dict, similarity) -> dict:
@@ -182,24 +220,37 @@ def score(coco: COCO, images: list[GcgImage], predictions: dict, similarity) -> 
     for image in images:
         prediction = predictions[image.id]
         if len(prediction["phrases"]) != len(prediction["pred_masks"]):
-            raise ValueError(f"image {image.id!r}: {len(prediction['phrases'])} phrases but "
-                             f"{len(prediction['pred_masks'])} masks in the prediction")
+            raise ValueError(
+                f"image {image.id!r}: {len(prediction['phrases'])} phrases but "
+                f"{len(prediction['pred_masks'])} masks in the prediction"
+            )
         gt, pred = gt_masks(coco, image), pred_masks(prediction, image)
         mious.append(image_miou(pred, gt))
         matched += len(image_matches(gt, image.labels, pred, prediction["phrases"], similarity))
         gt_total += len(image.labels)
     ap50, ap = average_precision(coco, images, predictions)
-    return {"images": len(images), "gt_phrases": gt_total,
-            "predicted_phrases": sum(len(predictions[i.id]["phrases"]) for i in images),
-            "mask_recall": matched / gt_total if gt_total else 0.0,
-            "miou": float(np.mean(mious)) if mious else 0.0, "ap50": ap50, "ap50_95": ap}
+    return {
+        "images": len(images),
+        "gt_phrases": gt_total,
+        "predicted_phrases": sum(len(predictions[i.id]["phrases"]) for i in images),
+        "mask_recall": matched / gt_total if gt_total else 0.0,
+        "miou": float(np.mean(mious)) if mious else 0.0,
+        "ap50": ap50,
+        "ap50_95": ap,
+    }
 
 
-def predict(engine, image: np.ndarray, image_id, question: str = GCG_QUESTION, max_new_tokens: int = 512) -> dict:
+def predict(
+    engine, image: np.ndarray, image_id, question: str = GCG_QUESTION, max_new_tokens: int = 512
+) -> dict:
     """One image described and grounded by the engine, as a prediction record."""
     grounding = engine.ground(image, question, mode="describe", max_new_tokens=max_new_tokens)
-    return {"image_id": image_id, "caption": grounding.answer, "phrases": [p.text for p in grounding.phrases],
-            "pred_masks": [encode_mask(p.mask) for p in grounding.phrases]}
+    return {
+        "image_id": image_id,
+        "caption": grounding.answer,
+        "phrases": [p.text for p in grounding.phrases],
+        "pred_masks": [encode_mask(p.mask) for p in grounding.phrases],
+    }
 
 
 def prediction_path(folder: str, image_id) -> str:
@@ -210,7 +261,11 @@ def read_prediction(folder: str, image_id) -> dict:
     """A GLaMM/reference prediction file; GLaMM also accepts the record nested under one key."""
     path = prediction_path(folder, image_id)
     record = load_json(path, ())
-    if "caption" not in record and len(record) == 1 and isinstance(next(iter(record.values())), dict):
+    if (
+        "caption" not in record
+        and len(record) == 1
+        and isinstance(next(iter(record.values())), dict)
+    ):
         record = next(iter(record.values()))
     missing = [key for key in ("phrases", "pred_masks") if key not in record]
     if missing:
@@ -218,8 +273,16 @@ def read_prediction(folder: str, image_id) -> dict:
     return record
 
 
-def run(engine, images: list[GcgImage], image_folder: str, *, question: str = GCG_QUESTION,
-        max_new_tokens: int = 512, prediction_folder: str | None = None, progress=None) -> dict:
+def run(
+    engine,
+    images: list[GcgImage],
+    image_folder: str,
+    *,
+    question: str = GCG_QUESTION,
+    max_new_tokens: int = 512,
+    prediction_folder: str | None = None,
+    progress=None,
+) -> dict:
     """Describe and ground every image; the prediction records by image id (also written to
     prediction_folder as {image_id}.json when given)."""
     if prediction_folder:
@@ -232,5 +295,7 @@ def run(engine, images: list[GcgImage], image_folder: str, *, question: str = GC
             with open(prediction_path(prediction_folder, image.id), "w") as f:
                 json.dump(predictions[image.id], f)
         if progress is not None:
-            progress(k + 1, len(images), image.id, f"{len(predictions[image.id]['phrases'])} phrases")
+            progress(
+                k + 1, len(images), image.id, f"{len(predictions[image.id]['phrases'])} phrases"
+            )
     return predictions

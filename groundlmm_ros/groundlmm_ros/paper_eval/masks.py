@@ -1,5 +1,6 @@
 """COCO-style masks through pycocotools (RLE encode/decode), and the file reading both
 evaluations share: JSON annotation files and images, checked with clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
         raise ValueError(f"not a COCO segmentation (polygons or RLE): {str(segmentation)[:80]}")
     mask = mask_utils.decode(rle).astype(bool)
     if mask.shape != (height, width):
-        raise ValueError(f"segmentation is {mask.shape[0]}x{mask.shape[1]}, its image is {height}x{width}")
+        raise ValueError(
+            f"segmentation is {mask.shape[0]}x{mask.shape[1]}, its image is {height}x{width}"
+        )
     return mask
 
 
@@ -57,12 +60,17 @@ def read_image(folder: str, file_name: str, size: tuple[int, int] | None = None)
     with Image.open(path) as image:
         rgb = np.asarray(image.convert("RGB"))
     if size is not None and rgb.shape[:2] != tuple(size):
-        raise ValueError(f"image {path} is {rgb.shape[0]}x{rgb.shape[1]}, its annotations say {size[0]}x{size[1]}")
+        raise ValueError(
+            f"image {path} is {rgb.shape[0]}x{rgb.shape[1]}, "
+            f"its annotations say {size[0]}x{size[1]}"
+        )
     return rgb
 
 
 def check_images(folder: str, file_names) -> None:
     """Every image is there, before hours of model time are spent on the ones before it."""
-    missing = sorted({name for name in file_names if not os.path.isfile(os.path.join(folder, name))})
+    missing = sorted(
+        {name for name in file_names if not os.path.isfile(os.path.join(folder, name))}
+    )
     if missing:
         raise ValueError(f"{len(missing)} image(s) missing in {folder}, e.g. {missing[0]}")

@@ -8,15 +8,16 @@ polygon or RLE segmentations) and the COCO train2014 images.
 Every sentence of every ref of the split is one sample (the reference's aas/infer_attn_res.py).
 Two ways to ground it:
 - "recipe": the reference's RES recipe: generate an answer to the template (default
-  'Describe the "{}" in the image.', the reference's default; its final runs in aas/infer_attn_res.sh
-  used 'Describe the "{}".'), take the maps of the first 8 generated tokens (mean-map subtracted)
-  combined by max, and refine their argmax point (Engine.ground_answer_span). aas/res.py then keeps
-  the best-scoring proposal mask of an instance segmenter (Co-DETR) containing the point; here the
-  engine's refiner (SAM with a point prompt) makes the mask.
+  'Describe the "{}" in the image.', the reference's default; its final runs in
+  aas/infer_attn_res.sh used 'Describe the "{}".'), take the maps of the first 8 generated tokens
+  (mean-map subtracted) combined by max, and refine their argmax point (Engine.ground_answer_span).
+  aas/res.py then keeps the best-scoring proposal mask of an instance segmenter (Co-DETR)
+  containing the point; here the engine's refiner (SAM with a point prompt) makes the mask.
 - "refer": the project's refer mode (Engine.ground(..., mode="refer")).
 Metrics (aas/res.py): cIoU = sum of intersections / sum of unions over all samples;
 gIoU = mean of per-sample IoUs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ class RefSample:
     file_name: str
     height: int
     width: int
-    segmentation: object   # the instance's COCO segmentation
+    segmentation: object  # the instance's COCO segmentation
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -52,7 +53,9 @@ class _PlainUnpickler(pickle.Unpickler):
     lookup: refusing every class makes loading it safe (pickle would run any callable)."""
 
     def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refs pickle refers to {module}.{name}; only plain data is accepted")
+        raise pickle.UnpicklingError(
+            f"refs pickle refers to {module}.{name}; only plain data is accepted"
+        )
 
 
 def load_refs(path: str) -> list[dict]:
@@ -79,13 +82,29 @@ def load_samples(refs_path: str, instances_path: str, split: str) -> list[RefSam
     samples = []
     for ref in refs:
         annotation = annotations.get(ref["ann_id"])
-        if annotation is None or annotation["image_id"] != ref["image_id"] or ref["image_id"] not in images:
-            raise ValueError(f"{refs_path}: ref {ref['ref_id']} names annotation {ref['ann_id']} of image "
-                             f"{ref['image_id']}, which {instances_path} does not have")
+        if (
+            annotation is None
+            or annotation["image_id"] != ref["image_id"]
+            or ref["image_id"] not in images
+        ):
+            raise ValueError(
+                f"{refs_path}: ref {ref['ref_id']} names annotation {ref['ann_id']} of image "
+                f"{ref['image_id']}, which {instances_path} does not have"
+            )
         image = images[ref["image_id"]]
         for sentence in ref["sentences"]:
-            samples.append(RefSample(ref["ref_id"], sentence["sent_id"], sentence["sent"], image["id"],
-                                     image["file_name"], image["height"], image["width"], annotation["segmentation"]))
+            samples.append(
+                RefSample(
+                    ref["ref_id"],
+                    sentence["sent_id"],
+                    sentence["sent"],
+                    image["id"],
+                    image["file_name"],
+                    image["height"],
+                    image["width"],
+                    annotation["segmentation"],
+                )
+            )
     return samples
 
 
@@ -99,15 +118,27 @@ def metrics(parts: list[tuple[int, int]]) -> dict:
         raise ValueError("no samples to score")
     intersections, unions = np.array(parts, dtype=np.float64).T
     ious = np.divide(intersections, unions, out=np.zeros_like(intersections), where=unions > 0)
-    return {"ciou": float(intersections.sum() / unions.sum()) if unions.sum() else 0.0, "giou": float(ious.mean())}
+    return {
+        "ciou": float(intersections.sum() / unions.sum()) if unions.sum() else 0.0,
+        "giou": float(ious.mean()),
+    }
 
 
-def ground(engine, image: np.ndarray, sentence: str, mode: str, *, template: str = RES_TEMPLATE,
-           token_count: int = RES_TOKENS, max_new_tokens: int = 512):
+def ground(
+    engine,
+    image: np.ndarray,
+    sentence: str,
+    mode: str,
+    *,
+    template: str = RES_TEMPLATE,
+    token_count: int = RES_TOKENS,
+    max_new_tokens: int = 512,
+):
     """(answer, GroundedPhrase) for one referring expression."""
     if mode == "recipe":
-        grounding = engine.ground_answer_span(image, template.format(sentence), token_count, "max",
-                                              max_new_tokens=max_new_tokens)
+        grounding = engine.ground_answer_span(
+            image, template.format(sentence), token_count, "max", max_new_tokens=max_new_tokens
+        )
     elif mode == "refer":
         grounding = engine.ground(image, sentence, mode="refer")
     else:
@@ -115,29 +146,67 @@ def ground(engine, image: np.ndarray, sentence: str, mode: str, *, template: str
     return grounding.answer, grounding.phrases[0]
 
 
-def run(engine, samples: list[RefSample], image_folder: str, mode: str, *, template: str = RES_TEMPLATE,
-        token_count: int = RES_TOKENS, max_new_tokens: int = 512, prediction_path: str | None = None,
-        progress=None) -> dict:
+def run(
+    engine,
+    samples: list[RefSample],
+    image_folder: str,
+    mode: str,
+    *,
+    template: str = RES_TEMPLATE,
+    token_count: int = RES_TOKENS,
+    max_new_tokens: int = 512,
+    prediction_path: str | None = None,
+    progress=None,
+) -> dict:
     """Ground every sample; cIoU, gIoU and counts. With prediction_path, one JSON line per sample
     is written as it is scored, so a long run that stops keeps what it did."""
     parts, image_cache = [], {}
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(prediction_path, "w")) if prediction_path else None
         for k, sample in enumerate(samples):
-            if sample.image_id not in image_cache:  # only the current image: an image's refs usually come together
-                image_cache = {sample.image_id: read_image(image_folder, sample.file_name,
-                                                           (sample.height, sample.width))}
-            answer, phrase = ground(engine, image_cache[sample.image_id], sample.sentence, mode, template=template,
-                                    token_count=token_count, max_new_tokens=max_new_tokens)
+            if (
+                sample.image_id not in image_cache
+            ):  # only the current image: an image's refs usually come together
+                image_cache = {
+                    sample.image_id: read_image(
+                        image_folder, sample.file_name, (sample.height, sample.width)
+                    )
+                }
+            answer, phrase = ground(
+                engine,
+                image_cache[sample.image_id],
+                sample.sentence,
+                mode,
+                template=template,
+                token_count=token_count,
+                max_new_tokens=max_new_tokens,
+            )
             gt = decode_segmentation(sample.segmentation, sample.height, sample.width)
             intersection, union = intersection_union(phrase.mask, gt)
             parts.append((intersection, union))
             if out is not None:
-                out.write(json.dumps({"ref_id": sample.ref_id, "sent_id": sample.sent_id, "image_id": sample.image_id,
-                                      "sent": sample.sentence, "answer": answer, "point": list(phrase.point),
-                                      "mask": encode_mask(phrase.mask), "intersection": intersection,
-                                      "union": union}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "ref_id": sample.ref_id,
+                            "sent_id": sample.sent_id,
+                            "image_id": sample.image_id,
+                            "sent": sample.sentence,
+                            "answer": answer,
+                            "point": list(phrase.point),
+                            "mask": encode_mask(phrase.mask),
+                            "intersection": intersection,
+                            "union": union,
+                        }
+                    )
+                    + "\n"
+                )
                 out.flush()
             if progress is not None:
-                progress(k + 1, len(samples), sample.sent_id, f"IoU {intersection / union if union else 0.0:.3f}")
+                progress(
+                    k + 1,
+                    len(samples),
+                    sample.sent_id,
+                    f"IoU {intersection / union if union else 0.0:.3f}",
+                )
     return {"samples": len(samples), "refs": len({s.ref_id for s in samples}), **metrics(parts)}

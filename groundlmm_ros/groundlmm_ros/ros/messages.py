@@ -1,55 +1,94 @@
 """Engine results and node state as ROS messages."""
+
 from __future__ import annotations
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
-from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from sensor_msgs.msg import RegionOfInterest
 from std_msgs.msg import Header
 
+from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from groundlmm_ros.engine.types import Grounding
 from groundlmm_ros.ros.conversion import mask_to_image
 
 
-def grounding_result(grounding: Grounding, header: Header, model: str, inference_time: float,
-                     centroids: list[np.ndarray]) -> GroundingResult:
-    """A GroundingResult: header = the source image's; centroids are (3,) metres per phrase (NaN: unknown)."""
+def grounding_result(
+    grounding: Grounding,
+    header: Header,
+    model: str,
+    inference_time: float,
+    centroids: list[np.ndarray],
+) -> GroundingResult:
+    """A GroundingResult: header = the source image's; centroids are (3,) metres per phrase
+    (NaN: unknown)."""
     phrases = []
     for phrase, xyz in zip(grounding.phrases, centroids, strict=True):
         x, y, width, height = phrase.bbox
-        phrases.append(GroundedPhrase(
-            phrase=phrase.text,
-            char_start=phrase.char_start,
-            char_end=phrase.char_end,
-            score=float(phrase.score),
-            point_x=int(phrase.point[0]),
-            point_y=int(phrase.point[1]),
-            bbox=RegionOfInterest(x_offset=int(x), y_offset=int(y), width=int(width), height=int(height)),
-            mask=mask_to_image(phrase.mask, header),
-            centroid=Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
-        ))
-    return GroundingResult(header=header, success=True, query=grounding.query, mode=grounding.mode,
-                           answer=grounding.answer, phrases=phrases, model=model, inference_time=float(inference_time))
+        phrases.append(
+            GroundedPhrase(
+                phrase=phrase.text,
+                char_start=phrase.char_start,
+                char_end=phrase.char_end,
+                score=float(phrase.score),
+                point_x=int(phrase.point[0]),
+                point_y=int(phrase.point[1]),
+                bbox=RegionOfInterest(
+                    x_offset=int(x), y_offset=int(y), width=int(width), height=int(height)
+                ),
+                mask=mask_to_image(phrase.mask, header),
+                centroid=Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+            )
+        )
+    return GroundingResult(
+        header=header,
+        success=True,
+        query=grounding.query,
+        mode=grounding.mode,
+        answer=grounding.answer,
+        phrases=phrases,
+        model=model,
+        inference_time=float(inference_time),
+    )
 
 
-def failed_result(query: str, mode: str, reason: str, header: Header | None, model: str,
-                  inference_time: float) -> GroundingResult:
-    """The GroundingResult of an accepted query that could not be grounded: success false, message = why."""
-    return GroundingResult(header=header or Header(), success=False, message=reason, query=query, mode=mode,
-                           model=model, inference_time=float(inference_time))
+def failed_result(
+    query: str, mode: str, reason: str, header: Header | None, model: str, inference_time: float
+) -> GroundingResult:
+    """The GroundingResult of an accepted query that could not be grounded: success false,
+    message = why."""
+    return GroundingResult(
+        header=header or Header(),
+        success=False,
+        message=reason,
+        query=query,
+        mode=mode,
+        model=model,
+        inference_time=float(inference_time),
+    )
 
 
 def rejection(query: str, mode: str, source: str, reason: str) -> DiagnosticStatus:
     """What `~/rejected` carries for a query that was never accepted: message = the reason."""
-    values = [KeyValue(key="query", value=query), KeyValue(key="mode", value=mode),
-              KeyValue(key="source", value=source)]
-    return DiagnosticStatus(level=DiagnosticStatus.WARN, name="groundlmm/query", message=reason, values=values)
+    values = [
+        KeyValue(key="query", value=query),
+        KeyValue(key="mode", value=mode),
+        KeyValue(key="source", value=source),
+    ]
+    return DiagnosticStatus(
+        level=DiagnosticStatus.WARN, name="groundlmm/query", message=reason, values=values
+    )
 
 
-def status_array(stamp, name: str, hardware_id: str, level: bytes, message: str,
-                 values: dict[str, object]) -> DiagnosticArray:
+def status_array(
+    stamp, name: str, hardware_id: str, level: bytes, message: str, values: dict[str, object]
+) -> DiagnosticArray:
     """One DiagnosticStatus for /diagnostics."""
-    status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id,
-                              values=[KeyValue(key=key, value=str(value)) for key, value in values.items()])
+    status = DiagnosticStatus(
+        level=level,
+        name=name,
+        message=message,
+        hardware_id=hardware_id,
+        values=[KeyValue(key=key, value=str(value)) for key, value in values.items()],
+    )
     return DiagnosticArray(header=Header(stamp=stamp), status=[status])

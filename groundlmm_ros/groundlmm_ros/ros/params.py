@@ -4,6 +4,7 @@ Most are read when the node is configured (change them, then cleanup +
 configure); the standing-query ones (`DYNAMIC`) also take effect at once when
 set on a running node.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,39 +22,71 @@ IMAGE_TRANSPORTS = ("raw", "compressed")
 # and README's table is this table (markdown_table(); test/test_node_launch.py checks both).
 PARAMETERS: dict[str, tuple[object, str]] = {
     # The model (read at configure).
-    "model": ("demo", "preset (`demo`: the shipped miniature DiffLMM; `tiny-random`, `tiny-difflmm-random`, "
-                      "`llava-1.5-7b`, `difflmm-7b`) or a model directory"),
+    "model": (
+        "demo",
+        "preset (`demo`: the shipped miniature DiffLMM; `tiny-random`, `tiny-difflmm-random`, "
+        "`llava-1.5-7b`, `difflmm-7b`) or a model directory",
+    ),
     "device": ("cpu", "torch device: `cpu`, `cuda`, `cuda:1`, ..."),
-    "dtype": ("auto", "`auto` (`float16` on CUDA, as the paper runs its models; `float32` on the CPU), `float32`, "
-                      "`float16` or `bfloat16`"),
-    "conversation": ("", "prompt template: `llava_v1` (the paper's GCG prompt) or `vicuna_v1` (what the 7B models "
-                         "were trained with); empty: the model's own"),
-    "refiner": ("auto", "point-to-mask refiner: `auto` (SAM when `sam_checkpoint` is set or the preset ships one, "
-                        "else `colour`), `sam`, or a weight-free fallback: `colour` or `threshold` (the heat map's "
-                        "own region)"),
+    "dtype": (
+        "auto",
+        "`auto` (`float16` on CUDA, as the paper runs its models; `float32` on the CPU), "
+        "`float32`, `float16` or `bfloat16`",
+    ),
+    "conversation": (
+        "",
+        "prompt template: `llava_v1` (the paper's GCG prompt) or `vicuna_v1` (what the 7B models "
+        "were trained with); empty: the model's own",
+    ),
+    "refiner": (
+        "auto",
+        "point-to-mask refiner: `auto` (SAM when `sam_checkpoint` is set or the preset ships one, "
+        "else `colour`), `sam`, or a weight-free fallback: `colour` or `threshold` (the heat map's "
+        "own region)",
+    ),
     "sam_checkpoint": ("", "SAM checkpoint file (`sam_vit_h_4b8939.pth` in the paper)"),
     "seed": (0, "seed of the model build and of the diffusion noise"),
-    "engine_options": ("{}", "JSON object of extra Engine options, e.g. `{\"min_score\": 0.85, \"nms_iou\": 0.75}`"),
-    "autostart": (True, "configure and activate at start-up (for labs that do not drive lifecycles)"),
+    "engine_options": (
+        "{}",
+        'JSON object of extra Engine options, e.g. `{"min_score": 0.85, "nms_iou": 0.75}`',
+    ),
+    "autostart": (
+        True,
+        "configure and activate at start-up (for labs that do not drive lifecycles)",
+    ),
     # Inputs (read at configure).
-    "image_transport": ("raw", "`raw`: sensor_msgs/Image on `image`; `compressed`: CompressedImage on "
-                               "`image/compressed`"),
-    "image_qos_reliability": ("best_effort", "reliability of the image, depth and camera_info subscriptions: "
-                                             "`best_effort` (receives from both kinds of publisher) or `reliable`"),
+    "image_transport": (
+        "raw",
+        "`raw`: sensor_msgs/Image on `image`; `compressed`: CompressedImage on `image/compressed`",
+    ),
+    "image_qos_reliability": (
+        "best_effort",
+        "reliability of the image, depth and camera_info subscriptions: "
+        "`best_effort` (receives from both kinds of publisher) or `reliable`",
+    ),
     "image_qos_depth": (5, "history depth of the image, depth and camera_info subscriptions"),
     "query_mode": ("describe", "mode of queries on the `query` topic: `describe` or `refer`"),
-    "query_qos_depth": (1000, "history depth of the `query` subscription (reliable): deep, so a burst of queries "
-                              "waits in DDS instead of being overwritten"),
+    "query_qos_depth": (
+        1000,
+        "history depth of the `query` subscription (reliable): deep, so a burst of queries "
+        "waits in DDS instead of being overwritten",
+    ),
     "query_queue_size": (10, "queries waiting for the model; beyond it they are rejected"),
     "use_depth": (False, "subscribe to `depth` + `camera_info` and fill the phrases' 3D centroids"),
     "depth_unit_divisor": (1000.0, "16UC1 depth value / divisor = metres (1000: millimetres)"),
-    "depth_stamp_tolerance_s": (0.05, "largest stamp gap between a colour frame and its depth frame"),
+    "depth_stamp_tolerance_s": (
+        0.05,
+        "largest stamp gap between a colour frame and its depth frame",
+    ),
     # Limits (read at configure).
     "max_image_pixels": (3840 * 2160, "larger images are rejected"),
     "max_query_length": (500, "longer queries (characters) are rejected"),
     "max_new_tokens": (64, "most answer tokens generated per query (the paper: 512)"),
     # Standing query (dynamic).
-    "standing_query": ("", "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time)"),
+    "standing_query": (
+        "",
+        "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time)",
+    ),
     "standing_mode": ("describe", "mode of the standing query: `describe` or `refer`"),
     "max_rate_hz": (1.0, "most standing-query results per second (0: as fast as the model allows)"),
     # Outputs (read at configure).
@@ -62,9 +95,16 @@ PARAMETERS: dict[str, tuple[object, str]] = {
 }
 DYNAMIC = ("standing_query", "standing_mode", "max_rate_hz")
 # build_engine options that are node parameters: one knob each, never set through engine_options.
-OWN_PARAMETER = {"max_new_tokens": "max_new_tokens", "max_query_chars": "max_query_length",
-                 "conversation": "conversation", "dtype": "dtype", "device": "device", "refiner": "refiner",
-                 "sam_checkpoint": "sam_checkpoint", "seed": "seed"}
+OWN_PARAMETER = {
+    "max_new_tokens": "max_new_tokens",
+    "max_query_chars": "max_query_length",
+    "conversation": "conversation",
+    "dtype": "dtype",
+    "device": "device",
+    "refiner": "refiner",
+    "sam_checkpoint": "sam_checkpoint",
+    "seed": "seed",
+}
 
 
 def _engine_kwargs(params) -> dict:
@@ -73,18 +113,30 @@ def _engine_kwargs(params) -> dict:
 
 
 # One field per parameter, typed by its default.
-NodeParams = make_dataclass("NodeParams", [(name, type(default)) for name, (default, _) in PARAMETERS.items()],
-                            frozen=True, namespace={"engine_kwargs": _engine_kwargs})
+NodeParams = make_dataclass(
+    "NodeParams",
+    [(name, type(default)) for name, (default, _) in PARAMETERS.items()],
+    frozen=True,
+    namespace={"engine_kwargs": _engine_kwargs},
+)
 
 
 def markdown_table() -> str:
     """README's parameter table: one row per parameter, in PARAMETERS order."""
+
     def shown(value):
         if isinstance(value, bool):
             return f"`{str(value).lower()}`"
-        return f"`{value}`" if isinstance(value, str) and value else ('`""`' if value == "" else str(value))
+        return (
+            f"`{value}`"
+            if isinstance(value, str) and value
+            else ('`""`' if value == "" else str(value))
+        )
 
-    rows = [f"| `{name}` | {shown(default)} | {description} |" for name, (default, description) in PARAMETERS.items()]
+    rows = [
+        f"| `{name}` | {shown(default)} | {description} |"
+        for name, (default, description) in PARAMETERS.items()
+    ]
     return "\n".join(["| Parameter | Default | Meaning |", "|---|---|---|", *rows])
 
 
@@ -103,7 +155,8 @@ def read_parameters(node) -> NodeParams:
 
 
 def check_parameters(values: dict) -> str:
-    """Why these parameter values are unusable ('' if they are fine); checks only the names present."""
+    """Why these parameter values are unusable ('' if they are fine); checks only the names
+    present."""
     choices = {
         "image_transport": IMAGE_TRANSPORTS,
         "image_qos_reliability": RELIABILITIES,
@@ -113,8 +166,17 @@ def check_parameters(values: dict) -> str:
     for name, allowed in choices.items():
         if name in values and values[name] not in allowed:
             return f"parameter {name}={values[name]!r}: expected one of {', '.join(allowed)}"
-    positive = ("image_qos_depth", "query_qos_depth", "query_queue_size", "depth_unit_divisor",
-                "max_image_pixels", "max_query_length", "max_new_tokens", "marker_lifetime_s", "status_period_s")
+    positive = (
+        "image_qos_depth",
+        "query_qos_depth",
+        "query_queue_size",
+        "depth_unit_divisor",
+        "max_image_pixels",
+        "max_query_length",
+        "max_new_tokens",
+        "marker_lifetime_s",
+        "status_period_s",
+    )
     for name in positive:
         if name in values and not values[name] > 0:
             return f"parameter {name}={values[name]!r}: must be > 0"
@@ -130,8 +192,10 @@ def check_parameters(values: dict) -> str:
             return f"parameter engine_options={values['engine_options']!r}: must be a JSON object"
         own = sorted(set(options) & set(OWN_PARAMETER))
         if own:
-            return (f"parameter engine_options sets {', '.join(own)}: use the node parameter "
-                    f"{', '.join(OWN_PARAMETER[k] for k in own)} instead")
+            return (
+                f"parameter engine_options sets {', '.join(own)}: use the node parameter "
+                f"{', '.join(OWN_PARAMETER[k] for k in own)} instead"
+            )
     return ""
 
 

@@ -1,4 +1,5 @@
 """Training of the shipped demo model (see train.py for the recipe)."""
-from .train import Budget, train
+
+from groundlmm_ros.training.train import Budget, train
 
 __all__ = ["Budget", "train"]

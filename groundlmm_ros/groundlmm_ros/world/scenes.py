@@ -8,6 +8,7 @@ only; masks never reach the model.
 Coordinates are image pixels: H rows, W columns; centres are (x, y).
 Pure numpy + OpenCV, deterministic for a given numpy Generator.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,19 +27,19 @@ COLOURS = {
     "orange": (250, 130, 10),
 }
 SHAPES = ("circle", "square", "triangle", "star", "heart")
-MIN_VISIBLE = 0.6          # an occluded object keeps at least this fraction of its area
-BACKGROUND_MAX_SATURATION = 90   # HSV S (0-255) of every background pixel stays below this
+MIN_VISIBLE = 0.6  # an occluded object keeps at least this fraction of its area
+BACKGROUND_MAX_SATURATION = 90  # HSV S (0-255) of every background pixel stays below this
 
 
 @dataclass
 class SceneObject:
     colour: str
     shape: str
-    rgb: tuple[int, int, int]   # the exact colour painted on the object's pixels
-    centre: tuple[int, int]     # (x, y) where the shape was drawn
-    radius: int                 # pixels, half the shape's extent
-    angle: float                # rotation in radians
-    mask: np.ndarray            # (H, W) bool, the pixels of this object visible in the image
+    rgb: tuple[int, int, int]  # the exact colour painted on the object's pixels
+    centre: tuple[int, int]  # (x, y) where the shape was drawn
+    radius: int  # pixels, half the shape's extent
+    angle: float  # rotation in radians
+    mask: np.ndarray  # (H, W) bool, the pixels of this object visible in the image
 
     @property
     def name(self) -> str:
@@ -47,9 +48,9 @@ class SceneObject:
 
 @dataclass
 class Scene:
-    image: np.ndarray             # (H, W, 3) uint8 RGB
-    caption: str                  # names every object exactly once, in random order
-    objects: list[SceneObject]    # in caption order
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    caption: str  # names every object exactly once, in random order
+    objects: list[SceneObject]  # in caption order
 
 
 def shape_polygon(shape: str, centre: tuple[int, int], radius: int, angle: float) -> np.ndarray:
@@ -77,8 +78,9 @@ def shape_polygon(shape: str, centre: tuple[int, int], radius: int, angle: float
     return np.round(pts).astype(np.int32)
 
 
-def draw_shape_mask(shape: str, centre: tuple[int, int], radius: int, angle: float,
-                    size: int) -> np.ndarray:
+def draw_shape_mask(
+    shape: str, centre: tuple[int, int], radius: int, angle: float, size: int
+) -> np.ndarray:
     """(size, size) bool mask of one whole (unoccluded) shape."""
     canvas = np.zeros((size, size), np.uint8)
     if shape == "circle":
@@ -91,36 +93,40 @@ def draw_shape_mask(shape: str, centre: tuple[int, int], radius: int, angle: flo
 def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """(size, size, 3) uint8 desaturated background: a grey gradient, grain, distractor
     strokes, and one faint tint (so its HSV saturation stays below BACKGROUND_MAX_SATURATION)."""
-    levels = rng.uniform(60, 210, size=2)                      # grey level at the two ends
+    levels = rng.uniform(60, 210, size=2)  # grey level at the two ends
     direction = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:size, 0:size] / (size - 1)
     ramp = np.cos(direction) * xs + np.sin(direction) * ys
-    ramp = (ramp - ramp.min()) / np.ptp(ramp)                   # (size, size) in [0, 1]
+    ramp = (ramp - ramp.min()) / np.ptp(ramp)  # (size, size) in [0, 1]
     grey = levels[0] + ramp * (levels[1] - levels[0]) + rng.normal(0, 6, size=(size, size))
     canvas = np.zeros((size, size), np.uint8)
-    for _ in range(rng.integers(0, 6)):                        # faint lines and rings
+    for _ in range(rng.integers(0, 6)):  # faint lines and rings
         canvas[:] = 0
         p = rng.integers(0, size, size=4)
         if rng.random() < 0.5:
-            cv2.line(canvas, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), 1, int(rng.integers(1, 3)))
+            cv2.line(
+                canvas, (int(p[0]), int(p[1])), (int(p[2]), int(p[3])), 1, int(rng.integers(1, 3))
+            )
         else:
             cv2.circle(canvas, (int(p[0]), int(p[1])), int(rng.integers(4, size // 4)), 1, 1)
         grey += canvas * rng.uniform(-35, 35)
     grey = np.clip(grey, 50, 230)
-    tint = rng.uniform(-6, 6, size=3)                          # spread <= 13 over a level >= 44
+    tint = rng.uniform(-6, 6, size=3)  # spread <= 13 over a level >= 44
     return np.clip(np.round(grey[..., None] + tint), 0, 255).astype(np.uint8)
 
 
 def caption_for(objects: list[SceneObject], rng: np.random.Generator) -> str:
     """'there is a red circle, an orange star and the green square.' in the objects' order."""
     articles = [rng.choice(["a", "the"]) for _ in objects]
-    phrases = [f"{'an' if a == 'a' and obj.colour[0] in 'aeiou' else a} {obj.name}"
-               for a, obj in zip(articles, objects)]
+    phrases = [
+        f"{'an' if a == 'a' and obj.colour[0] in 'aeiou' else a} {obj.name}"
+        for a, obj in zip(articles, objects)
+    ]
     if len(phrases) == 1:
         listing = phrases[0]
     else:
         listing = ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    lead = rng.choice(["", "there is "])   # no pronoun leads: spaCy would chunk them as phrases
+    lead = rng.choice(["", "there is "])  # no pronoun leads: spaCy would chunk them as phrases
     return f"{lead}{listing}."
 
 
@@ -130,7 +136,9 @@ def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4) 
     if size < 32:
         raise ValueError(f"scene size {size} too small; use at least 32 pixels")
     if not 1 <= max_objects <= len(COLOURS) * len(SHAPES):
-        raise ValueError(f"max_objects must be in 1..{len(COLOURS) * len(SHAPES)}, got {max_objects}")
+        raise ValueError(
+            f"max_objects must be in 1..{len(COLOURS) * len(SHAPES)}, got {max_objects}"
+        )
     image = draw_background(rng, size)
     count = int(rng.integers(1, max_objects + 1))
     while True:  # rejection-sample layouts until every object stays visible enough
@@ -140,13 +148,16 @@ def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4) 
             colour = list(COLOURS)[kind // len(SHAPES)]
             shape = SHAPES[kind % len(SHAPES)]
             radius = int(rng.uniform(0.08, 0.17) * size)
-            centre = (int(rng.integers(radius, size - radius)), int(rng.integers(radius, size - radius)))
+            centre = (
+                int(rng.integers(radius, size - radius)),
+                int(rng.integers(radius, size - radius)),
+            )
             angle = float(rng.uniform(-0.4, 0.4))
             full_masks.append(draw_shape_mask(shape, centre, radius, angle, size))
             specs.append((colour, shape, centre, radius, angle))
         visible = [m.copy() for m in full_masks]
         for i in range(count):
-            for later in full_masks[i + 1:]:
+            for later in full_masks[i + 1 :]:
                 visible[i] &= ~later
         if all(v.sum() >= MIN_VISIBLE * f.sum() for v, f in zip(visible, full_masks)):
             break
@@ -156,7 +167,7 @@ def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4) 
         rgb = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
         image[mask] = rgb
         objects.append(SceneObject(colour, shape, rgb, centre, radius, angle, mask))
-    order = rng.permutation(count)   # random caption order: a colour must be found, not a position
+    order = rng.permutation(count)  # random caption order: a colour must be found, not a position
     objects = [objects[i] for i in order]
     return Scene(image=image, caption=caption_for(objects, rng), objects=objects)
 
