@@ -32,5 +32,8 @@ class Backend(Protocol):
         """Greedy answer ids (the end token included when emitted) and their maps (T, N_image).
         stop_at_end=False always makes max_new_tokens tokens (benchmarks of random models)."""
 
+    def warm_up(self, question: str, max_new_tokens: int) -> None:
+        """Prepare whatever a first answer to `question` would otherwise build (fixed-shape decoders)."""
+
     def teacher_force(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int]) -> torch.Tensor:
         """Maps (T, N_image) of the given answer ids in one forward pass."""

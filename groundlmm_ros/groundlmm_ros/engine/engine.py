@@ -85,6 +85,10 @@ class Engine:
         self.nms_iou = nms_iou
         self.seed = seed
 
+    def warm_up(self) -> None:
+        """Before the first query: the backend's fixed-shape decoders for a describe answer."""
+        self.backend.warm_up(GCG_QUESTION, self.max_new_tokens)
+
     def check(self, image, query, mode, max_new_tokens) -> None:
         """Raise InputError for anything the model must not see."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:

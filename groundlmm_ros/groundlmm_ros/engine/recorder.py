@@ -72,6 +72,37 @@ class Recorder:
         return sum(step.numel() * step.element_size() for step in self._steps)
 
 
+class BufferRecorder(Recorder):
+    """For fixed-shape decoding: one row per step, written in place into `buffer` (B, capacity,
+    n_image) at the device index `step` (1,), so a step allocates nothing and syncs nothing with
+    the host, and can be replayed from a CUDA graph (where add() runs only at capture). The
+    caller advances after each forward pass; `layers` is the LM's attention layer count."""
+
+    def __init__(self, image_start: list[int], n_image: int, buffer: torch.Tensor, step: torch.Tensor,
+                 layers: int):
+        super().__init__(image_start, n_image, rows=1)
+        self.buffer, self.step, self.layers, self.written = buffer, step, layers, 0
+
+    def add(self, layer_idx: int, row_maps: torch.Tensor) -> None:
+        if layer_idx == 0:
+            self.buffer.index_copy_(1, self.step, row_maps)
+        else:
+            self.buffer.index_add_(1, self.step, row_maps)
+
+    def advance(self) -> None:
+        self.step += 1
+        self.written += 1
+
+    def maps(self) -> torch.Tensor:
+        if not self.written:
+            raise RuntimeError("the recorder recorded no step")
+        return self.buffer[:, :self.written] / self.layers
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
 def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torch.Tensor:
     """(B, rows, n_image): softmax(q k^T * scaling + mask) of the trailing query rows,
     image columns only, mean over heads. Computed in float32 like eager's softmax."""
@@ -89,8 +120,9 @@ def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torc
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-    elif rows > 1:
-        # No mask means SDPA's is_causal (upper-left aligned): query i sees keys <= i.
+    elif q_len > 1:
+        # No mask and several queries means SDPA's is_causal (upper-left aligned): query i sees
+        # keys <= i. That also hides a static cache's unfilled slots from a prefill.
         query_index = torch.arange(q_len - rows, q_len, device=query.device)[:, None]
         scores = scores.masked_fill(torch.arange(k_len, device=query.device)[None, :] > query_index, float("-inf"))
     probs = scores.softmax(dim=-1)

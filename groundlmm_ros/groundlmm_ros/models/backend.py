@@ -9,6 +9,8 @@ attention recorder on: greedy generation (describe) or one teacher-forced pass
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,9 @@ from PIL import Image
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
 from groundlmm_ros.engine.types import Cancelled
+from groundlmm_ros.models.static_decode import StaticDecoder, cache_length
+
+log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA's conversation templates for one user turn (llava/conversation.py in LLaVA and in the
@@ -119,6 +124,8 @@ class LlavaStyleBackend:
         self.preprocessing = preprocessing
         llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
         self.conversation = conversation
+        self.decoding = "dynamic"  # a DECODINGS name (build_engine sets it)
+        self._decoders: dict[tuple[int, int, int], StaticDecoder] = {}
         self.end_ids = {tokenizer.eos_token_id}
         self.lm.set_attn_implementation(self._attention_target())
 
@@ -190,8 +197,15 @@ class LlavaStyleBackend:
     @torch.inference_mode()
     def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None, stop_at_end=True):
         """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
-        recorded by the forward pass that predicts it (its input ends with token t-1)."""
+        recorded by the forward pass that predicts it (its input ends with token t-1).
+        decoding "dynamic": a DynamicCache and a list of map rows; "static" / "graphs": fixed
+        shapes (models/static_decode.py), the same tokens and maps."""
         prompt = self.prompt(visual_tokens, question)
+        if self.decoding != "dynamic":
+            decoder = self._static_decoder(prompt.embeds.shape[1] + max_new_tokens, prompt.image_start,
+                                           prompt.n_image)
+            return decoder.generate(prompt.embeds, max_new_tokens, on_token, should_stop, self.end_ids,
+                                    stop_at_end)
         recorder = Recorder([prompt.image_start], prompt.n_image, rows=1)
         ids: list[int] = []
         with recorder:
@@ -208,6 +222,29 @@ class LlavaStyleBackend:
                 out = self.lm(inputs_embeds=self.embed([next_id]).unsqueeze(0), cache=out.cache,
                               use_cache=True, logits_to_keep=1)
         return ids, recorder.maps()[0]
+
+    def _static_decoder(self, tokens: int, image_start: int, n_image: int) -> StaticDecoder:
+        """The decoder of the cache bucket that holds `tokens` positions, built on first use. A
+        CUDA graph that cannot be captured leaves the static path without graphs, with a warning."""
+        key = (cache_length(tokens), image_start, n_image)
+        if key not in self._decoders:
+            try:
+                self._decoders[key] = StaticDecoder(self.lm, *key, graphs=self.decoding == "graphs")
+            except RuntimeError as error:
+                if self.decoding != "graphs":
+                    raise
+                log.warning("CUDA graph capture failed (%s): decoding with a static cache, without graphs", error)
+                self._decoders[key] = StaticDecoder(self.lm, *key, graphs=False)
+        return self._decoders[key]
+
+    def warm_up(self, question: str, max_new_tokens: int) -> None:
+        """Builds (and on CUDA captures) the decoder an answer to `question` will use, so the first
+        query does not pay for it. Nothing to do for dynamic decoding."""
+        if self.decoding == "dynamic":
+            return
+        before, after = self.prompt_ids(question)
+        n_image = self.grid[0] * self.grid[1]
+        self._static_decoder(len(before) + n_image + len(after) + max_new_tokens, len(before), n_image)
 
     @torch.inference_mode()
     def teacher_force(self, visual_tokens, question, answer_ids):

@@ -22,6 +22,7 @@ from groundlmm_ros.models import tiny
 from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.llava import load_llava
+from groundlmm_ros.models.static_decode import DECODINGS
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -104,16 +105,23 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conversation: str = "",
-                 refiner: str = "auto", sam_checkpoint: str = "", sam_prompt: str = "point", seed: int = 0,
-                 **engine_options) -> Engine:
+                 decoding: str = "auto", refiner: str = "auto", sam_checkpoint: str = "",
+                 sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
-    paper's models). refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
+    paper's models). decoding: a DECODINGS name ("auto": "graphs" on CUDA, "dynamic" elsewhere).
+    refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
     else the colour fallback), "sam", or a weight-free fallback: "colour" (ColourRefiner) or
     "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
     dtype = resolve_dtype(dtype, device)
+    if decoding == "auto":
+        decoding = "graphs" if torch.device(device).type == "cuda" else "dynamic"
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be auto or one of {', '.join(DECODINGS)}, got {decoding!r}")
+    if decoding == "graphs" and torch.device(device).type != "cuda":
+        raise ValueError("decoding 'graphs' needs a CUDA device")
     if conversation and conversation not in CONVERSATIONS:
         raise ValueError(f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
     preset = PRESETS.get(model)
@@ -127,6 +135,7 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
     options = {**settings, **engine_options}
     backend.conversation = conversation or options.pop("conversation", PAPER_CONVERSATION)
     options.pop("conversation", None)
+    backend.decoding = decoding
 
     sam = None
     if refiner in ("auto", "sam"):

@@ -91,10 +91,12 @@ class GroundingNode(LifecycleNode):
             from groundlmm_ros.models.presets import build_engine  # torch is imported only now
             # The node's limits are the limits: they replace the model's own answer-length setting.
             self._engine = build_engine(params.model, device=params.device, dtype=params.dtype,
-                                        conversation=params.conversation, refiner=params.refiner,
+                                        decoding=params.decoding, conversation=params.conversation,
+                                        refiner=params.refiner,
                                         sam_checkpoint=params.sam_checkpoint, seed=params.seed,
                                         max_new_tokens=params.max_new_tokens,
                                         max_query_chars=params.max_query_length, **params.engine_kwargs())
+            self._engine.warm_up()  # fixed-shape decoders (CUDA graphs) now, not on the first query
         except Exception as error:  # a bad model path or preset must leave the node unconfigured, alive
             self.get_logger().error(f"configure failed: cannot build model {params.model!r}: "
                                     f"{type(error).__name__}: {error}")

@@ -33,6 +33,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "`auto` (`float16` on CUDA, as the paper runs its models; `float32` on the CPU), "
         "`float32`, `float16` or `bfloat16`",
     ),
+    "decoding": (
+        "auto",
+        "`auto` (`graphs` on CUDA, `dynamic` elsewhere), `dynamic`, `static` (fixed-shape "
+        "cache) or `graphs` (static, the per-token step replayed as a CUDA graph)",
+    ),
     "conversation": (
         "",
         "prompt template: `llava_v1` (the paper's GCG prompt) or `vicuna_v1` (what the 7B models "
