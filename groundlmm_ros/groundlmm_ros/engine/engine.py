@@ -21,6 +21,9 @@ from groundlmm_ros.engine.refiners import Refiner, nms_keep
 from groundlmm_ros.engine.types import MODES, Cancelled, GroundedPhrase, Grounding, InputError
 
 GCG_QUESTION = "Describe the image in detail."   # the paper's GCG prompt
+# Separates the referring expressions of one refer query ("the red mug; the blue bowl"):
+# they are grounded together in one batched pass, one phrase (and mask) each.
+EXPRESSION_SEPARATOR = ";"
 
 
 def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -122,11 +125,11 @@ class Engine:
             visual_tokens = self.backend.encode(image)
         if mode == "describe":
             limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-            answer_ids, maps, answer, phrases = self._describe(visual_tokens, query.strip(), limit, on_token,
-                                                               should_stop, stage)
+            answer_ids, reads, answer, phrases = self._describe(visual_tokens, query.strip(), limit, on_token,
+                                                                should_stop, stage)
         else:
-            answer_ids, maps, answer, phrases = self._refer(visual_tokens, query.strip(), on_token, stage)
-        grounded = self._ground_phrases(image, maps, phrases, stage) if phrases else []
+            answer_ids, reads, answer, phrases = self._refer(visual_tokens, query, on_token, stage)
+        grounded = self._ground_phrases(image, phrases, reads, stage) if phrases else []
         return Grounding(query, mode, answer, list(answer_ids), grounded, image.shape[:2], stage.done())
 
     def _describe(self, visual_tokens, question, max_new_tokens, on_token, should_stop, stage):
@@ -141,29 +144,48 @@ class Engine:
         with stage("phrases"):
             answer, spans = token_spans(answer_ids, self.backend.decode)
             phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
-        return answer_ids, maps, answer, phrases
+        return answer_ids, [(maps, 0)] * len(phrases), answer, phrases
 
-    def _refer(self, visual_tokens, expression, on_token, stage):
-        """The expression, teacher-forced as the answer to refer_question, is the one phrase."""
-        answer_ids = self.backend.encode_text(expression)
+    def _refer(self, visual_tokens, query, on_token, stage):
+        """Each expression of the query (split at EXPRESSION_SEPARATOR), teacher-forced as the
+        answer to refer_question, is one phrase; all of them in one batched forward pass, each
+        read (and normalised) as if alone. The answer is the expressions joined by "; ", the
+        token ids theirs one after another."""
+        expressions = [e.strip() for e in query.split(EXPRESSION_SEPARATOR) if e.strip()]
+        if not expressions:
+            raise InputError(f"no referring expression in {query!r}")
+        token_ids = [self.backend.encode_text(e) for e in expressions]
+        if not all(token_ids):
+            raise InputError(f"an expression of {query!r} has no tokens")
         with stage("teacher_force"):
-            maps = self.backend.teacher_force(visual_tokens, self.refer_question, answer_ids)
-        if on_token is not None:
-            on_token(self.backend.decode(answer_ids), len(answer_ids))
+            maps = self.backend.teacher_force_batch(visual_tokens, self.refer_question, token_ids)
         with stage("phrases"):
-            answer, spans = token_spans(answer_ids, self.backend.decode)
-            phrases = [referred_phrase(answer, spans, self.nlp)]
-        return answer_ids, maps, answer, phrases
+            texts, phrases, reads, answer_ids = [], [], [], []
+            for ids, expression_maps in zip(token_ids, maps):
+                text, spans = token_spans(ids, self.backend.decode)
+                phrase = referred_phrase(text, spans, self.nlp)
+                start, first = len("; ".join(texts + [""])) if texts else 0, len(answer_ids)
+                phrases.append(Phrase(phrase.text, start + phrase.char_start, start + phrase.char_end,
+                                      [first + t for t in phrase.token_indices]))
+                reads.append((expression_maps, first))
+                texts.append(text)
+                answer_ids += ids
+        answer = "; ".join(texts)
+        if on_token is not None:
+            on_token(answer, len(answer_ids))
+        return answer_ids, reads, answer, phrases
 
-    def _ground_phrases(self, image: np.ndarray, maps: torch.Tensor, phrases: list[Phrase],
+    def _ground_phrases(self, image: np.ndarray, phrases: list[Phrase], reads: list[tuple[torch.Tensor, int]],
                         stage: Stages) -> list[GroundedPhrase]:
-        """maps (T, N_image), one row per answer token -> a heat map, point and mask per phrase."""
+        """Per phrase, reads[i] = (the maps (T, N_image) it reads, index of their first token in
+        the answer) -> its heat map, point and mask."""
         height, width = image.shape[:2]
         with stage("heatmaps"):
-            grid = self._token_grid(maps)
+            grids = {id(maps): self._token_grid(maps) for maps, _ in reads}  # each answer's, once
             # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
-            heatmaps = [heatmap.upsample(heatmap.combine(grid, p.token_indices, self.combine)[None],
-                                         (height, width), self.upsample)[0] for p in phrases]  # P x (H, W)
+            heatmaps = [heatmap.upsample(heatmap.combine(grids[id(maps)], [t - first for t in p.token_indices],
+                                                         self.combine)[None], (height, width), self.upsample)[0]
+                        for p, (maps, first) in zip(phrases, reads)]  # P x (H, W)
             points = [heatmap.argmax_point(h) for h in heatmaps]
         with stage("refine_image"):
             self.refiner.set_image(image)

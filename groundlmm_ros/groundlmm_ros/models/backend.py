@@ -246,15 +246,31 @@ class LlavaStyleBackend:
         n_image = self.grid[0] * self.grid[1]
         self._static_decoder(len(before) + n_image + len(after) + max_new_tokens, len(before), n_image)
 
-    @torch.inference_mode()
     def teacher_force(self, visual_tokens, question, answer_ids):
         """One forward pass over prompt + answer[:-1]; its last len(answer) rows are the
         positions that predict answer[0..T-1] (position t-1 for token t), as in generate."""
-        answer_ids = list(answer_ids)
-        if not answer_ids:
-            raise ValueError("teacher_force needs at least one answer token")
-        prompt = self.prompt(visual_tokens, question, answer_ids[:-1])
-        recorder = Recorder([prompt.image_start], prompt.n_image, rows=len(answer_ids))
+        return self.teacher_force_batch(visual_tokens, question, [answer_ids])[0]
+
+    @torch.inference_mode()
+    def teacher_force_batch(self, visual_tokens, question, answers: list[list[int]]) -> list[torch.Tensor]:
+        """Several answers to one question about one image in ONE forward pass: the sequences
+        prompt + answer[:-1] left-padded to one length (so every answer ends at the last
+        position), masked and positioned as if alone. -> per answer its maps (T_i, N_image)."""
+        answers = [list(ids) for ids in answers]
+        if not answers or not all(answers):
+            raise ValueError("teacher forcing needs at least one answer token per answer")
+        prompts = [self.prompt(visual_tokens, question, ids[:-1]) for ids in answers]
+        length = max(p.embeds.shape[1] for p in prompts)
+        pads = [length - p.embeds.shape[1] for p in prompts]
+        hidden = prompts[0].embeds.shape[2]
+        embeds = torch.cat([torch.cat([prompts[0].embeds.new_zeros(1, pad, hidden), p.embeds], dim=1)
+                            for p, pad in zip(prompts, pads)])                   # (B, L, hidden)
+        mask = torch.tensor([[0] * pad + [1] * (length - pad) for pad in pads], device=self.device)  # (B, L)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)                           # as if unpadded
+        rows = max(map(len, answers))
+        recorder = Recorder([pad + p.image_start for p, pad in zip(prompts, pads)], prompts[0].n_image, rows=rows)
         with recorder:
-            self.lm(inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1)
-        return recorder.maps()[0]
+            self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
+                    logits_to_keep=1)
+        maps = recorder.maps()                                                   # (B, rows, N_image)
+        return [maps[i, rows - len(ids):] for i, ids in enumerate(answers)]
