@@ -121,6 +121,8 @@ class Engine:
         if should_stop is not None and should_stop():
             raise Cancelled("stopped before the model ran")
         torch.manual_seed(self.seed)
+        with stage("refine_image"):  # first: on CUDA SAM embeds the frame on its own stream meanwhile
+            self.refiner.set_image(image)
         with stage("encode"):
             visual_tokens = self.backend.encode(image)
         if mode == "describe":
@@ -187,8 +189,6 @@ class Engine:
                                                          self.combine)[None], (height, width), self.upsample)[0]
                         for p, (maps, first) in zip(phrases, reads)]  # P x (H, W)
             points = [heatmap.argmax_point(h) for h in heatmaps]
-        with stage("refine_image"):
-            self.refiner.set_image(image)
         with stage("refine"):
             refined = [self.refiner.refine(h, p) for h, p in zip(heatmaps, points)]
         grounded = [GroundedPhrase(phrase.text, phrase.char_start, phrase.char_end, phrase.token_indices, heat, point,
@@ -223,6 +223,7 @@ class Engine:
         if not (isinstance(token_count, int) and token_count >= 1):
             raise InputError(f"token_count must be a positive integer, got {token_count!r}")
         torch.manual_seed(self.seed)
+        self.refiner.set_image(image)  # first, as in ground()
         visual_tokens = self.backend.encode(image)
         limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
         ids, maps = self.backend.generate(visual_tokens, question.strip(), limit)
@@ -235,7 +236,6 @@ class Engine:
         upsampled = torch.from_numpy(heatmap.upsample(grid[tokens], (height, width), self.upsample))
         heat = heatmap.combine(upsampled, range(len(tokens)), combine).numpy()
         point = heatmap.argmax_point(heat)
-        self.refiner.set_image(image)
         mask, score = self.refiner.refine(heat, point)
         end = spans[min(len(tokens), len(spans)) - 1][1] if spans else 0
         phrase = GroundedPhrase(answer[:end], 0, end, tokens, heat, point, mask, score, mask_bbox(mask))

@@ -6,6 +6,7 @@ heat maps (H, W) float32 and points (x, y) in the same pixels.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Protocol
 
 import cv2
@@ -44,21 +45,33 @@ class SamRefiner:
         self.box_threshold = box_threshold                   # the reference's --box-thresh
         # The image encoder is most of SAM's time (ViT-H: ~190 ms in float32 on an H200): by default
         # it runs in float16 on CUDA (autocast), float32 elsewhere; prompts and masks stay float32.
+        # On CUDA it also runs on its own stream, so it overlaps whatever the caller runs next
+        # (the engine embeds the frame first, then runs the LMM); refine() waits for it.
         device = sam.device
         self.encoder_dtype = encoder_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._image: np.ndarray | None = None   # the frame whose embedding the predictor holds
 
     def set_image(self, image: np.ndarray) -> None:
         """Embeds the image once: queries on the same frame reuse the embedding."""
         if self._image is not None and self._image.shape == image.shape and np.array_equal(self._image, image):
             return
-        with torch.autocast(self.predictor.device.type, dtype=self.encoder_dtype,
-                            enabled=self.encoder_dtype != torch.float32):
+        stream = nullcontext()
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream())  # the old embedding is no longer in use
+            stream = torch.cuda.stream(self._stream)
+        with stream, torch.autocast(self.predictor.device.type, dtype=self.encoder_dtype,
+                                    enabled=self.encoder_dtype != torch.float32):
             self.predictor.set_image(image, image_format="RGB")
-        self.predictor.features = self.predictor.features.float()
+            self.predictor.features = self.predictor.features.float()
         self._image = image.copy()
 
+    def _embedded(self) -> None:
+        if self._stream is not None:
+            torch.cuda.current_stream().wait_stream(self._stream)
+
     def refine(self, heatmap, point):
+        self._embedded()
         if self.prompt == "point":
             masks, scores, _ = self.predictor.predict(point_coords=np.array([point], dtype=np.float32),
                                                       point_labels=np.array([1]), multimask_output=True)

@@ -466,6 +466,8 @@ class DiffLMMBackend(LlavaStyleBackend):
 
     def __init__(self, model: DiffLMM, tokenizer, conversation: str = PAPER_CONVERSATION):
         self.model = model.eval()
+        if model.device.type == "cuda":  # cuDNN's half-precision convolutions are fastest in NHWC
+            model.vision_tower.to(memory_format=torch.channels_last)
         config = model.config
         super().__init__(
             model.language_model,
