@@ -122,7 +122,8 @@ class Engine:
                                                                should_stop, stage)
         else:
             answer_ids, maps, answer, phrases = self._refer(visual_tokens, query.strip(), on_token, stage)
-        grounded = self._ground_phrases(image, maps, phrases, stage) if phrases else []
+        grid = self.backend.grid_of(visual_tokens)
+        grounded = self._ground_phrases(image, maps, grid, phrases, stage) if phrases else []
         return Grounding(query, mode, answer, list(answer_ids), grounded, image.shape[:2], stage.done())
 
     def _describe(self, visual_tokens, question, max_new_tokens, on_token, should_stop, stage):
@@ -151,12 +152,13 @@ class Engine:
             phrases = [referred_phrase(answer, spans, self.nlp)]
         return answer_ids, maps, answer, phrases
 
-    def _ground_phrases(self, image: np.ndarray, maps: torch.Tensor, phrases: list[Phrase],
-                        stage: Stages) -> list[GroundedPhrase]:
-        """maps (T, N_image), one row per answer token -> a heat map, point and mask per phrase."""
+    def _ground_phrases(self, image: np.ndarray, maps: torch.Tensor, grid_shape: tuple[int, int],
+                        phrases: list[Phrase], stage: Stages) -> list[GroundedPhrase]:
+        """maps (T, h * w) on this image's (h, w) grid, one row per answer token -> a heat map,
+        point and mask per phrase."""
         height, width = image.shape[:2]
         with stage("heatmaps"):
-            grid = maps.float().cpu().reshape(-1, *self.backend.grid)  # (T, h, w), rows = answer tokens
+            grid = maps.float().cpu().reshape(-1, *grid_shape)  # (T, h, w), rows = answer tokens
             if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
                 grid = heatmap.normalise(grid)
             # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).

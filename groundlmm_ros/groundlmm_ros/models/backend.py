@@ -9,7 +9,7 @@ attention recorder on: greedy generation (describe) or one teacher-forced pass
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -96,7 +96,9 @@ def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
 class Prompt:
     embeds: torch.Tensor  # (1, S, hidden) the whole prompt in the LM's dtype
     image_start: int      # index of the first visual token in the sequence
-    n_image: int          # visual tokens, = grid[0] * grid[1]
+    n_image: int          # visual tokens, = grid[0] * grid[1] here; more where some are not on the map
+    lm_kwargs: dict = field(default_factory=dict)  # more LM inputs for the whole prompt (e.g. 3D positions)
+    grid_columns: torch.Tensor | None = None  # which of the n_image tokens form the map, row-major; None: all
 
 
 class LlavaStyleBackend:
@@ -145,6 +147,10 @@ class LlavaStyleBackend:
         """(1, 3, S, S) -> (N_image, hidden). The model-specific part."""
         raise NotImplementedError
 
+    def grid_of(self, visual_tokens) -> tuple[int, int]:
+        """Every image gets the same square grid here."""
+        return self.grid
+
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> torch.Tensor:
         tokens = self.encode_image(self.preprocess(image))
@@ -187,6 +193,16 @@ class LlavaStyleBackend:
 
     # -- language model with the recorder on ---------------------------------------
 
+    def step_kwargs(self, prompt: Prompt, position: int) -> dict:
+        """More LM inputs for the one new token at sequence index `position` (none here:
+        the LM counts positions itself; Qwen2.5-VL's 3D positions need them)."""
+        return {}
+
+    @staticmethod
+    def on_grid(prompt: Prompt, maps: torch.Tensor) -> torch.Tensor:
+        """(T, n_image) recorded maps -> (T, rows * columns) on the map grid."""
+        return maps if prompt.grid_columns is None else maps[:, prompt.grid_columns.to(maps.device)]
+
     @torch.inference_mode()
     def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None, stop_at_end=True):
         """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
@@ -195,7 +211,7 @@ class LlavaStyleBackend:
         recorder = Recorder([prompt.image_start], prompt.n_image, rows=1)
         ids: list[int] = []
         with recorder:
-            out = self.lm(inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1)
+            out = self.lm(inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1, **prompt.lm_kwargs)
             while True:
                 next_id = int(out.logits[0, -1].argmax())
                 ids.append(next_id)
@@ -205,9 +221,10 @@ class LlavaStyleBackend:
                     break
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"stopped after {len(ids)} tokens")
+                position = prompt.embeds.shape[1] + len(ids) - 1
                 out = self.lm(inputs_embeds=self.embed([next_id]).unsqueeze(0), cache=out.cache,
-                              use_cache=True, logits_to_keep=1)
-        return ids, recorder.maps()[0]
+                              use_cache=True, logits_to_keep=1, **self.step_kwargs(prompt, position))
+        return ids, self.on_grid(prompt, recorder.maps()[0])
 
     @torch.inference_mode()
     def teacher_force(self, visual_tokens, question, answer_ids):
@@ -219,5 +236,5 @@ class LlavaStyleBackend:
         prompt = self.prompt(visual_tokens, question, answer_ids[:-1])
         recorder = Recorder([prompt.image_start], prompt.n_image, rows=len(answer_ids))
         with recorder:
-            self.lm(inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1)
-        return recorder.maps()[0]
+            self.lm(inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1, **prompt.lm_kwargs)
+        return self.on_grid(prompt, recorder.maps()[0])

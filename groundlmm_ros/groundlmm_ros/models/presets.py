@@ -23,6 +23,7 @@ from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
 from groundlmm_ros.models.difflmm import tiny_difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.llava import LlavaBackend, load_llava
+from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -74,12 +75,21 @@ PRESETS: dict[str, Preset] = {
     # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP), with
     # the paper's settings; other directories: released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
+    # Tiny random Qwen2.5-VL (same code as the real ones) + tiny random SAM: tests, CI, the node.
+    "tiny-qwen2.5-vl-random": Preset(tiny_qwen2_5_vl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024 new
+    # tokens as the reference's aas/more_models/qwen2_5vl.py.
+    "qwen2.5-vl-3b": Preset(lambda device, dtype, seed: load_qwen2_5_vl("Qwen/Qwen2.5-VL-3B-Instruct", device=device,
+                                                                        dtype=dtype), settings={"max_new_tokens": 1024}),
+    "qwen2.5-vl-7b": Preset(lambda device, dtype, seed: load_qwen2_5_vl("Qwen/Qwen2.5-VL-7B-Instruct", device=device,
+                                                                        dtype=dtype), settings={"max_new_tokens": 1024}),
 }
 
 # Model directories by config.json "model_type".
 LOADERS: dict[str, Callable[..., object]] = {
     "llava": load_llava,
     "difflmm": load_difflmm_backend,
+    "qwen2_5_vl": load_qwen2_5_vl,
 }
 
 
@@ -114,7 +124,7 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
                  **engine_options) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
-    paper's models). refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
+    paper's models; models with a chat template take none). refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
     else the colour fallback), "sam", or a weight-free fallback: "colour" (ColourRefiner) or
     "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
@@ -131,8 +141,14 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
         backend, recorded = _from_directory(str(preset.directory()) if preset else model, device, dtype)
         settings = {**recorded, **(preset.settings if preset else {})}
     options = {**settings, **engine_options}
-    backend.conversation = conversation or options.pop("conversation", PAPER_CONVERSATION)
+    chosen_conversation = conversation or options.pop("conversation", "")
     options.pop("conversation", None)
+    if backend.conversation is None:  # the model's own chat template (models/chat_backend.py)
+        if chosen_conversation:
+            raise ValueError(f"{model} prompts with its own chat template; conversation {chosen_conversation!r} "
+                             "is a LLaVA v1 template")
+    else:
+        backend.conversation = chosen_conversation or PAPER_CONVERSATION
 
     sam = None
     if refiner in ("auto", "sam"):

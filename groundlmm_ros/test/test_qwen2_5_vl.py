@@ -1,0 +1,138 @@
+"""Qwen2.5-VL backend on a tiny random Qwen2_5_VLForConditionalGeneration and its own processor
+classes: recorder parity with the reference's eager read-out, the per-image non-square grid,
+maps that land on the attended image token, and both modes end to end through the engine."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlm_checks
+from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
+from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
+from groundlmm_ros.models.presets import build_engine
+from groundlmm_ros.models.qwen2_5_vl import (TINY_MAX_PIXELS, TINY_PATCH, Qwen2_5_VLBackend, tiny_qwen2_5_vl,
+                                             tiny_qwen_processor)
+
+torch.set_num_threads(1)
+SIZE = {"size": {"shortest_edge": (2 * TINY_PATCH) ** 2, "longest_edge": TINY_MAX_PIXELS}}
+
+
+@pytest.fixture(scope="module")
+def backend():
+    processor = tiny_qwen_processor()
+    return Qwen2_5_VLBackend(tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_MAX_PIXELS)
+
+
+@pytest.fixture(scope="module")
+def eager(backend):
+    model = tiny_qwen2_5_vl(backend.tokenizer, seed=3)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def test_only_the_text_model_records(backend):
+    assert backend.lm.config.text_config._attn_implementation == RECORDING_ATTENTION
+    assert backend.lm.config.vision_config._attn_implementation != RECORDING_ATTENTION
+    # Grouped-query attention and 3D rotary positions: what parity below has to get right.
+    text = backend.lm.config.text_config
+    assert text.num_key_value_heads < text.num_attention_heads and text.rope_parameters["mrope_section"]
+
+
+def test_batch_of_one_matches_eager_generate(backend, eager):
+    difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(0, 40, 72), **SIZE)
+    print(f"qwen2.5-vl parity, batch of one: max |recorder - eager| = {difference:.2e}")
+
+
+def test_left_padded_batch_matches_eager_generate(backend, eager):
+    pictures = [vlm_checks.image(1, 40, 72), vlm_checks.image(2, 40, 72)]
+    difference = vlm_checks.check_left_padded_batch(backend, eager, pictures, **SIZE)
+    print(f"qwen2.5-vl parity, left-padded batch of two: max |recorder - eager| = {difference:.2e}")
+
+
+def test_teacher_forcing_reads_the_rows_generation_reads(backend):
+    encoded = backend.encode(vlm_checks.image(4, 64, 32))
+    question = vlm_checks.QUESTIONS[0]
+    ids, generated = backend.generate(encoded, question, vlm_checks.NEW_TOKENS, stop_at_end=False)
+    torch.testing.assert_close(backend.teacher_force(encoded, question, ids), generated, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("height, width, grid", [(48, 80, (3, 5)), (80, 48, (5, 3)), (200, 100, (11, 5))])
+def test_grid_is_the_images_own(backend, height, width, grid):
+    """The map grid is image_grid_thw's height / 2 x width / 2: per image, not square, capped by
+    max_pixels (200 x 100 = 20000 > 128 * 128 pixels: smart_resize scales it to 176 x 80)."""
+    encoded = backend.encode(vlm_checks.image(5, height, width))
+    assert encoded.inputs["image_grid_thw"][0].tolist() == [1, 2 * grid[0], 2 * grid[1]]
+    assert backend.grid_of(encoded) == grid and len(encoded.features) == grid[0] * grid[1]
+    _, maps = backend.generate(encoded, "Describe the image.", 2, stop_at_end=False)
+    assert maps.shape == (2, grid[0] * grid[1])
+
+
+@pytest.mark.parametrize("height, width, cell", [(48, 80, (1, 3)), (80, 48, (3, 0))])
+def test_point_lands_on_the_attended_image_token(height, width, cell, monkeypatch):
+    """All attention forced to the image token at grid cell (row, column): the point of every
+    phrase lies in that cell's part of the image (the processor resized, so the grid spans the image)."""
+    engine = build_engine("tiny-qwen2.5-vl-random", refiner="threshold", normalise=False)
+    backend = engine.backend
+    vlm_checks.force_attention_to_feature_zero(backend.lm.model.language_model, backend.lm.get_input_embeddings())
+    rows, columns = (height // 16, width // 16)
+    index = cell[0] * columns + cell[1]
+    monkeypatch.setattr(backend, "image_features", lambda inputs: vlm_checks.one_hot_features(
+        rows * columns, backend.lm.config.text_config.hidden_size, index))
+    for mode, query in (("describe", "Describe the image in detail."), ("refer", "the red mug")):
+        result = engine.ground(vlm_checks.image(6, height, width), query, mode)
+        assert result.phrases
+        for phrase in result.phrases:
+            x, y = phrase.point
+            assert cell[0] * height / rows <= y < (cell[0] + 1) * height / rows
+            assert cell[1] * width / columns <= x < (cell[1] + 1) * width / columns
+
+
+def test_describe_and_refer_end_to_end():
+    engine = build_engine("tiny-qwen2.5-vl-random", seed=0)
+    assert isinstance(engine.refiner, SamRefiner) and engine.upsample == "resize"
+    result = engine.ground(vlm_checks.image(7, 48, 80), "Describe the image in detail.")
+    assert result.answer == engine.backend.decode(result.token_ids)
+    assert not set(result.token_ids) & engine.backend.end_ids
+    for phrase in result.phrases:
+        assert phrase.heatmap.shape == (48, 80) and phrase.mask.shape == (48, 80)
+    refer = engine.ground(vlm_checks.image(7, 64, 40), "the red mug on the left", "refer")
+    assert len(refer.phrases) == 1 and refer.phrases[0].heatmap.shape == (64, 40)
+    root = engine.backend.decode([refer.token_ids[i] for i in refer.phrases[0].token_indices])
+    assert root.strip() == "mug"
+
+
+def test_model_directory_loads_like_the_preset(tmp_path):
+    """A Hugging Face style directory (safetensors + processor files) goes through LOADERS["qwen2_5_vl"]."""
+    engine = build_engine("tiny-qwen2.5-vl-random", refiner="threshold")
+    engine.backend.lm.save_pretrained(tmp_path)
+    engine.backend.processor.save_pretrained(tmp_path)
+    loaded = build_engine(str(tmp_path), refiner="threshold", max_new_tokens=24)
+    assert isinstance(loaded.backend, Qwen2_5_VLBackend)
+    loaded.backend.max_pixels = TINY_MAX_PIXELS  # the tiny model's cap (a real directory keeps 1008 * 1008)
+    picture = vlm_checks.image(8, 48, 80)
+    expected, result = engine.ground(picture, "Describe the image."), loaded.ground(picture, "Describe the image.")
+    assert result.token_ids == expected.token_ids
+    for a, b in zip(result.phrases, expected.phrases):
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
+
+
+def test_llava_templates_are_refused():
+    with pytest.raises(ValueError, match="own chat template"):
+        build_engine("tiny-qwen2.5-vl-random", refiner="threshold", conversation="llava_v1")
+    assert isinstance(build_engine("tiny-qwen2.5-vl-random", refiner="threshold").refiner, ThresholdRefiner)
+
+
+def test_sliding_window_layers_are_refused():
+    processor = tiny_qwen_processor()
+    model = tiny_qwen2_5_vl(processor.tokenizer, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match="sliding-window"):
+        Qwen2_5_VLBackend(model, processor)
+
+
+def test_groundlmm_eval_takes_the_preset(capsys):
+    from groundlmm_ros.cli import main
+
+    main(["eval", "--model", "tiny-qwen2.5-vl-random", "--scenes", "2", "--threads", "1"])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["model"] == "tiny-qwen2.5-vl-random" and metrics["scenes"] == 2
