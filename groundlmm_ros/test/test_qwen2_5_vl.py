@@ -3,7 +3,6 @@ classes: recorder parity with the reference's eager read-out, the per-image non-
 maps that land on the attended image token, and both modes end to end through the engine."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -51,10 +50,7 @@ def test_left_padded_batch_matches_eager_generate(backend, eager):
 
 
 def test_teacher_forcing_reads_the_rows_generation_reads(backend):
-    encoded = backend.encode(vlm_checks.image(4, 64, 32))
-    question = vlm_checks.QUESTIONS[0]
-    ids, generated = backend.generate(encoded, question, vlm_checks.NEW_TOKENS, stop_at_end=False)
-    torch.testing.assert_close(backend.teacher_force(encoded, question, ids), generated, atol=1e-5, rtol=0)
+    vlm_checks.check_teacher_forcing(backend)
 
 
 @pytest.mark.parametrize("height, width, grid", [(48, 80, (3, 5)), (80, 48, (5, 3)), (200, 100, (11, 5))])
@@ -79,42 +75,21 @@ def test_point_lands_on_the_attended_image_token(height, width, cell, monkeypatc
     index = cell[0] * columns + cell[1]
     monkeypatch.setattr(backend, "image_features", lambda inputs: vlm_checks.one_hot_features(
         rows * columns, backend.lm.config.text_config.hidden_size, index))
-    for mode, query in (("describe", "Describe the image in detail."), ("refer", "the red mug")):
-        result = engine.ground(vlm_checks.image(6, height, width), query, mode)
-        assert result.phrases
-        for phrase in result.phrases:
-            x, y = phrase.point
-            assert cell[0] * height / rows <= y < (cell[0] + 1) * height / rows
-            assert cell[1] * width / columns <= x < (cell[1] + 1) * width / columns
+    vlm_checks.check_point_in_cell(engine, height, width, (rows, columns), cell)
 
 
 def test_describe_and_refer_end_to_end():
     engine = build_engine("tiny-qwen2.5-vl-random", seed=0)
     assert isinstance(engine.refiner, SamRefiner) and engine.upsample == "resize"
-    result = engine.ground(vlm_checks.image(7, 48, 80), "Describe the image in detail.")
-    assert result.answer == engine.backend.decode(result.token_ids)
-    assert not set(result.token_ids) & engine.backend.end_ids
-    for phrase in result.phrases:
-        assert phrase.heatmap.shape == (48, 80) and phrase.mask.shape == (48, 80)
-    refer = engine.ground(vlm_checks.image(7, 64, 40), "the red mug on the left", "refer")
-    assert len(refer.phrases) == 1 and refer.phrases[0].heatmap.shape == (64, 40)
-    root = engine.backend.decode([refer.token_ids[i] for i in refer.phrases[0].token_indices])
-    assert root.strip() == "mug"
+    vlm_checks.check_describe_and_refer(engine)
 
 
 def test_model_directory_loads_like_the_preset(tmp_path):
-    """A Hugging Face style directory (safetensors + processor files) goes through LOADERS["qwen2_5_vl"]."""
-    engine = build_engine("tiny-qwen2.5-vl-random", refiner="threshold")
-    engine.backend.lm.save_pretrained(tmp_path)
-    engine.backend.processor.save_pretrained(tmp_path)
-    loaded = build_engine(str(tmp_path), refiner="threshold", max_new_tokens=24)
-    assert isinstance(loaded.backend, Qwen2_5_VLBackend)
-    loaded.backend.max_pixels = TINY_MAX_PIXELS  # the tiny model's cap (a real directory keeps 1008 * 1008)
-    picture = vlm_checks.image(8, 48, 80)
-    expected, result = engine.ground(picture, "Describe the image."), loaded.ground(picture, "Describe the image.")
-    assert result.token_ids == expected.token_ids
-    for a, b in zip(result.phrases, expected.phrases):
-        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
+    def tiny_cap(backend):  # the tiny model's cap (a real directory's loader keeps the reference's 1008 * 1008)
+        backend.max_pixels = TINY_MAX_PIXELS
+
+    vlm_checks.check_directory_round_trip(build_engine("tiny-qwen2.5-vl-random", refiner="threshold"), tmp_path,
+                                          Qwen2_5_VLBackend, tiny_cap)
 
 
 def test_llava_templates_are_refused():
@@ -123,11 +98,27 @@ def test_llava_templates_are_refused():
     assert isinstance(build_engine("tiny-qwen2.5-vl-random", refiner="threshold").refiner, ThresholdRefiner)
 
 
-def test_sliding_window_layers_are_refused():
+def test_mixed_full_and_sliding_window_layers_match_eager():
+    """Layer 0 full attention, layer 1 a sliding window of 16 keys (Qwen2's max_window_layers):
+    the window's cache drops the early keys, image tokens among them, while tokens are generated."""
     processor = tiny_qwen_processor()
-    model = tiny_qwen2_5_vl(processor.tokenizer, use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    with pytest.raises(ValueError, match="sliding-window"):
-        Qwen2_5_VLBackend(model, processor)
+    sliding = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    backend = Qwen2_5_VLBackend(tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding), processor,
+                                max_pixels=TINY_MAX_PIXELS)
+    assert backend.lm.config.text_config.layer_types == ["full_attention", "sliding_attention"]
+    eager = tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding)
+    eager.set_attn_implementation("eager")
+    difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(9, 40, 72), **SIZE)
+    print(f"qwen2.5-vl parity, sliding + full layers, batch of one: max |recorder - eager| = {difference:.2e}")
+    # The window really cut keys off: the sliding layer's rows are 16 keys long while generating.
+    out = vlm_checks.generate(eager, vlm_checks.processor_batch(backend, [vlm_checks.image(9, 40, 72)],
+                                                                 vlm_checks.QUESTIONS[:1], **SIZE),
+                              output_attentions=True)
+    assert out.attentions[-1][1].shape[-1] == 16 < out.attentions[-1][0].shape[-1]
+    encoded = backend.encode(vlm_checks.image(9, 40, 72))
+    ids, generated = backend.generate(encoded, vlm_checks.QUESTIONS[0], vlm_checks.NEW_TOKENS, stop_at_end=False)
+    torch.testing.assert_close(backend.teacher_force(encoded, vlm_checks.QUESTIONS[0], ids), generated,
+                               atol=1e-5, rtol=0)
 
 
 def test_groundlmm_eval_takes_the_preset(capsys):

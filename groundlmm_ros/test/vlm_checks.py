@@ -9,6 +9,7 @@ heat map's maximum inside that token's image region.
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from groundlmm_ros.engine.recorder import Recorder
@@ -23,9 +24,13 @@ def image(seed, height, width):
 
 def reference_maps(attentions, image_starts, n_image):
     """generate()'s eager attentions -> (B, T, n_image): per step and batch row, the newest query
-    row over the image columns, mean over all layers and heads (the reference's reduction)."""
+    row over the image columns, mean over all layers and heads (the reference's reduction).
+    A sliding-window layer's cache holds only the latest keys: its row is aligned to the
+    sequence's columns by the step's full-attention layers (the longest rows), zeros before."""
     steps = []
     for step in attentions:
+        length = max(layer.shape[-1] for layer in step)
+        step = [F.pad(layer, (length - layer.shape[-1], 0)) for layer in step]
         per_row = [torch.stack([layer[b, :, -1, start:start + n_image] for layer in step]).mean(dim=(0, 1))
                    for b, start in enumerate(image_starts)]
         steps.append(torch.stack(per_row))
@@ -119,3 +124,55 @@ def one_hot_features(n_image, hidden, index):
     features = torch.zeros(n_image, hidden)
     features[index, 0] = 50.0
     return features
+
+
+def check_describe_and_refer(engine):
+    """Both modes through the engine: heat maps and masks in the input image's pixels; refer
+    mode's phrase is the expression's head noun."""
+    result = engine.ground(image(7, 48, 80), "Describe the image in detail.")
+    assert result.answer == engine.backend.decode(result.token_ids)
+    assert not set(result.token_ids) & engine.backend.end_ids
+    for phrase in result.phrases:
+        assert phrase.heatmap.shape == (48, 80) and phrase.mask.shape == (48, 80)
+    refer = engine.ground(image(7, 64, 40), "the red mug on the left", "refer")
+    assert len(refer.phrases) == 1 and refer.phrases[0].heatmap.shape == (64, 40)
+    root = engine.backend.decode([refer.token_ids[i] for i in refer.phrases[0].token_indices])
+    assert root.strip() == "mug"
+
+
+def check_directory_round_trip(engine, directory, backend_class, adjust=lambda backend: None):
+    """The engine's model and processor saved as a Hugging Face directory load through LOADERS
+    (config.json's model_type) and answer exactly alike; adjust(backend) sets what the loader
+    does not read from the directory."""
+    from groundlmm_ros.models.presets import build_engine
+
+    engine.backend.lm.save_pretrained(directory)
+    engine.backend.processor.save_pretrained(directory)
+    loaded = build_engine(str(directory), refiner="threshold", max_new_tokens=24)
+    assert isinstance(loaded.backend, backend_class)
+    adjust(loaded.backend)
+    picture = image(8, 48, 80)
+    expected, result = engine.ground(picture, "Describe the image."), loaded.ground(picture, "Describe the image.")
+    assert result.token_ids == expected.token_ids
+    for a, b in zip(result.phrases, expected.phrases):
+        np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
+
+
+def check_teacher_forcing(backend):
+    """Refer mode's one pass gives token t the row at position t - 1, as generation does."""
+    encoded = backend.encode(image(4, 64, 32))
+    ids, generated = backend.generate(encoded, QUESTIONS[0], NEW_TOKENS, stop_at_end=False)
+    torch.testing.assert_close(backend.teacher_force(encoded, QUESTIONS[0], ids), generated, atol=1e-5, rtol=0)
+
+
+def check_point_in_cell(engine, height, width, grid, cell):
+    """Both modes: every phrase's point lies in grid cell (row, column) of the image, the grid
+    stretched over the whole image."""
+    rows, columns = grid
+    for mode, query in (("describe", "Describe the image in detail."), ("refer", "the red mug")):
+        result = engine.ground(image(6, height, width), query, mode)
+        assert result.phrases
+        for phrase in result.phrases:
+            x, y = phrase.point
+            assert cell[0] * height / rows <= y < (cell[0] + 1) * height / rows
+            assert cell[1] * width / columns <= x < (cell[1] + 1) * width / columns

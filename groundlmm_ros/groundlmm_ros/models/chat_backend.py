@@ -42,11 +42,6 @@ class ChatTemplateBackend(LlavaStyleBackend):
     conversation = None  # the model's own chat template; build_engine refuses LLaVA's templates
 
     def __init__(self, model, processor):
-        layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
-        if "sliding_attention" in layer_types:
-            # A sliding-window cache keeps only the window's keys, so image columns would shift as
-            # tokens are generated (the reference's eager read-out cannot take such layers either).
-            raise ValueError("sliding-window attention layers are not supported by the attention read-out")
         self.lm = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -67,12 +62,14 @@ class ChatTemplateBackend(LlavaStyleBackend):
         """(grid, grid_columns) of this image: which image tokens form the map, as what grid."""
         raise NotImplementedError
 
-    def processor_inputs(self, image: Image.Image, text: str) -> dict:
-        return self.processor(images=[image], text=[text], return_tensors="pt")
+    def image_kwargs(self) -> dict:
+        """The processor's image options this backend sets (none by default)."""
+        return {}
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> EncodedImage:
-        inputs = self.processor_inputs(Image.fromarray(image), self.processor.image_token)
+        inputs = self.processor(images=[Image.fromarray(image)], text=[self.processor.image_token],
+                                add_special_tokens=False, return_tensors="pt", **self.image_kwargs())
         image_ids = inputs.pop("input_ids")[0].tolist()
         inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()
                   if k not in ("attention_mask", "mm_token_type_ids")}

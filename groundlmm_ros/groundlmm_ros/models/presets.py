@@ -23,6 +23,7 @@ from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
 from groundlmm_ros.models.difflmm import tiny_difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.llava import LlavaBackend, load_llava
+from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
 from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
 
 REFINERS = ("auto", "sam", "colour", "threshold")
@@ -83,6 +84,15 @@ PRESETS: dict[str, Preset] = {
                                                                         dtype=dtype), settings={"max_new_tokens": 1024}),
     "qwen2.5-vl-7b": Preset(lambda device, dtype, seed: load_qwen2_5_vl("Qwen/Qwen2.5-VL-7B-Instruct", device=device,
                                                                         dtype=dtype), settings={"max_new_tokens": 1024}),
+    # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
+    "tiny-llava-next-random": Preset(tiny_llava_next_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution map and up to
+    # 1024 new tokens as the reference's aas/more_models/llava_next.py (load_llava_next(use_base_patches=True):
+    # the base tile's 24 x 24 instead).
+    "llava-next-mistral-7b": Preset(lambda device, dtype, seed: load_llava_next(
+        "llava-hf/llava-v1.6-mistral-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "llava-next-vicuna-7b": Preset(lambda device, dtype, seed: load_llava_next(
+        "llava-hf/llava-v1.6-vicuna-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
 }
 
 # Model directories by config.json "model_type".
@@ -90,6 +100,7 @@ LOADERS: dict[str, Callable[..., object]] = {
     "llava": load_llava,
     "difflmm": load_difflmm_backend,
     "qwen2_5_vl": load_qwen2_5_vl,
+    "llava_next": load_llava_next,
 }
 
 

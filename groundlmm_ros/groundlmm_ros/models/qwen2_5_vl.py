@@ -28,9 +28,9 @@ class Qwen2_5_VLBackend(ChatTemplateBackend):
         self.max_pixels = max_pixels
         self.merge = model.config.vision_config.spatial_merge_size
 
-    def processor_inputs(self, image, text):
-        size = {"shortest_edge": self.processor.image_processor.size["shortest_edge"], "longest_edge": self.max_pixels}
-        return self.processor(images=[image], text=[text], size=size, return_tensors="pt")
+    def image_kwargs(self):
+        return {"size": {"shortest_edge": self.processor.image_processor.size["shortest_edge"],
+                         "longest_edge": self.max_pixels}}
 
     def image_features(self, inputs):
         return self.lm.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
