@@ -43,7 +43,8 @@ class LlavaNextBackend(ChatTemplateBackend):
             return (side, side), torch.arange(base)
         # The high-resolution canvas and its unpadded part, by the model's own functions.
         size = inputs["image_sizes"][0].tolist()  # (height, width), as the model reads it
-        tiles_high, tiles_wide = get_anyres_image_grid_shape(size, self.lm.config.image_grid_pinpoints, vision.image_size)
+        pinpoints = self.lm.config.image_grid_pinpoints
+        tiles_high, tiles_wide = get_anyres_image_grid_shape(size, pinpoints, vision.image_size)
         canvas = torch.empty(1, tiles_high * side, tiles_wide * side)
         rows, columns = unpad_image(canvas, size).shape[1:]
         if base + rows * (columns + 1) != n_image:

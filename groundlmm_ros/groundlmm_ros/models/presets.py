@@ -80,10 +80,10 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen2.5-vl-random": Preset(tiny_qwen2_5_vl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
     # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024 new
     # tokens as the reference's aas/more_models/qwen2_5vl.py.
-    "qwen2.5-vl-3b": Preset(lambda device, dtype, seed: load_qwen2_5_vl("Qwen/Qwen2.5-VL-3B-Instruct", device=device,
-                                                                        dtype=dtype), settings={"max_new_tokens": 1024}),
-    "qwen2.5-vl-7b": Preset(lambda device, dtype, seed: load_qwen2_5_vl("Qwen/Qwen2.5-VL-7B-Instruct", device=device,
-                                                                        dtype=dtype), settings={"max_new_tokens": 1024}),
+    "qwen2.5-vl-3b": Preset(lambda device, dtype, seed: load_qwen2_5_vl(
+        "Qwen/Qwen2.5-VL-3B-Instruct", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "qwen2.5-vl-7b": Preset(lambda device, dtype, seed: load_qwen2_5_vl(
+        "Qwen/Qwen2.5-VL-7B-Instruct", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
     # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
     "tiny-llava-next-random": Preset(tiny_llava_next_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
     # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution map and up to
@@ -135,9 +135,9 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
                  **engine_options) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
-    paper's models; models with a chat template take none). refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
-    else the colour fallback), "sam", or a weight-free fallback: "colour" (ColourRefiner) or
-    "threshold" (ThresholdRefiner)."""
+    paper's models; models with their own chat template take none). refiner: "auto" (SAM when a
+    checkpoint is given or the preset ships one, else the colour fallback), "sam", or a weight-free
+    fallback: "colour" (ColourRefiner) or "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
     dtype = resolve_dtype(dtype, device)
