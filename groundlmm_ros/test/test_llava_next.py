@@ -22,13 +22,6 @@ def backend():
     return LlavaNextBackend(tiny_llava_next(processor.tokenizer, seed=3), processor)
 
 
-@pytest.fixture(scope="module")
-def eager(backend):
-    model = tiny_llava_next(backend.tokenizer, seed=3)
-    model.set_attn_implementation("eager")
-    return model
-
-
 def reference_unpadded_grid(height, width):
     """The reference's get_unpad_feature_size (aas/more_models/llava_next.py), on the best
     any-resolution canvas in patches: -> (rows, columns) of the high-resolution map."""
@@ -41,19 +34,8 @@ def reference_unpadded_grid(height, width):
     return feature_height, feature_width - 2 * ((feature_width - new_width) // 2)
 
 
-def test_batch_of_one_matches_eager_generate(backend, eager):
-    difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(0, 40, 72))
-    print(f"llava-next parity, batch of one: max |recorder - eager| = {difference:.2e}")
-
-
-def test_left_padded_batch_matches_eager_generate(backend, eager):
-    pictures = [vlm_checks.image(1, 40, 72), vlm_checks.image(2, 40, 72)]
-    difference = vlm_checks.check_left_padded_batch(backend, eager, pictures)
-    print(f"llava-next parity, left-padded batch of two: max |recorder - eager| = {difference:.2e}")
-
-
-def test_teacher_forcing_reads_the_rows_generation_reads(backend):
-    vlm_checks.check_teacher_forcing(backend)
+(eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
+ test_teacher_forcing_reads_the_rows_generation_reads) = vlm_checks.parity_tests("llava-next", tiny_llava_next)
 
 
 @pytest.mark.parametrize("height, width", [(48, 80), (80, 48), (40, 40), (30, 100), (100, 45)])
@@ -71,10 +53,7 @@ def test_layout_is_the_references(backend, height, width):
 def forced():
     """A tiny LLaVA-NeXT (with q/k biases, so queries can be made constant) whose attention goes
     to the image token with a large feature dimension 0."""
-    processor = tiny_llava_next_processor()
-    model = tiny_llava_next(processor.tokenizer, seed=5, attention_bias=True)
-    vlm_checks.force_attention_to_feature_zero(model.model.language_model, model.get_input_embeddings())
-    return processor, model
+    return vlm_checks.forced_model(tiny_llava_next_processor, tiny_llava_next, attention_bias=True)
 
 
 @pytest.mark.parametrize("use_base_patches", [False, True])

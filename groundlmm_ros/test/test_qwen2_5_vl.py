@@ -10,24 +10,16 @@ import vlm_checks
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.models.presets import build_engine
-from groundlmm_ros.models.qwen2_5_vl import (TINY_MAX_PIXELS, TINY_PATCH, Qwen2_5_VLBackend, tiny_qwen2_5_vl,
+from groundlmm_ros.models.qwen2_5_vl import (TINY_MAX_PIXELS, Qwen2_5_VLBackend, tiny_qwen2_5_vl,
                                              tiny_qwen_processor)
 
 torch.set_num_threads(1)
-SIZE = {"size": {"shortest_edge": (2 * TINY_PATCH) ** 2, "longest_edge": TINY_MAX_PIXELS}}
 
 
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_qwen_processor()
     return Qwen2_5_VLBackend(tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_MAX_PIXELS)
-
-
-@pytest.fixture(scope="module")
-def eager(backend):
-    model = tiny_qwen2_5_vl(backend.tokenizer, seed=3)
-    model.set_attn_implementation("eager")
-    return model
 
 
 def test_only_the_text_model_records(backend):
@@ -38,19 +30,8 @@ def test_only_the_text_model_records(backend):
     assert text.num_key_value_heads < text.num_attention_heads and text.rope_parameters["mrope_section"]
 
 
-def test_batch_of_one_matches_eager_generate(backend, eager):
-    difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(0, 40, 72), **SIZE)
-    print(f"qwen2.5-vl parity, batch of one: max |recorder - eager| = {difference:.2e}")
-
-
-def test_left_padded_batch_matches_eager_generate(backend, eager):
-    pictures = [vlm_checks.image(1, 40, 72), vlm_checks.image(2, 40, 72)]
-    difference = vlm_checks.check_left_padded_batch(backend, eager, pictures, **SIZE)
-    print(f"qwen2.5-vl parity, left-padded batch of two: max |recorder - eager| = {difference:.2e}")
-
-
-def test_teacher_forcing_reads_the_rows_generation_reads(backend):
-    vlm_checks.check_teacher_forcing(backend)
+(eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
+ test_teacher_forcing_reads_the_rows_generation_reads) = vlm_checks.parity_tests("qwen2.5-vl", tiny_qwen2_5_vl)
 
 
 @pytest.mark.parametrize("height, width, grid", [(48, 80, (3, 5)), (80, 48, (5, 3)), (200, 100, (11, 5))])
@@ -108,11 +89,11 @@ def test_mixed_full_and_sliding_window_layers_match_eager():
     assert backend.lm.config.text_config.layer_types == ["full_attention", "sliding_attention"]
     eager = tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding)
     eager.set_attn_implementation("eager")
-    difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(9, 40, 72), **SIZE)
+    difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(9, 40, 72))
     print(f"qwen2.5-vl parity, sliding + full layers, batch of one: max |recorder - eager| = {difference:.2e}")
     # The window really cut keys off: the sliding layer's rows are 16 keys long while generating.
     out = vlm_checks.generate(eager, vlm_checks.processor_batch(backend, [vlm_checks.image(9, 40, 72)],
-                                                                 vlm_checks.QUESTIONS[:1], **SIZE),
+                                                                 vlm_checks.QUESTIONS[:1]),
                               output_attentions=True)
     assert out.attentions[-1][1].shape[-1] == 16 < out.attentions[-1][0].shape[-1]
     encoded = backend.encode(vlm_checks.image(9, 40, 72))

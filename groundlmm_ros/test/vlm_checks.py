@@ -8,6 +8,7 @@ Forced attention: a model whose every query attends to one chosen image token mu
 heat map's maximum inside that token's image region.
 """
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -37,11 +38,12 @@ def reference_maps(attentions, image_starts, n_image):
     return torch.stack(steps, dim=1)
 
 
-def processor_batch(backend, images, questions, **image_kwargs):
-    """The model's own processor on chat texts and images, left-padded (the reference's inputs)."""
+def processor_batch(backend, images, questions):
+    """The model's own processor on chat texts and images, left-padded (the reference's inputs),
+    with the backend's image options (e.g. Qwen's max_pixels, InternVL's tile counts)."""
     texts = [backend.chat_text(q) for q in questions]
     return backend.processor(images=[Image.fromarray(i) for i in images], text=texts, padding=True,
-                             padding_side="left", return_tensors="pt", **image_kwargs)
+                             padding_side="left", return_tensors="pt", **backend.image_kwargs())
 
 
 def generate(model, inputs, **options):
@@ -54,12 +56,12 @@ def image_starts(backend, input_ids):
     return [int((row == backend.image_token_id).nonzero()[0, 0]) for row in input_ids]
 
 
-def check_batch_of_one(backend, eager, picture, **image_kwargs) -> float:
+def check_batch_of_one(backend, eager, picture) -> float:
     """backend.generate == eager generate: same ids, same prompt, maps to 1e-5. Returns the max abs difference."""
     question = QUESTIONS[0]
     encoded = backend.encode(picture)
     ids, maps = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
-    inputs = processor_batch(backend, [picture], [question], **image_kwargs)
+    inputs = processor_batch(backend, [picture], [question])
     assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(encoded, question)  # the processor's prompt
     out = generate(eager, inputs, output_attentions=True)
     assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
@@ -72,10 +74,10 @@ def check_batch_of_one(backend, eager, picture, **image_kwargs) -> float:
     return float((maps - expected).abs().max())
 
 
-def check_left_padded_batch(backend, eager, pictures, **image_kwargs) -> float:
+def check_left_padded_batch(backend, eager, pictures) -> float:
     """Two prompts of different lengths, left-padded: the recorder on the model's own generate
     equals eager per row, and each row equals backend.generate on that prompt alone."""
-    inputs = processor_batch(backend, pictures, QUESTIONS, **image_kwargs)
+    inputs = processor_batch(backend, pictures, QUESTIONS)
     starts = image_starts(backend, inputs.input_ids)
     assert starts[0] != starts[1]
     n_image = int((inputs.input_ids[0] == backend.image_token_id).sum())
@@ -98,8 +100,8 @@ def check_left_padded_batch(backend, eager, pictures, **image_kwargs) -> float:
 def force_attention_to_feature_zero(text_model, embed_tokens):
     """Every query of every layer scores keys by hidden dimension 0 alone, on the rotary pair with
     the lowest frequency (so positions barely turn it); nothing writes dimension 0 but the input
-    embeddings, whose text rows get 0 there. An image token whose feature has a large dimension 0
-    then takes (nearly) all attention."""
+    embeddings, whose text rows get 0 there, and no value reads it. An image token whose feature
+    has a large dimension 0 then takes (nearly) all attention."""
     with torch.no_grad():
         embed_tokens.weight[:, 0] = 0
         for layer in text_model.layers:
@@ -116,8 +118,17 @@ def force_attention_to_feature_zero(text_model, embed_tokens):
                 attention.q_proj.bias[h * head_dim + pair] = 30.0
             for h in range(n_kv):
                 attention.k_proj.weight[h * head_dim + pair, 0] = 30.0
+            attention.v_proj.weight[:, 0] = 0  # the attended token adds (almost) nothing: answers stay wordy
             attention.o_proj.weight[0] = 0
             layer.mlp.down_proj.weight[0] = 0
+
+
+def forced_model(tiny_processor, tiny_model, **options):
+    """(processor, model): a tiny model (options to its builder) with its attention forced as above."""
+    processor = tiny_processor()
+    model = tiny_model(processor.tokenizer, seed=5, **options)
+    force_attention_to_feature_zero(model.model.language_model, model.get_input_embeddings())
+    return processor, model
 
 
 def one_hot_features(n_image, hidden, index):
@@ -176,3 +187,28 @@ def check_point_in_cell(engine, height, width, grid, cell):
             x, y = phrase.point
             assert cell[0] * height / rows <= y < (cell[0] + 1) * height / rows
             assert cell[1] * width / columns <= x < (cell[1] + 1) * width / columns
+
+
+def parity_tests(label: str, tiny_model):
+    """The parity tests of one backend, for its test module to bind by name: the eager twin
+    (tiny_model(tokenizer, seed=3) on eager attention, as the module's `backend` fixture is
+    built), batch of one, left-padded batch, teacher forcing. They print the figures (pytest -s)."""
+    @pytest.fixture(scope="module")
+    def eager(backend):
+        model = tiny_model(backend.tokenizer, seed=3)
+        model.set_attn_implementation("eager")
+        return model
+
+    def test_batch_of_one_matches_eager_generate(backend, eager):
+        difference = check_batch_of_one(backend, eager, image(0, 40, 72))
+        print(f"{label} parity, batch of one: max |recorder - eager| = {difference:.2e}")
+
+    def test_left_padded_batch_matches_eager_generate(backend, eager):
+        difference = check_left_padded_batch(backend, eager, [image(1, 40, 72), image(2, 40, 72)])
+        print(f"{label} parity, left-padded batch of two: max |recorder - eager| = {difference:.2e}")
+
+    def test_teacher_forcing_reads_the_rows_generation_reads(backend):
+        check_teacher_forcing(backend)
+
+    return (eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
+            test_teacher_forcing_reads_the_rows_generation_reads)

@@ -22,6 +22,7 @@ from groundlmm_ros.models import tiny
 from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
 from groundlmm_ros.models.difflmm import tiny_difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
+from groundlmm_ros.models.internvl import load_internvl, tiny_internvl_backend
 from groundlmm_ros.models.llava import LlavaBackend, load_llava
 from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
 from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
@@ -93,6 +94,14 @@ PRESETS: dict[str, Preset] = {
         "llava-hf/llava-v1.6-mistral-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
     "llava-next-vicuna-7b": Preset(lambda device, dtype, seed: load_llava_next(
         "llava-hf/llava-v1.6-vicuna-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    # Tiny random InternVL + tiny random SAM: tests, CI.
+    "tiny-internvl-random": Preset(tiny_internvl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline): 3 to 9 tiles,
+    # the tiles' map and up to 1024 new tokens as the reference's aas/more_models/internvl2_5.py.
+    "internvl3-2b": Preset(lambda device, dtype, seed: load_internvl(
+        "OpenGVLab/InternVL3-2B-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "internvl3-8b": Preset(lambda device, dtype, seed: load_internvl(
+        "OpenGVLab/InternVL3-8B-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
 }
 
 # Model directories by config.json "model_type".
@@ -101,6 +110,7 @@ LOADERS: dict[str, Callable[..., object]] = {
     "difflmm": load_difflmm_backend,
     "qwen2_5_vl": load_qwen2_5_vl,
     "llava_next": load_llava_next,
+    "internvl": load_internvl,
 }
 
 
