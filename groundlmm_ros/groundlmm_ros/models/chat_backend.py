@@ -35,8 +35,9 @@ class ChatTemplateBackend(LlavaStyleBackend):
     processor (image processor, tokenizer, chat template). Only the text model records.
     Subclasses supply `image_features` and `layout`.
 
-    LlavaStyleBackend's __init__ is not used: its square-pixel preprocessing and LLaVA v1
-    templates do not apply here."""
+    From LlavaStyleBackend it takes text, embeddings, generation and teacher forcing; its
+    __init__, square-pixel preprocessing and LLaVA v1 prompt do not apply (encode and prompt are
+    this class's)."""
 
     pads_to_square = False
     conversation = None  # the model's own chat template; build_engine refuses LLaVA's templates
