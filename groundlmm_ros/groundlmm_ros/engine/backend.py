@@ -3,16 +3,19 @@ subclasses); the engine never reaches past it into a tokenizer or a transformers
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 
 class Backend(Protocol):
-    """A multimodal LM with the attention recorder on (engine/recorder.py)."""
+    """A multimodal LM with the attention recorder on (engine/recorder.py).
 
-    grid: tuple[int, int]             # (rows, columns) of the visual tokens, e.g. (24, 24)
+    The encoded image is the backend's own object (the engine only passes it back); its map
+    grid can differ per image (native-resolution and tiling models), so the engine asks
+    `grid_of(encoded)` for every image instead of reading a constant."""
+
     pads_to_square: bool              # preprocessing pads to a square (heat maps undo it)
     end_ids: set[int]                 # ids that end an answer (the tokenizer's EOS)
 
@@ -22,18 +25,25 @@ class Backend(Protocol):
     def decode(self, ids: list[int]) -> str:
         """Text of answer ids, special tokens skipped."""
 
-    def encode(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (N_image, hidden) visual tokens."""
+    def encode(self, image: np.ndarray) -> Any:
+        """(H, W, 3) uint8 RGB -> the encoded image (e.g. (N_image, hidden) visual tokens)."""
 
-    def generate(self, visual_tokens: torch.Tensor, question: str, max_new_tokens: int,
+    def grid_of(self, visual_tokens: Any) -> tuple[int, int]:
+        """(rows, columns) of this encoded image's maps: generate and teacher_force give
+        (T, rows * columns) maps, row-major, covering the image as the model saw it."""
+
+    def generate(self, visual_tokens: Any, question: str, max_new_tokens: int,
                  on_token: Callable[[list[int]], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  stop_at_end: bool = True) -> tuple[list[int], torch.Tensor]:
-        """Greedy answer ids (the end token included when emitted) and their maps (T, N_image).
+        """Greedy answer ids (the end token included when emitted) and their maps (T, rows * columns).
         stop_at_end=False always makes max_new_tokens tokens (benchmarks of random models)."""
 
     def warm_up(self, question: str, max_new_tokens: int) -> None:
         """Prepare whatever a first answer to `question` would otherwise build (fixed-shape decoders)."""
 
-    def teacher_force(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int]) -> torch.Tensor:
-        """Maps (T, N_image) of the given answer ids in one forward pass."""
+    def teacher_force(self, visual_tokens: Any, question: str, answer_ids: list[int]) -> torch.Tensor:
+        """Maps (T, rows * columns) of the given answer ids in one forward pass."""
+
+    def teacher_force_batch(self, visual_tokens: Any, question: str, answers: list[list[int]]) -> list[torch.Tensor]:
+        """Several answers in one batched pass: per answer what teacher_force gives it alone."""

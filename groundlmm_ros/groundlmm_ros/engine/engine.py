@@ -131,7 +131,8 @@ class Engine:
                                                                 should_stop, stage)
         else:
             answer_ids, reads, answer, phrases = self._refer(visual_tokens, query, on_token, stage)
-        grounded = self._ground_phrases(image, phrases, reads, stage) if phrases else []
+        grid_shape = self.backend.grid_of(visual_tokens)
+        grounded = self._ground_phrases(image, phrases, reads, grid_shape, stage) if phrases else []
         return Grounding(query, mode, answer, list(answer_ids), grounded, image.shape[:2], stage.done())
 
     def _describe(self, visual_tokens, question, max_new_tokens, on_token, should_stop, stage):
@@ -178,12 +179,12 @@ class Engine:
         return answer_ids, reads, answer, phrases
 
     def _ground_phrases(self, image: np.ndarray, phrases: list[Phrase], reads: list[tuple[torch.Tensor, int]],
-                        stage: Stages) -> list[GroundedPhrase]:
-        """Per phrase, reads[i] = (the maps (T, N_image) it reads, index of their first token in
-        the answer) -> its heat map, point and mask."""
+                        grid_shape: tuple[int, int], stage: Stages) -> list[GroundedPhrase]:
+        """Per phrase, reads[i] = (the maps (T, h * w) it reads on this image's (h, w) grid, index
+        of their first token in the answer) -> its heat map, point and mask."""
         height, width = image.shape[:2]
         with stage("heatmaps"):
-            grids = {id(maps): self._token_grid(maps) for maps, _ in reads}  # each answer's, once
+            grids = {id(maps): self._token_grid(maps, grid_shape) for maps, _ in reads}  # each answer's, once
             # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
             heatmaps = [heatmap.upsample(heatmap.combine(grids[id(maps)], [t - first for t in p.token_indices],
                                                          self.combine)[None], (height, width), self.upsample)[0]
@@ -196,9 +197,9 @@ class Engine:
                     for phrase, heat, point, (mask, score) in zip(phrases, heatmaps, points, refined)]
         return self._filter(grounded)
 
-    def _token_grid(self, maps: torch.Tensor) -> torch.Tensor:
-        """maps (T, N_image) -> (T, h, w) on the visual-token grid, mean map subtracted when normalising."""
-        grid = maps.float().cpu().reshape(-1, *self.backend.grid)
+    def _token_grid(self, maps: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
+        """maps (T, h * w) -> (T, h, w) on the image's grid, mean map subtracted when normalising."""
+        grid = maps.float().cpu().reshape(-1, *grid_shape)
         if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
             grid = heatmap.normalise(grid)
         return grid
@@ -229,7 +230,7 @@ class Engine:
         ids, maps = self.backend.generate(visual_tokens, question.strip(), limit)
         answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
         answer, spans = token_spans(answer_ids, self.backend.decode)
-        grid = self._token_grid(maps)
+        grid = self._token_grid(maps, self.backend.grid_of(visual_tokens))
         tokens = list(range(min(token_count, len(grid))))
         height, width = image.shape[:2]
         # Upsampled first, then combined, as aas/res.py does: bicubic upsampling and max do not commute.

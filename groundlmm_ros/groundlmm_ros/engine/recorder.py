@@ -12,12 +12,18 @@ adds them to a running sum over layers: memory O(tokens x image tokens).
 A forward pass is one "step" (it starts at layer 0). Generation records one
 row per step (the newest position, which predicts the next token); a
 teacher-forced pass records `rows` trailing rows in one step.
+
+Sliding-window layers: their cache keeps only the window's latest keys, so a
+layer may see fewer keys than the sequence has; the keys are then the
+sequence's last ones, and the columns before them (out of the window, masked)
+get attention 0, as the same layer under eager attention gives them.
 """
 from __future__ import annotations
 
 import contextvars
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
@@ -43,6 +49,7 @@ class Recorder:
         self.rows = rows
         self._steps: list[torch.Tensor] = []  # each (B, rows, n_image) float32, summed over layers
         self._layers = 0                       # layers seen in the latest step
+        self.positions = 0                     # sequence positions seen so far (queries of every step)
         self._token = None
 
     def __enter__(self) -> Recorder:
@@ -126,6 +133,11 @@ def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torc
         query_index = torch.arange(q_len - rows, q_len, device=query.device)[:, None]
         scores = scores.masked_fill(torch.arange(k_len, device=query.device)[None, :] > query_index, float("-inf"))
     probs = scores.softmax(dim=-1)
+    # Keys a sliding-window cache no longer holds. (More keys than positions: a static cache's
+    # unfilled slots, which the mask hides.)
+    evicted = recorder.positions - k_len
+    if evicted > 0:
+        probs = F.pad(probs, (evicted, 0))  # back to sequence columns; evicted keys get attention 0
     starts = recorder.image_start
     if len(set(starts)) == 1:  # python ints: no device sync per layer
         image = probs[..., starts[0]:starts[0] + recorder.n_image]
@@ -146,6 +158,9 @@ def recording_sdpa_forward(module, query, key, value, attention_mask, dropout=0.
     """
     recorder = _active.get()
     if recorder is not None:
+        if module.layer_idx == 0:  # a new step: as many new positions as queries (all of them without a cache)
+            q_len, k_len = query.shape[2], key.shape[2]
+            recorder.positions = q_len if q_len == k_len else recorder.positions + q_len
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         recorder.add(module.layer_idx, _image_rows(recorder, query, key, attention_mask, scale))
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -10,8 +10,7 @@ attention recorder on: greedy generation (describe) or one teacher-forced pass
 from __future__ import annotations
 
 import logging
-
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -101,7 +100,9 @@ def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
 class Prompt:
     embeds: torch.Tensor  # (1, S, hidden) the whole prompt in the LM's dtype
     image_start: int      # index of the first visual token in the sequence
-    n_image: int          # visual tokens, = grid[0] * grid[1]
+    n_image: int          # visual tokens, = grid[0] * grid[1] here; more where some are not on the map
+    lm_kwargs: dict = field(default_factory=dict)  # more LM inputs for the whole prompt (e.g. 3D positions)
+    grid_columns: torch.Tensor | None = None  # which of the n_image tokens form the map, row-major; None: all
 
 
 class LlavaStyleBackend:
@@ -114,6 +115,10 @@ class LlavaStyleBackend:
     """
 
     pads_to_square = True
+    # Fixed-shape decoding (models/static_decode.py) needs an LM whose step takes nothing but the
+    # token and its cache position; backends with per-prompt LM inputs set this False.
+    static_decoding = True
+    decoding = "dynamic"  # a DECODINGS name (build_engine sets it)
 
     def __init__(self, lm, tokenizer, *, grid: tuple[int, int], image_size: int,
                  preprocessing: Preprocessing = CLIP_PREPROCESSING, conversation: str = PAPER_CONVERSATION):
@@ -124,7 +129,6 @@ class LlavaStyleBackend:
         self.preprocessing = preprocessing
         llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
         self.conversation = conversation
-        self.decoding = "dynamic"  # a DECODINGS name (build_engine sets it)
         self._decoders: dict[tuple[int, int, int], StaticDecoder] = {}
         self.end_ids = {tokenizer.eos_token_id}
         self.lm.set_attn_implementation(self._attention_target())
@@ -151,6 +155,10 @@ class LlavaStyleBackend:
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(1, 3, S, S) -> (N_image, hidden). The model-specific part."""
         raise NotImplementedError
+
+    def grid_of(self, visual_tokens) -> tuple[int, int]:
+        """Every image gets the same square grid here."""
+        return self.grid
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> torch.Tensor:
@@ -194,6 +202,16 @@ class LlavaStyleBackend:
 
     # -- language model with the recorder on ---------------------------------------
 
+    def step_kwargs(self, prompt: Prompt, position: int) -> dict:
+        """More LM inputs for the one new token at sequence index `position` (none here:
+        the LM counts positions itself; Qwen2.5-VL's 3D positions need them)."""
+        return {}
+
+    @staticmethod
+    def on_grid(prompt: Prompt, maps: torch.Tensor) -> torch.Tensor:
+        """(T, n_image) recorded maps -> (T, rows * columns) on the map grid."""
+        return maps if prompt.grid_columns is None else maps[:, prompt.grid_columns.to(maps.device)]
+
     @torch.inference_mode()
     def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None, stop_at_end=True):
         """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
@@ -204,12 +222,13 @@ class LlavaStyleBackend:
         if self.decoding != "dynamic":
             decoder = self._static_decoder(prompt.embeds.shape[1] + max_new_tokens, prompt.image_start,
                                            prompt.n_image)
-            return decoder.generate(prompt.embeds, max_new_tokens, on_token, should_stop, self.end_ids,
-                                    stop_at_end)
+            ids, maps = decoder.generate(prompt.embeds, max_new_tokens, on_token, should_stop, self.end_ids,
+                                         stop_at_end)
+            return ids, self.on_grid(prompt, maps)
         recorder = Recorder([prompt.image_start], prompt.n_image, rows=1)
         ids: list[int] = []
         with recorder:
-            out = self.lm(inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1)
+            out = self.lm(inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1, **prompt.lm_kwargs)
             while True:
                 next_id = int(out.logits[0, -1].argmax())
                 ids.append(next_id)
@@ -219,9 +238,10 @@ class LlavaStyleBackend:
                     break
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"stopped after {len(ids)} tokens")
+                position = prompt.embeds.shape[1] + len(ids) - 1
                 out = self.lm(inputs_embeds=self.embed([next_id]).unsqueeze(0), cache=out.cache,
-                              use_cache=True, logits_to_keep=1)
-        return ids, recorder.maps()[0]
+                              use_cache=True, logits_to_keep=1, **self.step_kwargs(prompt, position))
+        return ids, self.on_grid(prompt, recorder.maps()[0])
 
     def _static_decoder(self, tokens: int, image_start: int, n_image: int) -> StaticDecoder:
         """The decoder of the cache bucket that holds `tokens` positions, built on first use. A
@@ -246,6 +266,12 @@ class LlavaStyleBackend:
         n_image = self.grid[0] * self.grid[1]
         self._static_decoder(len(before) + n_image + len(after) + max_new_tokens, len(before), n_image)
 
+    def _teacher_force_alone(self, prompt: Prompt, rows: int) -> torch.Tensor:
+        recorder = Recorder([prompt.image_start], prompt.n_image, rows=rows)
+        with recorder:
+            self.lm(inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1, **prompt.lm_kwargs)
+        return self.on_grid(prompt, recorder.maps()[0])
+
     def teacher_force(self, visual_tokens, question, answer_ids):
         """One forward pass over prompt + answer[:-1]; its last len(answer) rows are the
         positions that predict answer[0..T-1] (position t-1 for token t), as in generate."""
@@ -260,6 +286,8 @@ class LlavaStyleBackend:
         if not answers or not all(answers):
             raise ValueError("teacher forcing needs at least one answer token per answer")
         prompts = [self.prompt(visual_tokens, question, ids[:-1]) for ids in answers]
+        if prompts[0].lm_kwargs:  # model-specific inputs (Qwen2.5-VL's 3D positions): one pass each
+            return [self._teacher_force_alone(p, len(ids)) for p, ids in zip(prompts, answers)]
         length = max(p.embeds.shape[1] for p in prompts)
         pads = [length - p.embeds.shape[1] for p in prompts]
         hidden = prompts[0].embeds.shape[2]
@@ -272,5 +300,5 @@ class LlavaStyleBackend:
         with recorder:
             self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
                     logits_to_keep=1)
-        maps = recorder.maps()                                                   # (B, rows, N_image)
-        return [maps[i, rows - len(ids):] for i, ids in enumerate(answers)]
+        maps = recorder.maps()                                                   # (B, rows, n_image)
+        return [self.on_grid(p, maps[i, rows - len(ids):]) for i, (p, ids) in enumerate(zip(prompts, answers))]

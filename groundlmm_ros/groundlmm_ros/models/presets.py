@@ -21,7 +21,10 @@ from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRe
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
+from groundlmm_ros.models.internvl import load_internvl, tiny_internvl_backend
 from groundlmm_ros.models.llava import load_llava
+from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
+from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
 from groundlmm_ros.models.static_decode import DECODINGS
 
 REFINERS = ("auto", "sam", "colour", "threshold")
@@ -68,12 +71,40 @@ PRESETS: dict[str, Preset] = {
     # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP), with
     # the paper's settings; other directories: released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
+    # Tiny random Qwen2.5-VL (same code as the real ones) + tiny random SAM: tests, CI, the node.
+    "tiny-qwen2.5-vl-random": Preset(tiny_qwen2_5_vl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024 new
+    # tokens as the reference's aas/more_models/qwen2_5vl.py.
+    "qwen2.5-vl-3b": Preset(lambda device, dtype, seed: load_qwen2_5_vl(
+        "Qwen/Qwen2.5-VL-3B-Instruct", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "qwen2.5-vl-7b": Preset(lambda device, dtype, seed: load_qwen2_5_vl(
+        "Qwen/Qwen2.5-VL-7B-Instruct", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
+    "tiny-llava-next-random": Preset(tiny_llava_next_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution map and up to
+    # 1024 new tokens as the reference's aas/more_models/llava_next.py (load_llava_next(use_base_patches=True):
+    # the base tile's 24 x 24 instead).
+    "llava-next-mistral-7b": Preset(lambda device, dtype, seed: load_llava_next(
+        "llava-hf/llava-v1.6-mistral-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "llava-next-vicuna-7b": Preset(lambda device, dtype, seed: load_llava_next(
+        "llava-hf/llava-v1.6-vicuna-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    # Tiny random InternVL + tiny random SAM: tests, CI.
+    "tiny-internvl-random": Preset(tiny_internvl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
+    # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline): 3 to 9 tiles,
+    # the tiles' map and up to 1024 new tokens as the reference's aas/more_models/internvl2_5.py.
+    "internvl3-2b": Preset(lambda device, dtype, seed: load_internvl(
+        "OpenGVLab/InternVL3-2B-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "internvl3-8b": Preset(lambda device, dtype, seed: load_internvl(
+        "OpenGVLab/InternVL3-8B-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
 }
 
 # Model directories by config.json "model_type".
 LOADERS: dict[str, Callable[..., object]] = {
     "llava": load_llava,
     "difflmm": load_difflmm_backend,
+    "qwen2_5_vl": load_qwen2_5_vl,
+    "llava_next": load_llava_next,
+    "internvl": load_internvl,
 }
 
 
@@ -109,13 +140,14 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
                  sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
-    paper's models). decoding: a DECODINGS name ("auto": "graphs" on CUDA, "dynamic" elsewhere).
-    refiner: "auto" (SAM when a checkpoint is given or the preset ships one,
-    else the colour fallback), "sam", or a weight-free fallback: "colour" (ColourRefiner) or
-    "threshold" (ThresholdRefiner)."""
+    paper's models; models with their own chat template take none). decoding: a DECODINGS name
+    ("auto": "graphs" on CUDA where the model allows it, "dynamic" elsewhere). refiner: "auto"
+    (SAM when a checkpoint is given or the preset ships one, else the colour fallback), "sam",
+    or a weight-free fallback: "colour" (ColourRefiner) or "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
     dtype = resolve_dtype(dtype, device)
+    requested_decoding = decoding
     if decoding == "auto":
         decoding = "graphs" if torch.device(device).type == "cuda" else "dynamic"
     if decoding not in DECODINGS:
@@ -133,8 +165,18 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
         backend, recorded = _from_directory(str(preset.directory()) if preset else model, device, dtype)
         settings = {**recorded, **(preset.settings if preset else {})}
     options = {**settings, **engine_options}
-    backend.conversation = conversation or options.pop("conversation", PAPER_CONVERSATION)
+    chosen_conversation = conversation or options.pop("conversation", "")
     options.pop("conversation", None)
+    if backend.conversation is None:  # the model's own chat template (models/chat_backend.py)
+        if chosen_conversation:
+            raise ValueError(f"{model} prompts with its own chat template; conversation {chosen_conversation!r} "
+                             "is a LLaVA v1 template")
+    else:
+        backend.conversation = chosen_conversation or PAPER_CONVERSATION
+    if decoding != "dynamic" and not backend.static_decoding:
+        if requested_decoding != "auto":
+            raise ValueError(f"{model} decodes dynamically only (its LM takes per-prompt inputs)")
+        decoding = "dynamic"
     backend.decoding = decoding
 
     sam = None

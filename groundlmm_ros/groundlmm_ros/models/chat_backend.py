@@ -1,0 +1,117 @@
+"""The engine's Backend for models that come with a transformers processor and chat template
+(Qwen2.5-VL, LLaVA-NeXT, InternVL): the model's own resizing or tiling, image-token expansion
+and prompt, so the model sees what it was trained on.
+
+An image is encoded once (`encode`): the processor expands the model's one image placeholder
+into that image's run of image tokens, and the vision tower gives their embeddings. A prompt
+is the chat template's text tokenized as the processor tokenizes it, the placeholder replaced
+by that run. The recorder reads the run's columns; `layout` says which of them form the map
+(row-major) and the grid's shape, which differs from image to image.
+Generation, teacher forcing and text come from LlavaStyleBackend (models/backend.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
+from groundlmm_ros.models.backend import LlavaStyleBackend, Prompt
+
+
+@dataclass
+class EncodedImage:
+    image_ids: list[int]        # the processor's token run for this image (placeholder expanded)
+    features: torch.Tensor      # (n_image, hidden) LM embeddings of the run's image-token positions
+    inputs: dict                # the processor's image tensors (pixel_values, image_grid_thw, image_sizes ...)
+    grid: tuple[int, int]       # (rows, columns) of the map
+    grid_columns: torch.Tensor | None  # indices into the n_image tokens that form the map, row-major; None: all
+
+
+class ChatTemplateBackend(LlavaStyleBackend):
+    """model: a transformers *ForConditionalGeneration with `config.image_token_id`; processor: its
+    processor (image processor, tokenizer, chat template). Only the text model records.
+    Subclasses supply `image_features` and `layout`.
+
+    From LlavaStyleBackend it takes text, embeddings, generation and teacher forcing; its
+    __init__, square-pixel preprocessing and LLaVA v1 prompt do not apply (encode and prompt are
+    this class's)."""
+
+    pads_to_square = False
+    conversation = None  # the model's own chat template; build_engine refuses LLaVA's templates
+    static_decoding = False  # its prompts carry model inputs (positions) the static step does not
+
+    def __init__(self, model, processor):
+        self.lm = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = model.config.image_token_id
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.end_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        self.lm.set_attn_implementation({"text_config": RECORDING_ATTENTION})
+
+    # -- image ------------------------------------------------------------------
+
+    def image_features(self, inputs: dict) -> torch.Tensor:
+        """The processor's image tensors -> (n_image, hidden) embeddings in sequence order."""
+        raise NotImplementedError
+
+    def layout(self, inputs: dict, n_image: int, image_size: tuple[int, int]) -> tuple[tuple[int, int],
+                                                                                       torch.Tensor | None]:
+        """(grid, grid_columns) of this image: which image tokens form the map, as what grid."""
+        raise NotImplementedError
+
+    def image_kwargs(self) -> dict:
+        """The processor's image options this backend sets (none by default)."""
+        return {}
+
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray) -> EncodedImage:
+        inputs = self.processor(images=[Image.fromarray(image)], text=[self.processor.image_token],
+                                add_special_tokens=False, return_tensors="pt", **self.image_kwargs())
+        image_ids = inputs.pop("input_ids")[0].tolist()
+        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()
+                  if k not in ("attention_mask", "mm_token_type_ids")}
+        features = self.image_features(inputs)
+        n_image = image_ids.count(self.image_token_id)
+        if features.shape[0] != n_image:
+            raise ValueError(f"the vision tower gave {features.shape[0]} embeddings for {n_image} image tokens")
+        grid, columns = self.layout(inputs, n_image, image.shape[:2])
+        return EncodedImage(image_ids, features, inputs, grid, columns)
+
+    def grid_of(self, visual_tokens: EncodedImage) -> tuple[int, int]:
+        return visual_tokens.grid
+
+    # -- prompt -----------------------------------------------------------------
+
+    def chat_text(self, question: str) -> str:
+        """One user turn, the image first, ending where the assistant's answer begins."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prompt_token_ids(self, visual_tokens: EncodedImage, question: str) -> list[int]:
+        """The chat text tokenized as the processor tokenizes it, its one placeholder expanded."""
+        ids = self.tokenizer(self.chat_text(question)).input_ids
+        if ids.count(self.image_token_id) != 1:
+            raise ValueError(f"the chat template gave {ids.count(self.image_token_id)} image placeholders, not 1")
+        at = ids.index(self.image_token_id)
+        return ids[:at] + visual_tokens.image_ids + ids[at + 1:]
+
+    def prompt(self, visual_tokens: EncodedImage, question: str, answer_ids=()) -> Prompt:
+        ids = self.prompt_token_ids(visual_tokens, question) + list(answer_ids)
+        is_image = torch.tensor(ids, device=self.device) == self.image_token_id
+        positions = is_image.nonzero()[:, 0]
+        start, n_image = int(positions[0]), len(positions)
+        if int(positions[-1]) != start + n_image - 1:
+            raise ValueError("the image tokens are not one contiguous run")
+        embeds = self.embed(ids)
+        embeds[start:start + n_image] = visual_tokens.features.to(self.device, self.dtype)
+        return Prompt(embeds.unsqueeze(0), start, n_image, self.lm_kwargs(ids, visual_tokens),
+                      visual_tokens.grid_columns)
+
+    def lm_kwargs(self, ids: list[int], visual_tokens: EncodedImage) -> dict:
+        """More LM inputs for the whole prompt (none by default)."""
+        return {}
