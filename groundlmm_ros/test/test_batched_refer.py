@@ -41,7 +41,7 @@ def test_one_query_grounds_each_expression_as_alone(engine):
     for phrase, expression in zip(together.phrases, EXPRESSIONS):
         alone = engine.ground(frame(), expression, "refer")
         (expected,) = alone.phrases
-        assert together.answer[phrase.char_start:phrase.char_end] == phrase.text == expression
+        assert together.answer[phrase.char_start : phrase.char_end] == phrase.text == expression
         # Token indices point into the concatenated ids, at this expression's own tokens.
         assert [together.token_ids[t] for t in phrase.token_indices] == [
             alone.token_ids[t] for t in expected.token_indices

@@ -1,13 +1,20 @@
 """InternVL backend on a tiny random InternVLForConditionalGeneration and its own processor classes:
 recorder parity with the reference's eager read-out, the tiling layout (tiles stitched into one
 grid, the thumbnail off it or alone) and both modes end to end."""
+
 import pytest
 import torch
-
 import vlm_checks
+
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
-from groundlmm_ros.models.internvl import TINY_TILE, TINY_TILES, InternVLBackend, tiny_internvl, tiny_internvl_processor
+from groundlmm_ros.models.internvl import (
+    TINY_TILE,
+    TINY_TILES,
+    InternVLBackend,
+    tiny_internvl,
+    tiny_internvl_processor,
+)
 from groundlmm_ros.models.presets import build_engine
 
 torch.set_num_threads(1)
@@ -23,27 +30,46 @@ def backend():
 def reference_tiles(height, width, min_num, max_num):
     """The reference's dynamic_preprocess tile choice (aas/more_models/internvl2_5_image_loader.py:
     find_closest_aspect_ratio) -> (columns, rows)."""
-    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    ratios = sorted(
+        {
+            (i, j)
+            for n in range(min_num, max_num + 1)
+            for i in range(1, n + 1)
+            for j in range(1, n + 1)
+            if min_num <= i * j <= max_num
+        },
+        key=lambda r: r[0] * r[1],
+    )
     best, best_diff = (1, 1), float("inf")
     for ratio in ratios:
         diff = abs(width / height - ratio[0] / ratio[1])
         if diff < best_diff:
             best, best_diff = ratio, diff
-        elif diff == best_diff and width * height > 0.5 * TINY_TILE * TINY_TILE * ratio[0] * ratio[1]:
+        elif (
+            diff == best_diff and width * height > 0.5 * TINY_TILE * TINY_TILE * ratio[0] * ratio[1]
+        ):
             best = ratio
     return best
 
 
 def reference_map_order(columns, rows):
     """The reference's read-out of the tiles' tokens (aas/more_models/internvl2_5.py): thumbnail
-    dropped, reshape (rows, columns, side, side), permute (0, 2, 1, 3) -> which token each map cell is."""
+    dropped, reshape (rows, columns, side, side), permute (0, 2, 1, 3) -> which token each map
+    cell is."""
     tokens = torch.arange(rows * columns * SIDE * SIDE)
-    return tokens.reshape(rows, columns, SIDE, SIDE).permute(0, 2, 1, 3).reshape(rows * SIDE, columns * SIDE)
+    return (
+        tokens.reshape(rows, columns, SIDE, SIDE)
+        .permute(0, 2, 1, 3)
+        .reshape(rows * SIDE, columns * SIDE)
+    )
 
 
-(eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
- test_teacher_forcing_reads_the_rows_generation_reads) = vlm_checks.parity_tests("internvl", tiny_internvl)
+(
+    eager,
+    test_batch_of_one_matches_eager_generate,
+    test_left_padded_batch_matches_eager_generate,
+    test_teacher_forcing_reads_the_rows_generation_reads,
+) = vlm_checks.parity_tests("internvl", tiny_internvl)
 
 
 @pytest.mark.parametrize("tiles", [TINY_TILES, (3, 9)])
@@ -61,7 +87,9 @@ def test_layout_is_the_references(backend, height, width, tiles):
         alone = InternVLBackend(backend.lm, backend.processor, tiles=tiles, use_thumbnail=True)
         encoded = alone.encode(vlm_checks.image(5, height, width))
         assert alone.grid_of(encoded) == (SIDE, SIDE)
-        assert encoded.grid_columns.tolist() == list(range(rows * columns * SIDE ** 2, len(encoded.features)))
+        assert encoded.grid_columns.tolist() == list(
+            range(rows * columns * SIDE**2, len(encoded.features))
+        )
 
 
 @pytest.fixture(scope="module")
@@ -72,20 +100,30 @@ def forced():
 
 @pytest.mark.parametrize("use_thumbnail", [False, True])
 @pytest.mark.parametrize("height, width, cell", [(48, 80, (5, 9)), (80, 48, (10, 2))])
-def test_point_lands_on_the_attended_image_token(forced, monkeypatch, use_thumbnail, height, width, cell):
+def test_point_lands_on_the_attended_image_token(
+    forced, monkeypatch, use_thumbnail, height, width, cell
+):
     processor, model = forced
     backend = InternVLBackend(model, processor, tiles=TINY_TILES, use_thumbnail=use_thumbnail)
     columns, rows = reference_tiles(height, width, *TINY_TILES)
     n_tiled = rows * columns * SIDE * SIDE
     if use_thumbnail:
         grid = (SIDE, SIDE)
-        cell = (cell[0] * SIDE // (rows * SIDE), cell[1] * SIDE // (columns * SIDE))  # the same place, coarser
+        cell = (
+            cell[0] * SIDE // (rows * SIDE),
+            cell[1] * SIDE // (columns * SIDE),
+        )  # the same place, coarser
         index = n_tiled + cell[0] * SIDE + cell[1]
     else:
         grid = (rows * SIDE, columns * SIDE)
         index = int(reference_map_order(columns, rows)[cell])
-    monkeypatch.setattr(backend, "image_features", lambda inputs: vlm_checks.one_hot_features(
-        n_tiled + SIDE * SIDE, model.config.text_config.hidden_size, index))
+    monkeypatch.setattr(
+        backend,
+        "image_features",
+        lambda inputs: vlm_checks.one_hot_features(
+            n_tiled + SIDE * SIDE, model.config.text_config.hidden_size, index
+        ),
+    )
     engine = Engine(backend, ThresholdRefiner(), normalise=False, max_new_tokens=8)
     vlm_checks.check_point_in_cell(engine, height, width, grid, cell)
 
@@ -97,8 +135,14 @@ def test_describe_and_refer_end_to_end():
 
 
 def test_model_directory_loads_like_the_preset(tmp_path):
-    def tiny_tiles(backend):  # the tiny model's tiling (a real directory's loader keeps the reference's 3 to 9)
+    def tiny_tiles(
+        backend,
+    ):  # the tiny model's tiling (a real directory's loader keeps the reference's 3 to 9)
         backend.tiles = TINY_TILES
 
-    vlm_checks.check_directory_round_trip(build_engine("tiny-internvl-random", refiner="threshold"), tmp_path,
-                                          InternVLBackend, tiny_tiles)
+    vlm_checks.check_directory_round_trip(
+        build_engine("tiny-internvl-random", refiner="threshold"),
+        tmp_path,
+        InternVLBackend,
+        tiny_tiles,
+    )

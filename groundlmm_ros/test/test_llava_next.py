@@ -1,15 +1,21 @@
 """LLaVA-NeXT backend on a tiny random LlavaNextForConditionalGeneration and its own processor
 classes: recorder parity with the reference's eager read-out, the any-resolution layout (base
 tile, unpadded high-resolution grid, newline tokens off the map) and both modes end to end."""
+
 import pytest
 import torch
+import vlm_checks
 from transformers.image_processing_utils import select_best_resolution
 
-import vlm_checks
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
-from groundlmm_ros.models.llava_next import (TINY_PATCH, TINY_PINPOINTS, LlavaNextBackend, tiny_llava_next,
-                                             tiny_llava_next_processor)
+from groundlmm_ros.models.llava_next import (
+    TINY_PATCH,
+    TINY_PINPOINTS,
+    LlavaNextBackend,
+    tiny_llava_next,
+    tiny_llava_next_processor,
+)
 from groundlmm_ros.models.presets import build_engine
 
 torch.set_num_threads(1)
@@ -34,8 +40,12 @@ def reference_unpadded_grid(height, width):
     return feature_height, feature_width - 2 * ((feature_width - new_width) // 2)
 
 
-(eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
- test_teacher_forcing_reads_the_rows_generation_reads) = vlm_checks.parity_tests("llava-next", tiny_llava_next)
+(
+    eager,
+    test_batch_of_one_matches_eager_generate,
+    test_left_padded_batch_matches_eager_generate,
+    test_teacher_forcing_reads_the_rows_generation_reads,
+) = vlm_checks.parity_tests("llava-next", tiny_llava_next)
 
 
 @pytest.mark.parametrize("height, width", [(48, 80), (80, 48), (40, 40), (30, 100), (100, 45)])
@@ -44,8 +54,8 @@ def test_layout_is_the_references(backend, height, width):
     rows, columns = reference_unpadded_grid(height, width)
     encoded = backend.encode(vlm_checks.image(5, height, width))
     assert backend.grid_of(encoded) == (rows, columns)
-    assert len(encoded.features) == BASE_SIDE ** 2 + rows * (columns + 1)
-    expected = [BASE_SIDE ** 2 + r * (columns + 1) + c for r in range(rows) for c in range(columns)]
+    assert len(encoded.features) == BASE_SIDE**2 + rows * (columns + 1)
+    expected = [BASE_SIDE**2 + r * (columns + 1) + c for r in range(rows) for c in range(columns)]
     assert encoded.grid_columns.tolist() == expected
 
 
@@ -58,15 +68,28 @@ def forced():
 
 @pytest.mark.parametrize("use_base_patches", [False, True])
 @pytest.mark.parametrize("height, width, cell", [(48, 80, (2, 6)), (80, 48, (6, 1))])
-def test_point_lands_on_the_attended_image_token(forced, monkeypatch, use_base_patches, height, width, cell):
+def test_point_lands_on_the_attended_image_token(
+    forced, monkeypatch, use_base_patches, height, width, cell
+):
     processor, model = forced
     backend = LlavaNextBackend(model, processor, use_base_patches=use_base_patches)
-    rows, columns = (BASE_SIDE, BASE_SIDE) if use_base_patches else reference_unpadded_grid(height, width)
+    rows, columns = (
+        (BASE_SIDE, BASE_SIDE) if use_base_patches else reference_unpadded_grid(height, width)
+    )
     cell = (cell[0] * rows // 8, cell[1] * columns // 8)  # the same place on a coarser grid
-    index = cell[0] * columns + cell[1] if use_base_patches else BASE_SIDE ** 2 + cell[0] * (columns + 1) + cell[1]
-    n_image = BASE_SIDE ** 2 + (lambda r, c: r * (c + 1))(*reference_unpadded_grid(height, width))
-    monkeypatch.setattr(backend, "image_features", lambda inputs: vlm_checks.one_hot_features(
-        n_image, model.config.text_config.hidden_size, index))
+    index = (
+        cell[0] * columns + cell[1]
+        if use_base_patches
+        else BASE_SIDE**2 + cell[0] * (columns + 1) + cell[1]
+    )
+    n_image = BASE_SIDE**2 + (lambda r, c: r * (c + 1))(*reference_unpadded_grid(height, width))
+    monkeypatch.setattr(
+        backend,
+        "image_features",
+        lambda inputs: vlm_checks.one_hot_features(
+            n_image, model.config.text_config.hidden_size, index
+        ),
+    )
     engine = Engine(backend, ThresholdRefiner(), normalise=False, max_new_tokens=8)
     vlm_checks.check_point_in_cell(engine, height, width, (rows, columns), cell)
 
@@ -76,10 +99,17 @@ def test_newline_tokens_are_off_the_map(forced, monkeypatch):
     processor, model = forced
     backend = LlavaNextBackend(model, processor)
     rows, columns = reference_unpadded_grid(48, 80)
-    newline = BASE_SIDE ** 2 + columns  # the first row's newline
-    monkeypatch.setattr(backend, "image_features", lambda inputs: vlm_checks.one_hot_features(
-        BASE_SIDE ** 2 + rows * (columns + 1), model.config.text_config.hidden_size, newline))
-    _, maps = backend.generate(backend.encode(vlm_checks.image(7, 48, 80)), "Describe the image.", 3)
+    newline = BASE_SIDE**2 + columns  # the first row's newline
+    monkeypatch.setattr(
+        backend,
+        "image_features",
+        lambda inputs: vlm_checks.one_hot_features(
+            BASE_SIDE**2 + rows * (columns + 1), model.config.text_config.hidden_size, newline
+        ),
+    )
+    _, maps = backend.generate(
+        backend.encode(vlm_checks.image(7, 48, 80)), "Describe the image.", 3
+    )
     assert maps.shape[1] == rows * columns and maps.sum(dim=1).max() < 1e-3
 
 
@@ -90,5 +120,6 @@ def test_describe_and_refer_end_to_end():
 
 
 def test_model_directory_loads_like_the_preset(tmp_path):
-    vlm_checks.check_directory_round_trip(build_engine("tiny-llava-next-random", refiner="threshold"), tmp_path,
-                                          LlavaNextBackend)
+    vlm_checks.check_directory_round_trip(
+        build_engine("tiny-llava-next-random", refiner="threshold"), tmp_path, LlavaNextBackend
+    )

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def node():
-    # describe goals may generate up to 200 tokens (the preset caps at 24): long enough to cancel one mid-answer
-    process = NodeProcess({"query_mode": "refer", "max_new_tokens": 200, "engine_options": '{"max_new_tokens": 200}'})
+    # describe goals may generate up to 200 tokens: long enough to cancel one mid-answer
+    process = NodeProcess({"query_mode": "refer", "max_new_tokens": 200})
     yield process
     process.close()
 

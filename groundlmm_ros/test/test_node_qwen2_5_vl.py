@@ -1,5 +1,6 @@
 """The node serves a Qwen2.5-VL preset over real DDS (tiny random weights, its own process):
 a non-square image gets a refer result whose mask is in the image's pixels."""
+
 import numpy as np
 import pytest
 from node_harness import NodeProcess, connect, is_rejection, rgb_image
@@ -16,7 +17,9 @@ def test_node_grounds_with_the_qwen_preset():
             client.publish_image(image)
             client.query("the cup")
             result = client.answer_to("the cup")
-            assert result is not None and not is_rejection(result), getattr(result, "message", node.output())
+            assert result is not None and not is_rejection(result), getattr(
+                result, "message", node.output()
+            )
             assert result.model == "tiny-qwen2.5-vl-random" and result.answer == "the cup"
             assert len(result.phrases) == 1
             mask = result.phrases[0].mask

@@ -1,17 +1,22 @@
 """Qwen2.5-VL backend on a tiny random Qwen2_5_VLForConditionalGeneration and its own processor
 classes: recorder parity with the reference's eager read-out, the per-image non-square grid,
 maps that land on the attended image token, and both modes end to end through the engine."""
+
 import json
 
 import pytest
 import torch
-
 import vlm_checks
+
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.models.presets import build_engine
-from groundlmm_ros.models.qwen2_5_vl import (TINY_MAX_PIXELS, Qwen2_5_VLBackend, tiny_qwen2_5_vl,
-                                             tiny_qwen_processor)
+from groundlmm_ros.models.qwen2_5_vl import (
+    TINY_MAX_PIXELS,
+    Qwen2_5_VLBackend,
+    tiny_qwen2_5_vl,
+    tiny_qwen_processor,
+)
 
 torch.set_num_threads(1)
 
@@ -19,7 +24,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_qwen_processor()
-    return Qwen2_5_VLBackend(tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_MAX_PIXELS)
+    return Qwen2_5_VLBackend(
+        tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_MAX_PIXELS
+    )
 
 
 def test_only_the_text_model_records(backend):
@@ -27,14 +34,23 @@ def test_only_the_text_model_records(backend):
     assert backend.lm.config.vision_config._attn_implementation != RECORDING_ATTENTION
     # Grouped-query attention and 3D rotary positions: what parity below has to get right.
     text = backend.lm.config.text_config
-    assert text.num_key_value_heads < text.num_attention_heads and text.rope_parameters["mrope_section"]
+    assert (
+        text.num_key_value_heads < text.num_attention_heads
+        and text.rope_parameters["mrope_section"]
+    )
 
 
-(eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
- test_teacher_forcing_reads_the_rows_generation_reads) = vlm_checks.parity_tests("qwen2.5-vl", tiny_qwen2_5_vl)
+(
+    eager,
+    test_batch_of_one_matches_eager_generate,
+    test_left_padded_batch_matches_eager_generate,
+    test_teacher_forcing_reads_the_rows_generation_reads,
+) = vlm_checks.parity_tests("qwen2.5-vl", tiny_qwen2_5_vl)
 
 
-@pytest.mark.parametrize("height, width, grid", [(48, 80, (3, 5)), (80, 48, (5, 3)), (200, 100, (11, 5))])
+@pytest.mark.parametrize(
+    "height, width, grid", [(48, 80, (3, 5)), (80, 48, (5, 3)), (200, 100, (11, 5))]
+)
 def test_grid_is_the_images_own(backend, height, width, grid):
     """The map grid is image_grid_thw's height / 2 x width / 2: per image, not square, capped by
     max_pixels (200 x 100 = 20000 > 128 * 128 pixels: smart_resize scales it to 176 x 80)."""
@@ -48,14 +64,22 @@ def test_grid_is_the_images_own(backend, height, width, grid):
 @pytest.mark.parametrize("height, width, cell", [(48, 80, (1, 3)), (80, 48, (3, 0))])
 def test_point_lands_on_the_attended_image_token(height, width, cell, monkeypatch):
     """All attention forced to the image token at grid cell (row, column): the point of every
-    phrase lies in that cell's part of the image (the processor resized, so the grid spans the image)."""
+    phrase lies in that cell's part of the image (the processor resized, so the grid spans the
+    image)."""
     engine = build_engine("tiny-qwen2.5-vl-random", refiner="threshold", normalise=False)
     backend = engine.backend
-    vlm_checks.force_attention_to_feature_zero(backend.lm.model.language_model, backend.lm.get_input_embeddings())
+    vlm_checks.force_attention_to_feature_zero(
+        backend.lm.model.language_model, backend.lm.get_input_embeddings()
+    )
     rows, columns = (height // 16, width // 16)
     index = cell[0] * columns + cell[1]
-    monkeypatch.setattr(backend, "image_features", lambda inputs: vlm_checks.one_hot_features(
-        rows * columns, backend.lm.config.text_config.hidden_size, index))
+    monkeypatch.setattr(
+        backend,
+        "image_features",
+        lambda inputs: vlm_checks.one_hot_features(
+            rows * columns, backend.lm.config.text_config.hidden_size, index
+        ),
+    )
     vlm_checks.check_point_in_cell(engine, height, width, (rows, columns), cell)
 
 
@@ -66,17 +90,25 @@ def test_describe_and_refer_end_to_end():
 
 
 def test_model_directory_loads_like_the_preset(tmp_path):
-    def tiny_cap(backend):  # the tiny model's cap (a real directory's loader keeps the reference's 1008 * 1008)
+    def tiny_cap(
+        backend,
+    ):  # the tiny model's cap (a real directory's loader keeps the reference's 1008 * 1008)
         backend.max_pixels = TINY_MAX_PIXELS
 
-    vlm_checks.check_directory_round_trip(build_engine("tiny-qwen2.5-vl-random", refiner="threshold"), tmp_path,
-                                          Qwen2_5_VLBackend, tiny_cap)
+    vlm_checks.check_directory_round_trip(
+        build_engine("tiny-qwen2.5-vl-random", refiner="threshold"),
+        tmp_path,
+        Qwen2_5_VLBackend,
+        tiny_cap,
+    )
 
 
 def test_llava_templates_are_refused():
     with pytest.raises(ValueError, match="own chat template"):
         build_engine("tiny-qwen2.5-vl-random", refiner="threshold", conversation="llava_v1")
-    assert isinstance(build_engine("tiny-qwen2.5-vl-random", refiner="threshold").refiner, ThresholdRefiner)
+    assert isinstance(
+        build_engine("tiny-qwen2.5-vl-random", refiner="threshold").refiner, ThresholdRefiner
+    )
 
 
 def test_mixed_full_and_sliding_window_layers_match_eager():
@@ -84,22 +116,35 @@ def test_mixed_full_and_sliding_window_layers_match_eager():
     the window's cache drops the early keys, image tokens among them, while tokens are generated."""
     processor = tiny_qwen_processor()
     sliding = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)
-    backend = Qwen2_5_VLBackend(tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding), processor,
-                                max_pixels=TINY_MAX_PIXELS)
+    backend = Qwen2_5_VLBackend(
+        tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding),
+        processor,
+        max_pixels=TINY_MAX_PIXELS,
+    )
     assert backend.lm.config.text_config.layer_types == ["full_attention", "sliding_attention"]
     eager = tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding)
     eager.set_attn_implementation("eager")
     difference = vlm_checks.check_batch_of_one(backend, eager, vlm_checks.image(9, 40, 72))
-    print(f"qwen2.5-vl parity, sliding + full layers, batch of one: max |recorder - eager| = {difference:.2e}")
+    print(
+        "qwen2.5-vl parity, sliding + full layers, batch of one: "
+        f"max |recorder - eager| = {difference:.2e}"
+    )
     # The window really cut keys off: the sliding layer's rows are 16 keys long while generating.
-    out = vlm_checks.generate(eager, vlm_checks.processor_batch(backend, [vlm_checks.image(9, 40, 72)],
-                                                                 vlm_checks.QUESTIONS[:1]),
-                              output_attentions=True)
+    out = vlm_checks.generate(
+        eager,
+        vlm_checks.processor_batch(
+            backend, [vlm_checks.image(9, 40, 72)], vlm_checks.QUESTIONS[:1]
+        ),
+        output_attentions=True,
+    )
     assert out.attentions[-1][1].shape[-1] == 16 < out.attentions[-1][0].shape[-1]
     encoded = backend.encode(vlm_checks.image(9, 40, 72))
-    ids, generated = backend.generate(encoded, vlm_checks.QUESTIONS[0], vlm_checks.NEW_TOKENS, stop_at_end=False)
-    torch.testing.assert_close(backend.teacher_force(encoded, vlm_checks.QUESTIONS[0], ids), generated,
-                               atol=1e-5, rtol=0)
+    ids, generated = backend.generate(
+        encoded, vlm_checks.QUESTIONS[0], vlm_checks.NEW_TOKENS, stop_at_end=False
+    )
+    torch.testing.assert_close(
+        backend.teacher_force(encoded, vlm_checks.QUESTIONS[0], ids), generated, atol=1e-5, rtol=0
+    )
 
 
 def test_groundlmm_eval_takes_the_preset(capsys):

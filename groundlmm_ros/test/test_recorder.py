@@ -1,5 +1,6 @@
 """The recorder's maps equal the reference's: eager generate(output_attentions=True), the newest
 query row over the image columns, mean over all layers and heads."""
+
 import numpy as np
 import pytest
 import torch
@@ -33,10 +34,12 @@ def reference_maps(attentions, image_starts, n_image):
     """The reference's reduction of generate()'s eager attentions: per step, per batch row,
     layers x heads x [newest query row, image columns], mean over layers and heads. -> (B, T, N)"""
     steps = []
-    for step in attentions:                       # one tuple of layers per generated token
+    for step in attentions:  # one tuple of layers per generated token
         per_row = []
         for b, start in enumerate(image_starts):
-            layers = torch.stack([layer[b, :, -1, start:start + n_image] for layer in step])  # (L, H, N)
+            layers = torch.stack(
+                [layer[b, :, -1, start : start + n_image] for layer in step]
+            )  # (L, H, N)
             per_row.append(layers.mean(dim=(0, 1)))
         steps.append(torch.stack(per_row))
     return torch.stack(steps, dim=1)
@@ -44,9 +47,15 @@ def reference_maps(attentions, image_starts, n_image):
 
 def eager_generate(model, embeds, attention_mask=None):
     with torch.inference_mode():
-        return model.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,
-                              min_new_tokens=NEW_TOKENS, do_sample=False, output_attentions=True,
-                              return_dict_in_generate=True)
+        return model.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_attentions=True,
+            return_dict_in_generate=True,
+        )
 
 
 def test_model_runs_on_the_recording_attention(backend):
@@ -71,7 +80,10 @@ def test_batch_of_one_matches_eager_generate(backend, eager):
 def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
     """Two prompts of different lengths, left-padded: each row's image columns start at
     its own offset and the padding must stay masked."""
-    questions = ["Describe the image in detail.", "What is on the table next to the red mug and the lamp?"]
+    questions = [
+        "Describe the image in detail.",
+        "What is on the table next to the red mug and the lamp?",
+    ]
     prompts = [backend.prompt(backend.encode(image(seed)), q) for seed, q in zip((1, 2), questions)]
     length = max(p.embeds.shape[1] for p in prompts)
     pad = backend.embed([backend.tokenizer.pad_token_id])[None]  # (1, 1, hidden)
@@ -86,8 +98,13 @@ def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
 
     recorder = Recorder(starts, prompts[0].n_image)
     with recorder, torch.inference_mode():
-        recorded = backend.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                                       min_new_tokens=NEW_TOKENS, do_sample=False)
+        recorded = backend.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
     out = eager_generate(eager, embeds, mask)
     assert torch.equal(recorded[:, -NEW_TOKENS:], out.sequences[:, -NEW_TOKENS:])
     expected = reference_maps(out.attentions, starts, prompts[0].n_image)
@@ -97,8 +114,12 @@ def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
     for b, p in enumerate(prompts):
         alone = Recorder([p.image_start], p.n_image)
         with alone, torch.inference_mode():
-            backend.lm.generate(inputs_embeds=p.embeds, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                do_sample=False)
+            backend.lm.generate(
+                inputs_embeds=p.embeds,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+            )
         torch.testing.assert_close(recorder.maps()[b], alone.maps()[0], atol=1e-5, rtol=0)
 
 
@@ -123,8 +144,12 @@ def test_memory_is_tokens_times_image_tokens(backend):
     prompt = backend.prompt(visual, "Describe the image in detail.")
     recorder = Recorder([prompt.image_start], prompt.n_image)
     with recorder, torch.inference_mode():
-        backend.lm.generate(inputs_embeds=prompt.embeds, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                            do_sample=False)
+        backend.lm.generate(
+            inputs_embeds=prompt.embeds,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+        )
     assert recorder.nbytes == NEW_TOKENS * prompt.n_image * 4
 
 
@@ -135,7 +160,9 @@ def test_inactive_recorder_leaves_plain_sdpa(backend):
     plain.set_attn_implementation({"text_config": "sdpa"})
     prompt = backend.prompt(backend.encode(image(6)), "Describe the image in detail.")
     with torch.inference_mode():
-        torch.testing.assert_close(backend.lm(inputs_embeds=prompt.embeds).logits,
-                                   plain(inputs_embeds=prompt.embeds).logits)
+        torch.testing.assert_close(
+            backend.lm(inputs_embeds=prompt.embeds).logits,
+            plain(inputs_embeds=prompt.embeds).logits,
+        )
     with pytest.raises(RuntimeError, match="saw no attention"):
         Recorder([0], 4).maps()

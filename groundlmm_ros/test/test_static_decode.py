@@ -22,8 +22,10 @@ def frame(seed=0, height=48, width=80):
 
 @pytest.fixture(scope="module", params=PRESETS)
 def engines(request):
-    return {decoding: build_engine(request.param, refiner="threshold", decoding=decoding)
-            for decoding in ("dynamic", "static")}
+    return {
+        decoding: build_engine(request.param, refiner="threshold", decoding=decoding)
+        for decoding in ("dynamic", "static")
+    }
 
 
 def test_same_tokens_and_maps_as_the_dynamic_path(engines):
@@ -32,10 +34,14 @@ def test_same_tokens_and_maps_as_the_dynamic_path(engines):
         visual = dynamic.encode(frame(seed))
         # Random weights rarely stop: 40 tokens, and again past the first length of the same cache.
         for n_tokens in (40, 7):
-            expected_ids, expected_maps = dynamic.generate(visual, QUESTION, n_tokens, stop_at_end=False)
+            expected_ids, expected_maps = dynamic.generate(
+                visual, QUESTION, n_tokens, stop_at_end=False
+            )
             ids, maps = static.generate(visual, QUESTION, n_tokens, stop_at_end=False)
             assert ids == expected_ids
-            assert maps.shape == expected_maps.shape == (n_tokens, dynamic.grid[0] * dynamic.grid[1])
+            assert (
+                maps.shape == expected_maps.shape == (n_tokens, dynamic.grid[0] * dynamic.grid[1])
+            )
             torch.testing.assert_close(maps, expected_maps, atol=1e-5, rtol=0)
     assert len(static._decoders) == 1  # one bucket served every query
 
@@ -59,13 +65,19 @@ def test_streaming_cancel_and_the_end_token_behave_as_the_dynamic_path(engines):
     assert seen == [ids[:n] for n in range(1, len(ids) + 1)]
     streamed = []
     with pytest.raises(Cancelled, match="stopped after 2 tokens"):
-        static.generate(visual, QUESTION, 12, on_token=streamed.append, should_stop=lambda: len(streamed) >= 2,
-                        stop_at_end=False)
+        static.generate(
+            visual,
+            QUESTION,
+            12,
+            on_token=streamed.append,
+            should_stop=lambda: len(streamed) >= 2,
+            stop_at_end=False,
+        )
     ids, _ = static.generate(visual, QUESTION, 12, stop_at_end=False)
     end = {ids[2]}  # pretend the third token ends the answer: it is kept, and nothing after it
     static.end_ids, saved = end, static.end_ids
     try:
-        assert static.generate(visual, QUESTION, 12)[0] == ids[:ids.index(ids[2]) + 1]
+        assert static.generate(visual, QUESTION, 12)[0] == ids[: ids.index(ids[2]) + 1]
     finally:
         static.end_ids = saved
 
@@ -74,7 +86,7 @@ def test_warm_up_builds_the_describe_bucket_before_the_first_query():
     engine = build_engine("tiny-random", refiner="threshold", decoding="static")
     assert engine.backend._decoders == {}
     engine.warm_up()
-    (length, image_start, n_image), = engine.backend._decoders
+    ((length, image_start, n_image),) = engine.backend._decoders
     before, after = engine.backend.prompt_ids(QUESTION)
     assert length == cache_length(len(before) + n_image + len(after) + engine.max_new_tokens)
     assert length % CACHE_BUCKET == 0 and image_start == len(before)

@@ -7,6 +7,7 @@ heads) against the recorder, batch of one and a left-padded batch of two.
 Forced attention: a model whose every query attends to one chosen image token must put the
 heat map's maximum inside that token's image region.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,10 @@ from PIL import Image
 from groundlmm_ros.engine.recorder import Recorder
 
 NEW_TOKENS = 6
-QUESTIONS = ("Describe the image in detail.", "What is on the table next to the red mug and the lamp?")
+QUESTIONS = (
+    "Describe the image in detail.",
+    "What is on the table next to the red mug and the lamp?",
+)
 
 
 def image(seed, height, width):
@@ -32,8 +36,12 @@ def reference_maps(attentions, image_starts, n_image):
     for step in attentions:
         length = max(layer.shape[-1] for layer in step)
         step = [F.pad(layer, (length - layer.shape[-1], 0)) for layer in step]
-        per_row = [torch.stack([layer[b, :, -1, start:start + n_image] for layer in step]).mean(dim=(0, 1))
-                   for b, start in enumerate(image_starts)]
+        per_row = [
+            torch.stack([layer[b, :, -1, start : start + n_image] for layer in step]).mean(
+                dim=(0, 1)
+            )
+            for b, start in enumerate(image_starts)
+        ]
         steps.append(torch.stack(per_row))
     return torch.stack(steps, dim=1)
 
@@ -42,14 +50,26 @@ def processor_batch(backend, images, questions):
     """The model's own processor on chat texts and images, left-padded (the reference's inputs),
     with the backend's image options (e.g. Qwen's max_pixels, InternVL's tile counts)."""
     texts = [backend.chat_text(q) for q in questions]
-    return backend.processor(images=[Image.fromarray(i) for i in images], text=texts, padding=True,
-                             padding_side="left", return_tensors="pt", **backend.image_kwargs())
+    return backend.processor(
+        images=[Image.fromarray(i) for i in images],
+        text=texts,
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+        **backend.image_kwargs(),
+    )
 
 
 def generate(model, inputs, **options):
     with torch.inference_mode():
-        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                              return_dict_in_generate=True, **options)
+        return model.generate(
+            **inputs,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            return_dict_in_generate=True,
+            **options,
+        )
 
 
 def image_starts(backend, input_ids):
@@ -57,20 +77,27 @@ def image_starts(backend, input_ids):
 
 
 def check_batch_of_one(backend, eager, picture) -> float:
-    """backend.generate == eager generate: same ids, same prompt, maps to 1e-5. Returns the max abs difference."""
+    """backend.generate == eager generate: same ids, same prompt, maps to 1e-5. Returns the max
+    abs difference."""
     question = QUESTIONS[0]
     encoded = backend.encode(picture)
     ids, maps = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
     inputs = processor_batch(backend, [picture], [question])
-    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(encoded, question)  # the processor's prompt
+    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(
+        encoded, question
+    )  # the processor's prompt
     out = generate(eager, inputs, output_attentions=True)
     assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
     prompt = backend.prompt(encoded, question)
-    expected = backend.on_grid(prompt, reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0])
+    expected = backend.on_grid(
+        prompt, reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0]
+    )
     rows, columns = backend.grid_of(encoded)
     assert maps.shape == expected.shape == (NEW_TOKENS, rows * columns)
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
-    assert (maps[1:] - maps[:-1]).abs().max() > 1e-4  # not a trivial agreement: maps differ per token
+    assert (
+        maps[1:] - maps[:-1]
+    ).abs().max() > 1e-4  # not a trivial agreement: maps differ per token
     return float((maps - expected).abs().max())
 
 
@@ -93,7 +120,9 @@ def check_left_padded_batch(backend, eager, pictures) -> float:
         ids, alone = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
         assert ids == out.sequences[b, -NEW_TOKENS:].tolist()
         prompt = backend.prompt(encoded, question)
-        torch.testing.assert_close(alone, backend.on_grid(prompt, recorder.maps()[b]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            alone, backend.on_grid(prompt, recorder.maps()[b]), atol=1e-5, rtol=0
+        )
     return float((recorder.maps() - expected).abs().max())
 
 
@@ -107,7 +136,9 @@ def force_attention_to_feature_zero(text_model, embed_tokens):
         for layer in text_model.layers:
             attention = layer.self_attn
             head_dim = attention.head_dim
-            pair = head_dim // 2 - 1  # rotate_half pairs dims (i, i + head_dim / 2); the last i turns slowest
+            pair = (
+                head_dim // 2 - 1
+            )  # rotate_half pairs dims (i, i + head_dim / 2); the last i turns slowest
             for projection in (attention.q_proj, attention.k_proj):
                 projection.weight.zero_()
                 if projection.bias is not None:
@@ -118,13 +149,16 @@ def force_attention_to_feature_zero(text_model, embed_tokens):
                 attention.q_proj.bias[h * head_dim + pair] = 30.0
             for h in range(n_kv):
                 attention.k_proj.weight[h * head_dim + pair, 0] = 30.0
-            attention.v_proj.weight[:, 0] = 0  # the attended token adds (almost) nothing: answers stay wordy
+            attention.v_proj.weight[:, 0] = (
+                0  # the attended token adds (almost) nothing: answers stay wordy
+            )
             attention.o_proj.weight[0] = 0
             layer.mlp.down_proj.weight[0] = 0
 
 
 def forced_model(tiny_processor, tiny_model, **options):
-    """(processor, model): a tiny model (options to its builder) with its attention forced as above."""
+    """(processor, model): a tiny model (options to its builder) with its attention forced as
+    above."""
     processor = tiny_processor()
     model = tiny_model(processor.tokenizer, seed=5, **options)
     force_attention_to_feature_zero(model.model.language_model, model.get_input_embeddings())
@@ -163,7 +197,10 @@ def check_directory_round_trip(engine, directory, backend_class, adjust=lambda b
     assert isinstance(loaded.backend, backend_class)
     adjust(loaded.backend)
     picture = image(8, 48, 80)
-    expected, result = engine.ground(picture, "Describe the image."), loaded.ground(picture, "Describe the image.")
+    expected, result = (
+        engine.ground(picture, "Describe the image."),
+        loaded.ground(picture, "Describe the image."),
+    )
     assert result.token_ids == expected.token_ids
     for a, b in zip(result.phrases, expected.phrases):
         np.testing.assert_allclose(a.heatmap, b.heatmap, atol=1e-6)
@@ -173,7 +210,9 @@ def check_teacher_forcing(backend):
     """Refer mode's one pass gives token t the row at position t - 1, as generation does."""
     encoded = backend.encode(image(4, 64, 32))
     ids, generated = backend.generate(encoded, QUESTIONS[0], NEW_TOKENS, stop_at_end=False)
-    torch.testing.assert_close(backend.teacher_force(encoded, QUESTIONS[0], ids), generated, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        backend.teacher_force(encoded, QUESTIONS[0], ids), generated, atol=1e-5, rtol=0
+    )
 
 
 def check_point_in_cell(engine, height, width, grid, cell):
@@ -193,6 +232,7 @@ def parity_tests(label: str, tiny_model):
     """The parity tests of one backend, for its test module to bind by name: the eager twin
     (tiny_model(tokenizer, seed=3) on eager attention, as the module's `backend` fixture is
     built), batch of one, left-padded batch, teacher forcing. They print the figures (pytest -s)."""
+
     @pytest.fixture(scope="module")
     def eager(backend):
         model = tiny_model(backend.tokenizer, seed=3)
@@ -205,10 +245,16 @@ def parity_tests(label: str, tiny_model):
 
     def test_left_padded_batch_matches_eager_generate(backend, eager):
         difference = check_left_padded_batch(backend, eager, [image(1, 40, 72), image(2, 40, 72)])
-        print(f"{label} parity, left-padded batch of two: max |recorder - eager| = {difference:.2e}")
+        print(
+            f"{label} parity, left-padded batch of two: max |recorder - eager| = {difference:.2e}"
+        )
 
     def test_teacher_forcing_reads_the_rows_generation_reads(backend):
         check_teacher_forcing(backend)
 
-    return (eager, test_batch_of_one_matches_eager_generate, test_left_padded_batch_matches_eager_generate,
-            test_teacher_forcing_reads_the_rows_generation_reads)
+    return (
+        eager,
+        test_batch_of_one_matches_eager_generate,
+        test_left_padded_batch_matches_eager_generate,
+        test_teacher_forcing_reads_the_rows_generation_reads,
+    )

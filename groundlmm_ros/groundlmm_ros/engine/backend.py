@@ -1,5 +1,6 @@
 """What the Engine needs from a model. models/ implements it (LlavaStyleBackend and its
 subclasses); the engine never reaches past it into a tokenizer or a transformers model."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -16,8 +17,8 @@ class Backend(Protocol):
     grid can differ per image (native-resolution and tiling models), so the engine asks
     `grid_of(encoded)` for every image instead of reading a constant."""
 
-    pads_to_square: bool              # preprocessing pads to a square (heat maps undo it)
-    end_ids: set[int]                 # ids that end an answer (the tokenizer's EOS)
+    pads_to_square: bool  # preprocessing pads to a square (heat maps undo it)
+    end_ids: set[int]  # ids that end an answer (the tokenizer's EOS)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text (no special tokens), as the model would write it."""
@@ -32,18 +33,29 @@ class Backend(Protocol):
         """(rows, columns) of this encoded image's maps: generate and teacher_force give
         (T, rows * columns) maps, row-major, covering the image as the model saw it."""
 
-    def generate(self, visual_tokens: Any, question: str, max_new_tokens: int,
-                 on_token: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None,
-                 stop_at_end: bool = True) -> tuple[list[int], torch.Tensor]:
-        """Greedy answer ids (the end token included when emitted) and their maps (T, rows * columns).
-        stop_at_end=False always makes max_new_tokens tokens (benchmarks of random models)."""
+    def generate(
+        self,
+        visual_tokens: Any,
+        question: str,
+        max_new_tokens: int,
+        on_token: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        stop_at_end: bool = True,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Greedy answer ids (the end token included when emitted) and their maps
+        (T, rows * columns). stop_at_end=False always makes max_new_tokens tokens (benchmarks of
+        random models)."""
 
     def warm_up(self, question: str, max_new_tokens: int) -> None:
-        """Prepare whatever a first answer to `question` would otherwise build (fixed-shape decoders)."""
+        """Prepare whatever a first answer to `question` would otherwise build (fixed-shape
+        decoders)."""
 
-    def teacher_force(self, visual_tokens: Any, question: str, answer_ids: list[int]) -> torch.Tensor:
+    def teacher_force(
+        self, visual_tokens: Any, question: str, answer_ids: list[int]
+    ) -> torch.Tensor:
         """Maps (T, rows * columns) of the given answer ids in one forward pass."""
 
-    def teacher_force_batch(self, visual_tokens: Any, question: str, answers: list[list[int]]) -> list[torch.Tensor]:
+    def teacher_force_batch(
+        self, visual_tokens: Any, question: str, answers: list[list[int]]
+    ) -> list[torch.Tensor]:
         """Several answers in one batched pass: per answer what teacher_force gives it alone."""

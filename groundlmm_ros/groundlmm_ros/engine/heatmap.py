@@ -3,6 +3,7 @@
 Maps are torch tensors on the grid of visual tokens: (T, h, w) per answer token;
 heat maps are numpy (H, W) float32 in input-image pixels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,7 +26,9 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     return maps - maps.mean(dim=0, keepdim=True)
 
 
-def combine(maps: torch.Tensor, token_indices: Sequence[int], how: str = DEFAULT_COMBINE) -> torch.Tensor:
+def combine(
+    maps: torch.Tensor, token_indices: Sequence[int], how: str = DEFAULT_COMBINE
+) -> torch.Tensor:
     """(T, h, w) -> (h, w): the maps of one phrase's tokens, element-wise mean, max or the first."""
     if how not in COMBINE:
         raise ValueError(f"combine must be one of {COMBINE}, got {how!r}")
@@ -40,7 +43,8 @@ def combine(maps: torch.Tensor, token_indices: Sequence[int], how: str = DEFAULT
 
 
 def upsample(grid_maps: torch.Tensor, image_size: tuple[int, int], mode: str = "pad") -> np.ndarray:
-    """(P, h, w) grid maps -> (P, H, W) float32 image-pixel heat maps, bicubic (align_corners=False).
+    """(P, h, w) grid maps -> (P, H, W) float32 image-pixel heat maps, bicubic
+    (align_corners=False).
 
     "pad": the model saw the image centred in a max(H, W) square, so upsample to that
     square and crop the centre (the crop starts where pad_to_square put the image).
@@ -50,11 +54,13 @@ def upsample(grid_maps: torch.Tensor, image_size: tuple[int, int], mode: str = "
     height, width = image_size
     maps = grid_maps.float().unsqueeze(0)  # (1, P, h, w): interpolate wants a batch axis
     if mode == "resize":
-        return F.interpolate(maps, size=(height, width), mode="bicubic", align_corners=False)[0].numpy()
+        return F.interpolate(maps, size=(height, width), mode="bicubic", align_corners=False)[
+            0
+        ].numpy()
     side = max(height, width)
     square = F.interpolate(maps, size=(side, side), mode="bicubic", align_corners=False)[0]
     top, left = (side - height) // 2, (side - width) // 2
-    return square[:, top:top + height, left:left + width].contiguous().numpy()
+    return square[:, top : top + height, left : left + width].contiguous().numpy()
 
 
 def argmax_point(heatmap: np.ndarray) -> tuple[int, int]:

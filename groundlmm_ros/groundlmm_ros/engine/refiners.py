@@ -4,6 +4,7 @@ Every refiner: `set_image(image)` once per query, then `refine(heatmap, point)`
 per phrase -> (mask (H, W) bool, score). Images are (H, W, 3) uint8 RGB,
 heat maps (H, W) float32 and points (x, y) in the same pixels.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -35,33 +36,53 @@ class SamRefiner:
     score: SAM's predicted IoU of the kept mask.
     """
 
-    def __init__(self, sam, prompt: str = "point", attention_temperature: float = 2e-4, box_threshold: float = 0.75,
-                 encoder_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        sam,
+        prompt: str = "point",
+        attention_temperature: float = 2e-4,
+        box_threshold: float = 0.75,
+        encoder_dtype: torch.dtype | None = None,
+    ):
         if prompt not in SAM_PROMPTS:
             raise ValueError(f"SAM prompt must be one of {SAM_PROMPTS}, got {prompt!r}")
         self.predictor = SamPredictor(sam)
         self.prompt = prompt
-        self.attention_temperature = attention_temperature   # the reference's --attn-temp
-        self.box_threshold = box_threshold                   # the reference's --box-thresh
+        self.attention_temperature = attention_temperature  # the reference's --attn-temp
+        self.box_threshold = box_threshold  # the reference's --box-thresh
         # The image encoder is most of SAM's time (ViT-H: ~190 ms in float32 on an H200): by default
         # it runs in float16 on CUDA (autocast), float32 elsewhere; prompts and masks stay float32.
         # On CUDA it also runs on its own stream, so it overlaps whatever the caller runs next
         # (the engine embeds the frame first, then runs the LMM); refine() waits for it.
         device = sam.device
-        self.encoder_dtype = encoder_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        self.encoder_dtype = encoder_dtype or (
+            torch.float16 if device.type == "cuda" else torch.float32
+        )
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._image: np.ndarray | None = None   # the frame whose embedding the predictor holds
+        self._image: np.ndarray | None = None  # the frame whose embedding the predictor holds
 
     def set_image(self, image: np.ndarray) -> None:
         """Embeds the image once: queries on the same frame reuse the embedding."""
-        if self._image is not None and self._image.shape == image.shape and np.array_equal(self._image, image):
+        if (
+            self._image is not None
+            and self._image.shape == image.shape
+            and np.array_equal(self._image, image)
+        ):
             return
         stream = nullcontext()
         if self._stream is not None:
-            self._stream.wait_stream(torch.cuda.current_stream())  # the old embedding is no longer in use
+            self._stream.wait_stream(
+                torch.cuda.current_stream()
+            )  # the old embedding is no longer in use
             stream = torch.cuda.stream(self._stream)
-        with stream, torch.autocast(self.predictor.device.type, dtype=self.encoder_dtype,
-                                    enabled=self.encoder_dtype != torch.float32):
+        with (
+            stream,
+            torch.autocast(
+                self.predictor.device.type,
+                dtype=self.encoder_dtype,
+                enabled=self.encoder_dtype != torch.float32,
+            ),
+        ):
             self.predictor.set_image(image, image_format="RGB")
             self.predictor.features = self.predictor.features.float()
         self._image = image.copy()
@@ -73,12 +94,16 @@ class SamRefiner:
     def refine(self, heatmap, point):
         self._embedded()
         if self.prompt == "point":
-            masks, scores, _ = self.predictor.predict(point_coords=np.array([point], dtype=np.float32),
-                                                      point_labels=np.array([1]), multimask_output=True)
+            masks, scores, _ = self.predictor.predict(
+                point_coords=np.array([point], dtype=np.float32),
+                point_labels=np.array([1]),
+                multimask_output=True,
+            )
         else:
             scaled = heatmap / self.attention_temperature
-            masks, scores, _ = self.predictor.predict(box=self._box(scaled), mask_input=self._mask_logits(scaled),
-                                                      multimask_output=True)
+            masks, scores, _ = self.predictor.predict(
+                box=self._box(scaled), mask_input=self._mask_logits(scaled), multimask_output=True
+            )
         return masks[-1].astype(bool), float(scores[-1])
 
     def _box(self, scaled: np.ndarray) -> np.ndarray:
@@ -87,7 +112,9 @@ class SamRefiner:
         rows, columns = np.nonzero(scaled > self.box_threshold)
         if rows.size == 0:
             return np.zeros(4, np.float32)
-        return np.array([columns.min(), rows.min(), columns.max() + 1, rows.max() + 1], dtype=np.float32)
+        return np.array(
+            [columns.min(), rows.min(), columns.max() + 1, rows.max() + 1], dtype=np.float32
+        )
 
     def _mask_logits(self, scaled: np.ndarray, eps: float = 1e-3) -> np.ndarray:
         """(1, m, m) logits in SAM's low-resolution mask frame, the reference's convert_mask_SAM:
@@ -98,10 +125,14 @@ class SamRefiner:
         height, width = scaled.shape
         probabilities = np.clip(scaled, eps, 1 - eps)
         logits = torch.from_numpy(np.log(probabilities / (1 - probabilities))).float()[None, None]
-        size = (side, int(width / height * side)) if height >= width else (int(height / width * side), side)
+        size = (
+            (side, int(width / height * side))
+            if height >= width
+            else (int(height / width * side), side)
+        )
         resized = F.interpolate(logits, size, mode="bicubic", align_corners=False)[0, 0]
         padded = np.zeros((side, side), np.float32)
-        padded[:size[0], :size[1]] = resized.numpy()
+        padded[: size[0], : size[1]] = resized.numpy()
         return padded[None]
 
 
@@ -141,13 +172,26 @@ class ColourRefiner:
     fall back to the map. ~2-3 ms per phrase at 640 x 480. score: 1.0 (no quality estimate).
     """
 
-    def __init__(self, tolerance: int = 32, fraction: float = 0.3, margin: float = 0.06,
-                 min_fill: float = 0.02, max_fill: float = 0.9, fallback: ThresholdRefiner = ThresholdRefiner()):
+    def __init__(
+        self,
+        tolerance: int = 32,
+        fraction: float = 0.3,
+        margin: float = 0.06,
+        min_fill: float = 0.02,
+        max_fill: float = 0.9,
+        fallback: ThresholdRefiner = ThresholdRefiner(),
+    ):
         if not 0 < tolerance < 256:
             raise ValueError(f"colour tolerance must be in 1..255, got {tolerance}")
-        if not 0.0 < fraction < 1.0 or not 0.0 <= margin < 1.0 or not 0.0 <= min_fill < max_fill <= 1.0:
-            raise ValueError(f"need 0 < fraction < 1, 0 <= margin < 1, 0 <= min_fill < max_fill <= 1; got "
-                             f"{fraction}, {margin}, {min_fill}, {max_fill}")
+        if (
+            not 0.0 < fraction < 1.0
+            or not 0.0 <= margin < 1.0
+            or not 0.0 <= min_fill < max_fill <= 1.0
+        ):
+            raise ValueError(
+                f"need 0 < fraction < 1, 0 <= margin < 1, 0 <= min_fill < max_fill <= 1; got "
+                f"{fraction}, {margin}, {min_fill}, {max_fill}"
+            )
         self.tolerance, self.fraction, self.margin = tolerance, fraction, margin
         self.min_fill, self.max_fill = min_fill, max_fill
         self.fallback = fallback
@@ -160,19 +204,31 @@ class ColourRefiner:
 
     def refine(self, heatmap, point):
         if self.image is None or self.image.shape[:2] != heatmap.shape:
-            raise ValueError("ColourRefiner.refine needs set_image with an image of the heat map's size first")
+            raise ValueError(
+                "ColourRefiner.refine needs set_image with an image of the heat map's size first"
+            )
         height, width = heatmap.shape
         side = 2 * round(self.margin * max(height, width)) + 1
         # A square margin: OpenCV dilates by a rectangle separably (~0.5 ms at 640 x 480;
         # an ellipse of the same size takes ~20 ms).
-        region = cv2.dilate(heat_region(heatmap, point, self.fraction).astype(np.uint8), np.ones((side, side), np.uint8))
+        region = cv2.dilate(
+            heat_region(heatmap, point, self.fraction).astype(np.uint8),
+            np.ones((side, side), np.uint8),
+        )
         # floodFill's mask is 2 px larger than the image; non-zero pixels stop the fill,
         # and filled pixels are marked 2 (flags bits 8-15), so the region outside stays 1.
         blocked = np.ones((height + 2, width + 2), np.uint8)
         blocked[1:-1, 1:-1] -= region
         tolerance = (self.tolerance,) * 3
-        cv2.floodFill(self.image, blocked, point, 0, tolerance, tolerance,
-                      4 | cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (2 << 8))
+        cv2.floodFill(
+            self.image,
+            blocked,
+            point,
+            0,
+            tolerance,
+            tolerance,
+            4 | cv2.FLOODFILL_FIXED_RANGE | cv2.FLOODFILL_MASK_ONLY | (2 << 8),
+        )
         filled = blocked[1:-1, 1:-1] == 2
         if not self.min_fill <= filled.sum() / region.sum() <= self.max_fill:
             return self.fallback.refine(heatmap, point)

@@ -3,6 +3,7 @@
 Coordinates are image pixels of the input image (H rows, W columns);
 points are (x, y) = (column, row).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,23 +23,25 @@ class Cancelled(Exception):
 
 @dataclass
 class GroundedPhrase:
-    text: str                    # the noun phrase (describe) or the whole expression (refer)
-    char_start: int              # [char_start, char_end) of the phrase in Grounding.answer
+    text: str  # the noun phrase (describe) or the whole expression (refer)
+    char_start: int  # [char_start, char_end) of the phrase in Grounding.answer
     char_end: int
-    token_indices: list[int]     # answer tokens whose maps were combined (indices into Grounding.token_ids)
-    heatmap: np.ndarray          # (H, W) float32, the combined map upsampled to image pixels
-    point: tuple[int, int]       # (x, y) argmax of heatmap, the refiner's point prompt
-    mask: np.ndarray             # (H, W) bool
-    score: float                 # refiner's mask quality (SAM's predicted IoU); 1.0 without one
+    token_indices: list[
+        int
+    ]  # answer tokens whose maps were combined (indices into Grounding.token_ids)
+    heatmap: np.ndarray  # (H, W) float32, the combined map upsampled to image pixels
+    point: tuple[int, int]  # (x, y) argmax of heatmap, the refiner's point prompt
+    mask: np.ndarray  # (H, W) bool
+    score: float  # refiner's mask quality (SAM's predicted IoU); 1.0 without one
     bbox: tuple[int, int, int, int]  # (x, y, width, height) tight box of mask; zeros if empty
 
 
 @dataclass
 class Grounding:
     query: str
-    mode: str                    # one of MODES
-    answer: str                  # the answer as decoded, unstripped (refer: the expression itself)
-    token_ids: list[int]         # the answer's token ids
+    mode: str  # one of MODES
+    answer: str  # the answer as decoded, unstripped (refer: the expression itself)
+    token_ids: list[int]  # the answer's token ids
     phrases: list[GroundedPhrase]
     image_size: tuple[int, int]  # (H, W)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"

@@ -7,6 +7,7 @@ attention recorder on: greedy generation (describe) or one teacher-forced pass
 (refer). A new model subclasses LlavaStyleBackend and supplies only
 `encode_image` (pixel_values -> visual tokens) plus its LM and tokenizer.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,14 +25,19 @@ log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA's conversation templates for one user turn (llava/conversation.py in LLaVA and in the
-# reference code): roles "USER"/"ASSISTANT", separators " " and "</s>"; only the system line differs.
+# reference code): roles "USER"/"ASSISTANT", separators " " and "</s>"; only the system line
+# differs.
 # Vicuna v1.5 and LLaVA-1.5 (and so DiffLMM) were TRAINED with vicuna_v1; the paper's GCG scripts
 # (the reference's aas/infer_attn.py, --conv-mode default "llava_v1") PROMPT with llava_v1.
 CONVERSATIONS = {
-    "vicuna_v1": ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions."),
-    "llava_v1": ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions."),
+    "vicuna_v1": (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
+    "llava_v1": (
+        "A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    ),
 }
 PAPER_CONVERSATION = "llava_v1"
 
@@ -40,7 +46,9 @@ def llava_v1_prompt(question: str, conversation: str = PAPER_CONVERSATION) -> st
     """One user turn of a LLaVA v1 conversation template with the image first, ending where
     the assistant's answer begins: "{system} USER: <image>\n{question} ASSISTANT:"."""
     if conversation not in CONVERSATIONS:
-        raise ValueError(f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
+        raise ValueError(
+            f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}"
+        )
     return f"{CONVERSATIONS[conversation]} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
 
 
@@ -53,6 +61,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Preprocessing:
     """How a checkpoint's images became pixel values in training, so inference must repeat it:
     pad to square with `pad_color`, bicubic resize, then (x / 255 - mean) / std per channel."""
+
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     pad_color: tuple[int, int, int]
@@ -82,7 +91,7 @@ def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
     square = np.empty((side, side, 3), dtype=np.uint8)
     square[:] = fill
     top, left = (side - height) // 2, (side - width) // 2
-    square[top:top + height, left:left + width] = image
+    square[top : top + height, left : left + width] = image
     return square
 
 
@@ -91,7 +100,9 @@ def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
 
     After pad-to-square, CLIPImageProcessor's shortest-edge resize + centre crop is a plain
     bicubic resize to size x size (PIL, as the processor does)."""
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    resized = np.asarray(
+        Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32
+    )
     normalised = (resized / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return torch.from_numpy(normalised).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -99,10 +110,14 @@ def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
 @dataclass
 class Prompt:
     embeds: torch.Tensor  # (1, S, hidden) the whole prompt in the LM's dtype
-    image_start: int      # index of the first visual token in the sequence
-    n_image: int          # visual tokens, = grid[0] * grid[1] here; more where some are not on the map
-    lm_kwargs: dict = field(default_factory=dict)  # more LM inputs for the whole prompt (e.g. 3D positions)
-    grid_columns: torch.Tensor | None = None  # which of the n_image tokens form the map, row-major; None: all
+    image_start: int  # index of the first visual token in the sequence
+    n_image: int  # visual tokens, = grid[0] * grid[1] here; more where some are not on the map
+    lm_kwargs: dict = field(
+        default_factory=dict
+    )  # more LM inputs for the whole prompt (e.g. 3D positions)
+    grid_columns: torch.Tensor | None = (
+        None  # which of the n_image tokens form the map, row-major; None: all
+    )
 
 
 class LlavaStyleBackend:
@@ -120,8 +135,16 @@ class LlavaStyleBackend:
     static_decoding = True
     decoding = "dynamic"  # a DECODINGS name (build_engine sets it)
 
-    def __init__(self, lm, tokenizer, *, grid: tuple[int, int], image_size: int,
-                 preprocessing: Preprocessing = CLIP_PREPROCESSING, conversation: str = PAPER_CONVERSATION):
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        *,
+        grid: tuple[int, int],
+        image_size: int,
+        preprocessing: Preprocessing = CLIP_PREPROCESSING,
+        conversation: str = PAPER_CONVERSATION,
+    ):
         self.lm = lm.eval()
         self.tokenizer = tokenizer
         self.grid = grid
@@ -165,8 +188,10 @@ class LlavaStyleBackend:
         tokens = self.encode_image(self.preprocess(image))
         expected = self.grid[0] * self.grid[1]
         if tokens.shape[0] != expected:
-            raise ValueError(f"encode_image gave {tokens.shape[0]} visual tokens, "
-                             f"the grid {self.grid} needs {expected}")
+            raise ValueError(
+                f"encode_image gave {tokens.shape[0]} visual tokens, "
+                f"the grid {self.grid} needs {expected}"
+            )
         return tokens
 
     # -- text --------------------------------------------------------------------
@@ -194,10 +219,17 @@ class LlavaStyleBackend:
         """(len(ids), hidden) input embeddings."""
         return self.lm.get_input_embeddings()(torch.tensor(ids, device=self.device))
 
-    def prompt(self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int] = ()) -> Prompt:
+    def prompt(
+        self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int] = ()
+    ) -> Prompt:
         ids_before, ids_after = self.prompt_ids(question)
-        embeds = torch.cat([self.embed(ids_before), visual_tokens.to(self.device, self.dtype),
-                            self.embed(ids_after + list(answer_ids))])
+        embeds = torch.cat(
+            [
+                self.embed(ids_before),
+                visual_tokens.to(self.device, self.dtype),
+                self.embed(ids_after + list(answer_ids)),
+            ]
+        )
         return Prompt(embeds.unsqueeze(0), len(ids_before), visual_tokens.shape[0])
 
     # -- language model with the recorder on ---------------------------------------
@@ -213,22 +245,34 @@ class LlavaStyleBackend:
         return maps if prompt.grid_columns is None else maps[:, prompt.grid_columns.to(maps.device)]
 
     @torch.inference_mode()
-    def generate(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None, stop_at_end=True):
+    def generate(
+        self,
+        visual_tokens,
+        question,
+        max_new_tokens,
+        on_token=None,
+        should_stop=None,
+        stop_at_end=True,
+    ):
         """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
         recorded by the forward pass that predicts it (its input ends with token t-1).
         decoding "dynamic": a DynamicCache and a list of map rows; "static" / "graphs": fixed
         shapes (models/static_decode.py), the same tokens and maps."""
         prompt = self.prompt(visual_tokens, question)
         if self.decoding != "dynamic":
-            decoder = self._static_decoder(prompt.embeds.shape[1] + max_new_tokens, prompt.image_start,
-                                           prompt.n_image)
-            ids, maps = decoder.generate(prompt.embeds, max_new_tokens, on_token, should_stop, self.end_ids,
-                                         stop_at_end)
+            decoder = self._static_decoder(
+                prompt.embeds.shape[1] + max_new_tokens, prompt.image_start, prompt.n_image
+            )
+            ids, maps = decoder.generate(
+                prompt.embeds, max_new_tokens, on_token, should_stop, self.end_ids, stop_at_end
+            )
             return ids, self.on_grid(prompt, maps)
         recorder = Recorder([prompt.image_start], prompt.n_image, rows=1)
         ids: list[int] = []
         with recorder:
-            out = self.lm(inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1, **prompt.lm_kwargs)
+            out = self.lm(
+                inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1, **prompt.lm_kwargs
+            )
             while True:
                 next_id = int(out.logits[0, -1].argmax())
                 ids.append(next_id)
@@ -239,8 +283,13 @@ class LlavaStyleBackend:
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"stopped after {len(ids)} tokens")
                 position = prompt.embeds.shape[1] + len(ids) - 1
-                out = self.lm(inputs_embeds=self.embed([next_id]).unsqueeze(0), cache=out.cache,
-                              use_cache=True, logits_to_keep=1, **self.step_kwargs(prompt, position))
+                out = self.lm(
+                    inputs_embeds=self.embed([next_id]).unsqueeze(0),
+                    cache=out.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **self.step_kwargs(prompt, position),
+                )
         return ids, self.on_grid(prompt, recorder.maps()[0])
 
     def _static_decoder(self, tokens: int, image_start: int, n_image: int) -> StaticDecoder:
@@ -253,7 +302,10 @@ class LlavaStyleBackend:
             except RuntimeError as error:
                 if self.decoding != "graphs":
                     raise
-                log.warning("CUDA graph capture failed (%s): decoding with a static cache, without graphs", error)
+                log.warning(
+                    "CUDA graph capture failed (%s): decoding with a static cache, without graphs",
+                    error,
+                )
                 self._decoders[key] = StaticDecoder(self.lm, *key, graphs=False)
         return self._decoders[key]
 
@@ -264,12 +316,16 @@ class LlavaStyleBackend:
             return
         before, after = self.prompt_ids(question)
         n_image = self.grid[0] * self.grid[1]
-        self._static_decoder(len(before) + n_image + len(after) + max_new_tokens, len(before), n_image)
+        self._static_decoder(
+            len(before) + n_image + len(after) + max_new_tokens, len(before), n_image
+        )
 
     def _teacher_force_alone(self, prompt: Prompt, rows: int) -> torch.Tensor:
         recorder = Recorder([prompt.image_start], prompt.n_image, rows=rows)
         with recorder:
-            self.lm(inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1, **prompt.lm_kwargs)
+            self.lm(
+                inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1, **prompt.lm_kwargs
+            )
         return self.on_grid(prompt, recorder.maps()[0])
 
     def teacher_force(self, visual_tokens, question, answer_ids):
@@ -278,7 +334,9 @@ class LlavaStyleBackend:
         return self.teacher_force_batch(visual_tokens, question, [answer_ids])[0]
 
     @torch.inference_mode()
-    def teacher_force_batch(self, visual_tokens, question, answers: list[list[int]]) -> list[torch.Tensor]:
+    def teacher_force_batch(
+        self, visual_tokens, question, answers: list[list[int]]
+    ) -> list[torch.Tensor]:
         """Several answers to one question about one image in ONE forward pass: the sequences
         prompt + answer[:-1] left-padded to one length (so every answer ends at the last
         position), masked and positioned as if alone. -> per answer its maps (T_i, N_image)."""
@@ -291,14 +349,30 @@ class LlavaStyleBackend:
         length = max(p.embeds.shape[1] for p in prompts)
         pads = [length - p.embeds.shape[1] for p in prompts]
         hidden = prompts[0].embeds.shape[2]
-        embeds = torch.cat([torch.cat([prompts[0].embeds.new_zeros(1, pad, hidden), p.embeds], dim=1)
-                            for p, pad in zip(prompts, pads)])                   # (B, L, hidden)
-        mask = torch.tensor([[0] * pad + [1] * (length - pad) for pad in pads], device=self.device)  # (B, L)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)                           # as if unpadded
+        embeds = torch.cat(
+            [
+                torch.cat([prompts[0].embeds.new_zeros(1, pad, hidden), p.embeds], dim=1)
+                for p, pad in zip(prompts, pads)
+            ]
+        )  # (B, L, hidden)
+        mask = torch.tensor(
+            [[0] * pad + [1] * (length - pad) for pad in pads], device=self.device
+        )  # (B, L)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded
         rows = max(map(len, answers))
-        recorder = Recorder([pad + p.image_start for p, pad in zip(prompts, pads)], prompts[0].n_image, rows=rows)
+        recorder = Recorder(
+            [pad + p.image_start for p, pad in zip(prompts, pads)], prompts[0].n_image, rows=rows
+        )
         with recorder:
-            self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
-                    logits_to_keep=1)
-        maps = recorder.maps()                                                   # (B, rows, n_image)
-        return [self.on_grid(p, maps[i, rows - len(ids):]) for i, (p, ids) in enumerate(zip(prompts, answers))]
+            self.lm(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        maps = recorder.maps()  # (B, rows, n_image)
+        return [
+            self.on_grid(p, maps[i, rows - len(ids) :])
+            for i, (p, ids) in enumerate(zip(prompts, answers))
+        ]

@@ -9,6 +9,7 @@ by that run. The recorder reads the run's columns; `layout` says which of them f
 (row-major) and the grid's shape, which differs from image to image.
 Generation, teacher forcing and text come from LlavaStyleBackend (models/backend.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,11 +24,13 @@ from groundlmm_ros.models.backend import LlavaStyleBackend, Prompt
 
 @dataclass
 class EncodedImage:
-    image_ids: list[int]        # the processor's token run for this image (placeholder expanded)
-    features: torch.Tensor      # (n_image, hidden) LM embeddings of the run's image-token positions
-    inputs: dict                # the processor's image tensors (pixel_values, image_grid_thw, image_sizes ...)
-    grid: tuple[int, int]       # (rows, columns) of the map
-    grid_columns: torch.Tensor | None  # indices into the n_image tokens that form the map, row-major; None: all
+    image_ids: list[int]  # the processor's token run for this image (placeholder expanded)
+    features: torch.Tensor  # (n_image, hidden) LM embeddings of the run's image-token positions
+    inputs: dict  # the processor's image tensors (pixel_values, image_grid_thw, image_sizes ...)
+    grid: tuple[int, int]  # (rows, columns) of the map
+    grid_columns: (
+        torch.Tensor | None
+    )  # indices into the n_image tokens that form the map, row-major; None: all
 
 
 class ChatTemplateBackend(LlavaStyleBackend):
@@ -59,8 +62,9 @@ class ChatTemplateBackend(LlavaStyleBackend):
         """The processor's image tensors -> (n_image, hidden) embeddings in sequence order."""
         raise NotImplementedError
 
-    def layout(self, inputs: dict, n_image: int, image_size: tuple[int, int]) -> tuple[tuple[int, int],
-                                                                                       torch.Tensor | None]:
+    def layout(
+        self, inputs: dict, n_image: int, image_size: tuple[int, int]
+    ) -> tuple[tuple[int, int], torch.Tensor | None]:
         """(grid, grid_columns) of this image: which image tokens form the map, as what grid."""
         raise NotImplementedError
 
@@ -70,15 +74,25 @@ class ChatTemplateBackend(LlavaStyleBackend):
 
     @torch.inference_mode()
     def encode(self, image: np.ndarray) -> EncodedImage:
-        inputs = self.processor(images=[Image.fromarray(image)], text=[self.processor.image_token],
-                                add_special_tokens=False, return_tensors="pt", **self.image_kwargs())
+        inputs = self.processor(
+            images=[Image.fromarray(image)],
+            text=[self.processor.image_token],
+            add_special_tokens=False,
+            return_tensors="pt",
+            **self.image_kwargs(),
+        )
         image_ids = inputs.pop("input_ids")[0].tolist()
-        inputs = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()
-                  if k not in ("attention_mask", "mm_token_type_ids")}
+        inputs = {
+            k: v.to(self.device) if torch.is_tensor(v) else v
+            for k, v in inputs.items()
+            if k not in ("attention_mask", "mm_token_type_ids")
+        }
         features = self.image_features(inputs)
         n_image = image_ids.count(self.image_token_id)
         if features.shape[0] != n_image:
-            raise ValueError(f"the vision tower gave {features.shape[0]} embeddings for {n_image} image tokens")
+            raise ValueError(
+                f"the vision tower gave {features.shape[0]} embeddings for {n_image} image tokens"
+            )
         grid, columns = self.layout(inputs, n_image, image.shape[:2])
         return EncodedImage(image_ids, features, inputs, grid, columns)
 
@@ -89,16 +103,22 @@ class ChatTemplateBackend(LlavaStyleBackend):
 
     def chat_text(self, question: str) -> str:
         """One user turn, the image first, ending where the assistant's answer begins."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
 
     def prompt_token_ids(self, visual_tokens: EncodedImage, question: str) -> list[int]:
         """The chat text tokenized as the processor tokenizes it, its one placeholder expanded."""
         ids = self.tokenizer(self.chat_text(question)).input_ids
         if ids.count(self.image_token_id) != 1:
-            raise ValueError(f"the chat template gave {ids.count(self.image_token_id)} image placeholders, not 1")
+            raise ValueError(
+                f"the chat template gave {ids.count(self.image_token_id)} image placeholders, not 1"
+            )
         at = ids.index(self.image_token_id)
-        return ids[:at] + visual_tokens.image_ids + ids[at + 1:]
+        return ids[:at] + visual_tokens.image_ids + ids[at + 1 :]
 
     def prompt(self, visual_tokens: EncodedImage, question: str, answer_ids=()) -> Prompt:
         ids = self.prompt_token_ids(visual_tokens, question) + list(answer_ids)
@@ -108,9 +128,14 @@ class ChatTemplateBackend(LlavaStyleBackend):
         if int(positions[-1]) != start + n_image - 1:
             raise ValueError("the image tokens are not one contiguous run")
         embeds = self.embed(ids)
-        embeds[start:start + n_image] = visual_tokens.features.to(self.device, self.dtype)
-        return Prompt(embeds.unsqueeze(0), start, n_image, self.lm_kwargs(ids, visual_tokens),
-                      visual_tokens.grid_columns)
+        embeds[start : start + n_image] = visual_tokens.features.to(self.device, self.dtype)
+        return Prompt(
+            embeds.unsqueeze(0),
+            start,
+            n_image,
+            self.lm_kwargs(ids, visual_tokens),
+            visual_tokens.grid_columns,
+        )
 
     def lm_kwargs(self, ids: list[int], visual_tokens: EncodedImage) -> dict:
         """More LM inputs for the whole prompt (none by default)."""

@@ -6,6 +6,7 @@ in which it differs from the paper's defaults.
 Add a model by adding a row (and, for a directory format, a LOADERS entry
 keyed by its config.json "model_type").
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,16 @@ RECORDED_SETTINGS = ("normalise", "combine", "conversation")
 class Preset:
     """A model by name. `settings`: what the model carries that differs from the paper's
     defaults (Engine options, and "conversation", its prompt template)."""
-    backend: Callable[[str, torch.dtype, int], object] | None = None   # (device, dtype, seed) -> backend
-    directory: Callable[[], object] | None = None   # or: the model is this directory (its loader, its settings)
-    sam: Callable[[int], object] | None = None      # seed -> segment_anything Sam, when the preset ships one
+
+    backend: Callable[[str, torch.dtype, int], object] | None = (
+        None  # (device, dtype, seed) -> backend
+    )
+    directory: Callable[[], object] | None = (
+        None  # or: the model is this directory (its loader, its settings)
+    )
+    sam: Callable[[int], object] | None = (
+        None  # seed -> segment_anything Sam, when the preset ships one
+    )
     settings: dict = field(default_factory=dict)
 
 
@@ -62,40 +70,80 @@ PRESETS: dict[str, Preset] = {
     # only (groundlmm_ros/model/MODEL_CARD.md); its directory records its own settings.
     "demo": Preset(directory=demo_model_dir, settings={"max_new_tokens": 40}),
     # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
-    "tiny-random": Preset(tiny.tiny_llava_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
-    # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline); the paper's settings.
-    "llava-1.5-7b": Preset(lambda device, dtype, seed: load_llava("llava-hf/llava-1.5-7b-hf", device=device,
-                                                                  dtype=dtype)),
+    "tiny-random": Preset(
+        tiny.tiny_llava_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
+    ),
+    # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline); the paper's
+    # settings.
+    "llava-1.5-7b": Preset(
+        lambda device, dtype, seed: load_llava(
+            "llava-hf/llava-1.5-7b-hf", device=device, dtype=dtype
+        )
+    ),
     # Tiny random DiffLMM (same code as the 7B one) + tiny random SAM: tests, CI.
-    "tiny-difflmm-random": Preset(tiny.tiny_difflmm_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
-    # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP), with
-    # the paper's settings; other directories: released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
+    "tiny-difflmm-random": Preset(
+        tiny.tiny_difflmm_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
+    ),
+    # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP),
+    # with the paper's settings; other directories:
+    # released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
     # Tiny random Qwen2.5-VL (same code as the real ones) + tiny random SAM: tests, CI, the node.
-    "tiny-qwen2.5-vl-random": Preset(tiny_qwen2_5_vl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
-    # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024 new
-    # tokens as the reference's aas/more_models/qwen2_5vl.py.
-    "qwen2.5-vl-3b": Preset(lambda device, dtype, seed: load_qwen2_5_vl(
-        "Qwen/Qwen2.5-VL-3B-Instruct", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
-    "qwen2.5-vl-7b": Preset(lambda device, dtype, seed: load_qwen2_5_vl(
-        "Qwen/Qwen2.5-VL-7B-Instruct", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "tiny-qwen2.5-vl-random": Preset(
+        tiny_qwen2_5_vl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
+    ),
+    # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024
+    # new tokens as the reference's aas/more_models/qwen2_5vl.py.
+    "qwen2.5-vl-3b": Preset(
+        lambda device, dtype, seed: load_qwen2_5_vl(
+            "Qwen/Qwen2.5-VL-3B-Instruct", device=device, dtype=dtype
+        ),
+        settings={"max_new_tokens": 1024},
+    ),
+    "qwen2.5-vl-7b": Preset(
+        lambda device, dtype, seed: load_qwen2_5_vl(
+            "Qwen/Qwen2.5-VL-7B-Instruct", device=device, dtype=dtype
+        ),
+        settings={"max_new_tokens": 1024},
+    ),
     # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
-    "tiny-llava-next-random": Preset(tiny_llava_next_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
-    # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution map and up to
-    # 1024 new tokens as the reference's aas/more_models/llava_next.py (load_llava_next(use_base_patches=True):
-    # the base tile's 24 x 24 instead).
-    "llava-next-mistral-7b": Preset(lambda device, dtype, seed: load_llava_next(
-        "llava-hf/llava-v1.6-mistral-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
-    "llava-next-vicuna-7b": Preset(lambda device, dtype, seed: load_llava_next(
-        "llava-hf/llava-v1.6-vicuna-7b-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "tiny-llava-next-random": Preset(
+        tiny_llava_next_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
+    ),
+    # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution
+    # map and up to 1024 new tokens as the reference's aas/more_models/llava_next.py
+    # (load_llava_next(use_base_patches=True): the base tile's 24 x 24 instead).
+    "llava-next-mistral-7b": Preset(
+        lambda device, dtype, seed: load_llava_next(
+            "llava-hf/llava-v1.6-mistral-7b-hf", device=device, dtype=dtype
+        ),
+        settings={"max_new_tokens": 1024},
+    ),
+    "llava-next-vicuna-7b": Preset(
+        lambda device, dtype, seed: load_llava_next(
+            "llava-hf/llava-v1.6-vicuna-7b-hf", device=device, dtype=dtype
+        ),
+        settings={"max_new_tokens": 1024},
+    ),
     # Tiny random InternVL + tiny random SAM: tests, CI.
-    "tiny-internvl-random": Preset(tiny_internvl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}),
-    # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline): 3 to 9 tiles,
-    # the tiles' map and up to 1024 new tokens as the reference's aas/more_models/internvl2_5.py.
-    "internvl3-2b": Preset(lambda device, dtype, seed: load_internvl(
-        "OpenGVLab/InternVL3-2B-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
-    "internvl3-8b": Preset(lambda device, dtype, seed: load_internvl(
-        "OpenGVLab/InternVL3-8B-hf", device=device, dtype=dtype), settings={"max_new_tokens": 1024}),
+    "tiny-internvl-random": Preset(
+        tiny_internvl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
+    ),
+    # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline):
+    # 3 to 9 tiles, the tiles' map and up to 1024 new tokens as the reference's
+    # aas/more_models/internvl2_5.py.
+    "internvl3-2b": Preset(
+        lambda device, dtype, seed: load_internvl(
+            "OpenGVLab/InternVL3-2B-hf", device=device, dtype=dtype
+        ),
+        settings={"max_new_tokens": 1024},
+    ),
+    "internvl3-8b": Preset(
+        lambda device, dtype, seed: load_internvl(
+            "OpenGVLab/InternVL3-8B-hf", device=device, dtype=dtype
+        ),
+        settings={"max_new_tokens": 1024},
+    ),
 }
 
 # Model directories by config.json "model_type".
@@ -114,12 +162,17 @@ def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object,
     chose; the paper's default, on, would ruin the demo model's maps)."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise ValueError(f"{path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with config.json")
+        raise ValueError(
+            f"{path!r} is neither a preset ({', '.join(PRESETS)}) nor a model directory with "
+            "config.json"
+        )
     with open(config_path) as f:
         config = json.load(f)
     model_type = config.get("model_type")
     if model_type not in LOADERS:
-        raise ValueError(f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})")
+        raise ValueError(
+            f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})"
+        )
     training = config.get("extra", {}).get("training", {})
     recorded = {name: training[name] for name in RECORDED_SETTINGS if name in training}
     return LOADERS[model_type](path, device=device, dtype=dtype), recorded
@@ -135,9 +188,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conversation: str = "",
-                 decoding: str = "auto", refiner: str = "auto", sam_checkpoint: str = "",
-                 sam_prompt: str = "point", seed: int = 0, **engine_options) -> Engine:
+def build_engine(
+    model: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    conversation: str = "",
+    decoding: str = "auto",
+    refiner: str = "auto",
+    sam_checkpoint: str = "",
+    sam_prompt: str = "point",
+    seed: int = 0,
+    **engine_options,
+) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
     paper's models; models with their own chat template take none). decoding: a DECODINGS name
@@ -151,26 +214,34 @@ def build_engine(model: str, *, device: str = "cpu", dtype: str = "auto", conver
     if decoding == "auto":
         decoding = "graphs" if torch.device(device).type == "cuda" else "dynamic"
     if decoding not in DECODINGS:
-        raise ValueError(f"decoding must be auto or one of {', '.join(DECODINGS)}, got {decoding!r}")
+        raise ValueError(
+            f"decoding must be auto or one of {', '.join(DECODINGS)}, got {decoding!r}"
+        )
     if decoding == "graphs" and torch.device(device).type != "cuda":
         raise ValueError("decoding 'graphs' needs a CUDA device")
     if conversation and conversation not in CONVERSATIONS:
-        raise ValueError(f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}")
+        raise ValueError(
+            f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}"
+        )
     preset = PRESETS.get(model)
     if refiner == "sam" and not sam_checkpoint and not (preset and preset.sam):
         raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
     if preset and preset.backend:
         backend, settings = preset.backend(device, dtype, seed), preset.settings
     else:
-        backend, recorded = _from_directory(str(preset.directory()) if preset else model, device, dtype)
+        backend, recorded = _from_directory(
+            str(preset.directory()) if preset else model, device, dtype
+        )
         settings = {**recorded, **(preset.settings if preset else {})}
     options = {**settings, **engine_options}
     chosen_conversation = conversation or options.pop("conversation", "")
     options.pop("conversation", None)
     if backend.conversation is None:  # the model's own chat template (models/chat_backend.py)
         if chosen_conversation:
-            raise ValueError(f"{model} prompts with its own chat template; conversation {chosen_conversation!r} "
-                             "is a LLaVA v1 template")
+            raise ValueError(
+                f"{model} prompts with its own chat template; conversation {chosen_conversation!r} "
+                "is a LLaVA v1 template"
+            )
     else:
         backend.conversation = chosen_conversation or PAPER_CONVERSATION
     if decoding != "dynamic" and not backend.static_decoding:

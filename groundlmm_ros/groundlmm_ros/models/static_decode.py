@@ -45,23 +45,30 @@ class StaticDecoder:
         text = lm.config.get_text_config()
         self.layers = text.num_hidden_layers
         self.cache = StaticCache(config=lm.config, max_cache_len=length)
-        self.maps = torch.zeros(1, length, n_image, device=device)       # (1, steps, n_image) rows
+        self.maps = torch.zeros(1, length, n_image, device=device)  # (1, steps, n_image) rows
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # the row being written
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)    # the step's input id
-        self.position = torch.zeros(1, dtype=torch.long, device=device)    # its cache slot
-        self.logits: torch.Tensor | None = None                            # the step's output
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # the step's input id
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # its cache slot
+        self.logits: torch.Tensor | None = None  # the step's output
         self.graph: torch.cuda.CUDAGraph | None = None
         if graphs:
             self._capture()
 
     def _recorder(self) -> BufferRecorder:
-        return BufferRecorder([self.image_start], self.n_image, self.maps, self.step_index, self.layers)
+        return BufferRecorder(
+            [self.image_start], self.n_image, self.maps, self.step_index, self.layers
+        )
 
     def _step(self) -> None:
         """One token through the LM: self.token at self.position -> self.logits (1, 1, vocab)."""
         embeds = self.lm.get_input_embeddings()(self.token)
-        self.logits = self.lm(inputs_embeds=embeds, cache=self.cache, cache_position=self.position,
-                              use_cache=True, logits_to_keep=1).logits
+        self.logits = self.lm(
+            inputs_embeds=embeds,
+            cache=self.cache,
+            cache_position=self.position,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -79,22 +86,34 @@ class StaticDecoder:
             self._step()
 
     @torch.inference_mode()
-    def generate(self, embeds: torch.Tensor, max_new_tokens: int,
-                 on_token: Callable[[list[int]], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None,
-                 end_ids: set[int] = frozenset(), stop_at_end: bool = True) -> tuple[list[int], torch.Tensor]:
+    def generate(
+        self,
+        embeds: torch.Tensor,
+        max_new_tokens: int,
+        on_token: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        end_ids: set[int] = frozenset(),
+        stop_at_end: bool = True,
+    ) -> tuple[list[int], torch.Tensor]:
         """embeds (1, S, hidden), the whole prompt -> (answer ids, maps (T, n_image)), as the
         dynamic path returns them."""
         prompt_length = embeds.shape[1]
         if prompt_length + max_new_tokens > self.length:
-            raise ValueError(f"{prompt_length} + {max_new_tokens} tokens do not fit a cache of {self.length}")
+            raise ValueError(
+                f"{prompt_length} + {max_new_tokens} tokens do not fit a cache of {self.length}"
+            )
         self.cache.reset()
         self.step_index.zero_()
         recorder = self._recorder()
         ids: list[int] = []
         with recorder:
-            out = self.lm(inputs_embeds=embeds, cache=self.cache, use_cache=True, logits_to_keep=1,
-                          cache_position=torch.arange(prompt_length, device=embeds.device))
+            out = self.lm(
+                inputs_embeds=embeds,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                cache_position=torch.arange(prompt_length, device=embeds.device),
+            )
             recorder.advance()
             self.token.copy_(out.logits[:, -1:].argmax(-1))
             self.position.fill_(prompt_length)
