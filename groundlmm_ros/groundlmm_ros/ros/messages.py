@@ -5,12 +5,50 @@ from __future__ import annotations
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
-from sensor_msgs.msg import RegionOfInterest
+from sensor_msgs.msg import Image, RegionOfInterest
 from std_msgs.msg import Header
 
 from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from groundlmm_ros.engine.types import Grounding
-from groundlmm_ros.ros.conversion import mask_to_image
+from groundlmm_ros.ros.conversion import image_to_numpy, mask_to_image
+
+# How a GroundedPhrase carries its mask: "full", the source image's size; "cropped", only its
+# bbox (the bbox gives the offset), far fewer bytes over a robot's network.
+MASK_FORMATS = ("full", "cropped")
+
+
+def mask_message(
+    mask: np.ndarray, bbox: tuple[int, int, int, int], header: Header, mask_format: str
+) -> Image:
+    """A (H, W) bool mask as a GroundedPhrase's mono8 mask, in `mask_format`."""
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(
+            f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}"
+        )
+    if mask_format == "cropped":
+        x, y, width, height = bbox
+        if not width or not height:  # an empty mask: an empty image
+            return Image(header=header, encoding="mono8")
+        mask = mask[y : y + height, x : x + width]
+    return mask_to_image(mask, header)
+
+
+def phrase_mask(phrase: GroundedPhrase, image_size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: a GroundedPhrase's mask on its (H, W) source image, in either format."""
+    if not phrase.mask.height or not phrase.mask.width:  # cropped, empty
+        return np.zeros(image_size, bool)
+    pixels = image_to_numpy(phrase.mask) == 255
+    if pixels.shape == tuple(image_size):
+        return pixels
+    box = phrase.bbox
+    if pixels.shape != (box.height, box.width):
+        raise ValueError(
+            f"mask of {pixels.shape} fits neither the image {tuple(image_size)} nor the bbox "
+            f"{(box.height, box.width)}"
+        )
+    full = np.zeros(image_size, bool)
+    full[box.y_offset : box.y_offset + box.height, box.x_offset : box.x_offset + box.width] = pixels
+    return full
 
 
 def grounding_result(
@@ -19,9 +57,10 @@ def grounding_result(
     model: str,
     inference_time: float,
     centroids: list[np.ndarray],
+    mask_format: str = "full",
 ) -> GroundingResult:
     """A GroundingResult: header = the source image's; centroids are (3,) metres per phrase
-    (NaN: unknown)."""
+    (NaN: unknown); masks in `mask_format` (MASK_FORMATS)."""
     phrases = []
     for phrase, xyz in zip(grounding.phrases, centroids, strict=True):
         x, y, width, height = phrase.bbox
@@ -36,7 +75,7 @@ def grounding_result(
                 bbox=RegionOfInterest(
                     x_offset=int(x), y_offset=int(y), width=int(width), height=int(height)
                 ),
-                mask=mask_to_image(phrase.mask, header),
+                mask=mask_message(phrase.mask, phrase.bbox, header, mask_format),
                 centroid=Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
             )
         )

@@ -340,7 +340,8 @@ class GroundingNode(LifecycleNode):
         points = self._points_3d(outcome)
         centroids = [depth.centroid(p) for p in points] if points else [np.full(3, np.nan)] * len(grounding.phrases)
         inference_time = outcome.convert_s + outcome.engine_s + time.perf_counter() - start
-        result = messages.grounding_result(grounding, header, params.model, inference_time, centroids)
+        result = messages.grounding_result(grounding, header, params.model, inference_time, centroids,
+                                            params.mask_format)
         outputs = self._outputs
         outputs["grounding"].publish(result)
         outcome.result = result

@@ -13,6 +13,7 @@ from dataclasses import make_dataclass
 from rcl_interfaces.msg import ParameterDescriptor
 
 from groundlmm_ros.engine.types import MODES
+from groundlmm_ros.ros.messages import MASK_FORMATS
 
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -95,6 +96,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "standing_mode": ("describe", "mode of the standing query: `describe` or `refer`"),
     "max_rate_hz": (1.0, "most standing-query results per second (0: as fast as the model allows)"),
     # Outputs (read at configure).
+    "mask_format": (
+        "full",
+        "masks in GroundedPhrase: `full` (the image's size) or `cropped` (only the bbox, "
+        "which gives the offset: far fewer bytes on a robot's network)",
+    ),
     "marker_lifetime_s": (1.0, "lifetime of the RViz markers"),
     "status_period_s": (1.0, "period of the `/diagnostics` status"),
 }
@@ -167,6 +173,7 @@ def check_parameters(values: dict) -> str:
         "image_qos_reliability": RELIABILITIES,
         "query_mode": MODES,
         "standing_mode": MODES,
+        "mask_format": MASK_FORMATS,
     }
     for name, allowed in choices.items():
         if name in values and values[name] not in allowed:
