@@ -5,8 +5,6 @@ PY := $(VENV)/bin/python
 export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# Big images and masks: Fast DDS's large-data transport (ENVIRONMENT.md).
-export FASTDDS_BUILTIN_TRANSPORTS ?= LARGE_DATA
 
 .PHONY: setup demo test test-jazzy bench clean
 

@@ -15,7 +15,7 @@ setup(
         ("share/" + package_name + "/config", glob("config/*")),
         ("share/" + package_name + "/model", glob("model/*")),
     ],
-    package_data={package_name: ["model_files/*"]},
+    package_data={package_name: ["model_files/*", "ros/*.xml"]},
     install_requires=["setuptools"],
     zip_safe=True,
     maintainer="groundlmm_ros developers",
