@@ -38,7 +38,7 @@ from visualization_msgs.msg import MarkerArray
 
 from groundlmm_ros.engine.types import GroundedPhrase, Grounding
 from groundlmm_ros.ros.conversion import numpy_to_image, to_rgb8
-from groundlmm_ros.ros.node import GroundingNode
+from groundlmm_ros.ros.node import GroundingNode, use_node_dds_profile
 from groundlmm_ros.ros.worker import Job, Outcome
 
 WIDTH, HEIGHT, MASKS = 640, 480, 10
@@ -149,7 +149,9 @@ def node_overhead(repeats: int) -> dict:
         assert node.trigger_configure().name == "SUCCESS" and node.trigger_activate().name == "SUCCESS"
         node._on_depth(numpy_to_image(np.full((HEIGHT, WIDTH), 1200, np.uint16), "16UC1", depth_header))
         node._on_camera_info(CameraInfo(width=WIDTH, height=HEIGHT, k=[500.0, 0, 319.5, 0, 500.0, 239.5, 0, 0, 1]))
-        subscriber = subprocess.Popen([sys.executable, __file__, "--subscribe", *topics])
+        # the subscriber is a default participant (no profile of its own), as RViz or a planner is
+        default_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTDDS_")}
+        subscriber = subprocess.Popen([sys.executable, __file__, "--subscribe", *topics], env=default_env)
         outputs = [node._outputs[name] for name in ("grounding", "overlay", "markers", "points")][:len(topics)]
         assert wait_for(lambda: all(p.get_subscription_count() for p in outputs), 60), "subscriber not matched"
         samples = []
@@ -192,9 +194,11 @@ def main() -> None:
     if args.subscribe:
         return subscribe(args.subscribe)
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 200))
+    use_node_dds_profile()  # this process plays the node for the overhead figures
     rclpy.init()
     figures = {**end_to_end(args.queries), **node_overhead(args.repeats), "image": f"{WIDTH}x{HEIGHT}",
-               "masks_for_overhead": MASKS, "fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", "")}
+               "masks_for_overhead": MASKS, "fastdds_transports": os.environ.get("FASTDDS_BUILTIN_TRANSPORTS", ""),
+               "fastdds_profile": os.path.basename(os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE", ""))}
     rclpy.try_shutdown()
     print(json.dumps(figures))
 

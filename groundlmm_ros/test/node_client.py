@@ -68,7 +68,10 @@ class ClientNode:
             "camera_info": self.node.create_publisher(CameraInfo, "camera_info", QoSProfile(depth=5)),
         }
         self._node_name = node_name
-        self._action = ActionClient(self.node, Ground, f"{node_name}/ground")
+        # ROS's default service QoS keeps 10 responses: a client that sends 100 goals at once needs a history
+        # as deep as its burst, or responses not yet taken are overwritten (the node's side keeps 1000)
+        self._action = ActionClient(self.node, Ground, f"{node_name}/ground", goal_service_qos_profile=many,
+                                    result_service_qos_profile=many, cancel_service_qos_profile=many)
         self._goals: dict[int, GoalRecord] = {}
         self._goal_ids = itertools.count()
         self.executor = SingleThreadedExecutor()

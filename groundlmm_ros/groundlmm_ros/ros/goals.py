@@ -40,6 +40,15 @@ class GoalRun:
         self._finished.set()
         self.start()
 
+    def _end(self, transition) -> None:
+        """Set the terminal state. After Ctrl-C the state still changes (so rclpy does not set it again) but
+        publishing it fails by design: nothing to report then."""
+        try:
+            transition()
+        except Exception:
+            if self._context.ok():
+                raise
+
     def feedback(self, partial_answer: str, tokens: int) -> None:
         if self._context.ok():
             self.handle.publish_feedback(Ground.Feedback(partial_answer=partial_answer, tokens=tokens))
@@ -47,20 +56,18 @@ class GoalRun:
     def execute(self) -> Ground.Result:
         """The goal's execute callback, on an executor thread: sets its terminal state, returns its result."""
         if self.refused:
-            self.handle.abort()
+            self._end(self.handle.abort)
             return Ground.Result(success=False, message=self.refused)
         while not self._finished.wait(0.5) and self._context.ok():
             pass
-        if not self._context.ok():
-            return Ground.Result(success=False, message="the node is shutting down")
         outcome = self._outcome
+        if outcome is None:  # Ctrl-C before the worker finished it
+            self._end(self.handle.abort)
+            return Ground.Result(success=False, message="the node is shutting down")
         if outcome.result is not None and outcome.result.success:
-            self.handle.succeed()
+            self._end(self.handle.succeed)
             return Ground.Result(result=outcome.result, success=True)
-        if outcome.cancelled and self.handle.is_cancel_requested:
-            self.handle.canceled()
-        else:
-            self.handle.abort()
+        self._end(self.handle.canceled if outcome.cancelled and self.handle.is_cancel_requested else self.handle.abort)
         # the same failed GroundingResult that went out on `grounding` (empty if delivering it failed)
         return Ground.Result(result=outcome.result or GroundingResult(), success=False,
                              message=outcome.error or "delivering the result failed")

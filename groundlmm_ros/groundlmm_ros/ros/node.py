@@ -49,6 +49,7 @@ except ImportError:  # Humble
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 DDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
+ACTION_SERVICE_DEPTH = 1000  # goal, result and cancel requests kept until taken
 EXIT_TIMEOUT_S = 4.0  # from SIGINT/SIGTERM to exit, at most (plus the faulthandler dump)
 
 
@@ -115,9 +116,13 @@ class GroundingNode(LifecycleNode):
             "points": self._publisher(PointCloud2, "~/points", QoSProfile(depth=2)),
             "status": self._publisher(DiagnosticArray, "/diagnostics", reliable),
         }
+        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result requests) would
+        # overwrite the ones not yet taken.
+        burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._action_server = ActionServer(
             self, Ground, "~/ground", execute_callback=self._execute_goal, handle_accepted_callback=self._on_goal_accepted,
             goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=lambda goal: CancelResponse.ACCEPT,
+            goal_service_qos_profile=burst, result_service_qos_profile=burst, cancel_service_qos_profile=burst,
             callback_group=MutuallyExclusiveCallbackGroup())
         self._status_timer = self.create_timer(params.status_period_s, self._publish_status, self._group)
         self._state = "inactive"
@@ -272,6 +277,8 @@ class GroundingNode(LifecycleNode):
         return reason
 
     def _log_query_problem(self, job: Job, what: str, reason: str) -> None:
+        if not self.context.ok():  # after Ctrl-C: nothing to report, and /rosout is gone
+            return
         shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
         if job.source == "standing":
             self.get_logger().warning(f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0)
