@@ -64,10 +64,11 @@ class NodeProcess:
     """`python -m groundlmm_ros.ros.node` with a params file; stop() sends SIGINT like Ctrl-C.
 
     gated=True runs gated_node.py instead: the same node whose model waits at a gate the test opens
-    (open_gate / close_gate), so a test fills the queue deterministically."""
+    (open_gate / close_gate), so a test fills the queue deterministically. `command` replaces the whole
+    command line (params then unused)."""
 
     def __init__(self, params: dict, gated: bool = False, hold_configure: bool = False,
-                 namespace: str = NAMESPACE, command: list[str] | None = None):
+                 command: list[str] | None = None, cwd: Path | None = None, env: dict | None = None):
         self._dir = tempfile.TemporaryDirectory(prefix="groundlmm_node_test_")
         self.gate = Path(self._dir.name)
         params_file = os.path.join(self._dir.name, "params.yaml")
@@ -77,10 +78,10 @@ class NodeProcess:
         if hold_configure:
             (self.gate / "hold_configure").touch()
         program = [str(HERE / "gated_node.py"), str(self.gate)] if gated else ["-m", "groundlmm_ros.ros.node"]
-        command = command or [sys.executable, *program, "--ros-args", "-r", f"__ns:={namespace}",
+        command = command or [sys.executable, *program, "--ros-args", "-r", f"__ns:={NAMESPACE}",
                               "--params-file", params_file]
-        env = dict(os.environ, OMP_NUM_THREADS="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
-        self.process = start(command, self.log_path, env)
+        env = dict(env or os.environ, OMP_NUM_THREADS="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
+        self.process = start(command, self.log_path, env, cwd=cwd)
 
     def output(self) -> str:
         with open(self.log_path) as f:
