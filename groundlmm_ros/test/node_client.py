@@ -150,6 +150,9 @@ class ClientNode:
         return [{"accepted": r.accepted, "response_s": r.response_s, "status": r.status, "result": r.result,
                  "feedbacks": list(r.feedbacks)} for r in (self._goals[key] for key in keys)]
 
+    def node_names(self) -> list[str]:
+        return [f"{namespace.rstrip('/')}/{name}" for name, namespace in self.node.get_node_names_and_namespaces()]
+
     def call_service(self, srv_type, name: str, request, timeout: float):
         client = self.node.create_client(srv_type, f"{self._node_name}/{name}")
         try:

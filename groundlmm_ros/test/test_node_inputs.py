@@ -14,7 +14,7 @@ from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
 from groundlmm_msgs.msg import GroundingResult
 from lifecycle_msgs.msg import Transition
-from node_harness import Client, NodeProcess, connect, is_rejection, rgb_image
+from node_harness import Client, NodeProcess, is_rejection, rgb_image
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
@@ -35,13 +35,6 @@ def node():
     process.open_gate()
     yield process
     process.close()
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    client = connect(node)
-    yield client
-    client.close()
 
 
 def header(stamp_s: float) -> Header:

@@ -11,7 +11,7 @@ import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
 from groundlmm_msgs.action import Ground
-from node_harness import TERMINAL, NodeProcess, connect, rgb_image, wait_for
+from node_harness import TERMINAL, NodeProcess, rgb_image, wait_for
 from sensor_msgs.msg import Image
 
 pytestmark = pytest.mark.timeout(240)
@@ -24,13 +24,6 @@ def node():
     process = NodeProcess({"query_mode": "refer", "query_queue_size": QUEUE}, gated=True)
     yield process
     process.close()
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    client = connect(node)
-    yield client
-    client.close()
 
 
 def goal(query: str) -> Ground.Goal:
@@ -125,12 +118,19 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
     assert len(standing) == 1 and standing[0].success
 
 
-def test_sigterm_while_the_model_answers_exits_within_5_s(client, node):
-    hold_the_model(client, node, "the mug at SIGTERM")
+def test_sigterm_with_a_standing_query_running_exits_within_5_s(client, node):
+    node.close_gate()
+    started = len(node.started())
+    client.publish_image(rgb_image(stamp_s=3.0, seed=2))
+    assert all(r.successful for r in client.set_parameters(standing_query="the mug at SIGTERM"))
+    assert node.wait_started(started + 1), node.output()  # the model holds it
+    assert "/lab/groundlmm_node" in client.call("node_names")
     start = time.monotonic()
     assert node.stop(signal.SIGTERM) == 0, node.output()
     assert time.monotonic() - start < 5.0
     assert "Traceback" not in node.output() and "never retrieved" not in node.output(), node.output()
+    # it left the ROS graph as it exited (a participant that just vanishes stays listed for its 20 s lease)
+    assert wait_for(lambda: "/lab/groundlmm_node" not in client.call("node_names"), 5.0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -11,6 +11,7 @@ DiagnosticStatus on `~/rejected`. An action goal's Ground result carries the sam
 from __future__ import annotations
 
 import collections
+import ctypes
 import faulthandler
 import gc
 import os
@@ -391,10 +392,15 @@ class GroundingNode(LifecycleNode):
             }
         level = DiagnosticStatus.OK if self._state == "active" else DiagnosticStatus.WARN
         publisher = self._outputs.get("status")
-        if publisher is not None and self.context.ok():  # after Ctrl-C a publish fails by design
+        if publisher is None:
+            return
+        try:
             publisher.publish(messages.status_array(
                 self.get_clock().now().to_msg(), f"{self.get_fully_qualified_name()}: grounding", params.device,
                 level, self._state, values))
+        except Exception:
+            if self.context.ok():  # after Ctrl-C a publish fails by design (and its error would be logged unread)
+                raise
 
 
 def _median(samples) -> float:
@@ -436,6 +442,16 @@ def main(args=None) -> None:
         executor.shutdown(timeout_sec=0.5)
         node.destroy_node()
         rclpy.try_shutdown()
+        context = node.context
+        del node, executor
+        gc.collect()
+        context.destroy()  # the DDS participant leaves the graph now (else only after its lease, 20 s)
+    # Python's own teardown of torch and the model code has nothing left to release but takes seconds on a
+    # busy machine: skip it (only on this normal path; an error above still ends with its traceback).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)  # and what C code (the ROS logger) has buffered
+    os._exit(0)
 
 
 if __name__ == "__main__":
