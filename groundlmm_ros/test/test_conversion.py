@@ -235,6 +235,13 @@ def test_malformed_image_is_named(msg, problem):
         to_rgb8(msg)
 
 
+def test_yuv422_of_odd_width_is_refused_by_name():
+    """Its layout is fine (2 bytes a pixel) but a YUV pair needs two pixels: OpenCV refuses, named here."""
+    msg = Image(width=3, height=1, encoding="yuv422", step=6, data=bytes(6))
+    with pytest.raises(ImageConversionError, match=r"encoding 'yuv422' cannot be converted to rgb8: sz.width % 2"):
+        to_rgb8(msg)
+
+
 @pytest.mark.parametrize("data, problem", [
     (b"", r"CompressedImage data is empty"),
     (b"\x89PNG\r\n\x1a\n" + bytes(40), r"CompressedImage data \(48 bytes, format 'png'\) is not an image"),

@@ -135,8 +135,9 @@ def to_rgb8(msg: Image | CompressedImage) -> np.ndarray:
         )
     try:
         return convert_color(pixels, encoding, "rgb8")
-    except rosbags_image.ImageConversionError as error:
-        raise ImageConversionError(f"encoding {encoding!r} cannot be converted to rgb8: {error}") from None
+    except (rosbags_image.ImageConversionError, cv2.error) as error:  # OpenCV refuses e.g. yuv422 of odd width
+        reason = error.err if isinstance(error, cv2.error) else error
+        raise ImageConversionError(f"encoding {encoding!r} cannot be converted to rgb8: {reason}") from None
 
 
 def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = None) -> Image:

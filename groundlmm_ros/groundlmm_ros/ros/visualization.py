@@ -24,6 +24,8 @@ def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.nda
         # Tint within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
         x, y, width, height = phrase.bbox
         region = canvas[y:y + height, x:x + width]  # a view into canvas
+        if region.size == 0:  # an empty mask (its bbox has no pixels): nothing to tint
+            continue
         inside = phrase.mask[y:y + height, x:x + width]
         colour = np.broadcast_to(PALETTE[index % len(PALETTE)], region.shape).copy()
         tinted = cv2.addWeighted(region, 1 - alpha, colour, alpha, 0)

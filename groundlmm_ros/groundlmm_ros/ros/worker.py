@@ -159,7 +159,12 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self._next_job()) is not None:
-            self._deliver(self._serve(job))
+            try:
+                outcome = self._serve(job)
+            except Exception as error:  # a bug in the path around the model costs this query, not the worker
+                self._log_error(f"unexpected error on query {job.query!r}:\n{traceback.format_exc()}")
+                outcome = Outcome(job, error=f"internal error: {type(error).__name__}: {error}")
+            self._deliver(outcome)
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for job in queued:
