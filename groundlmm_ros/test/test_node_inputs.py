@@ -277,9 +277,10 @@ def test_fuzz_of_malformed_messages_and_goals_keeps_every_goal_answered(client, 
         elif kind == "depth":
             client.depth_pub.publish(fuzz_image(rng, ["16UC1", "32FC1", "mono16", "rgb8", ""]))
         elif kind == "camera_info":
-            client.info_pub.publish(CameraInfo(header=header(float(rng.uniform(0, 100))),
-                                               width=int(rng.integers(0, 8000)), height=int(rng.integers(0, 8000)),
-                                               k=rng.normal(0, 1e3, 9).tolist(), d=rng.normal(0, 1, int(rng.integers(0, 20))).tolist()))
+            client.info_pub.publish(CameraInfo(
+                header=header(float(rng.uniform(0, 100))), width=int(rng.integers(0, 8000)),
+                height=int(rng.integers(0, 8000)), k=rng.normal(0, 1e3, 9).tolist(),
+                d=rng.normal(0, 1, int(rng.integers(0, 20))).tolist()))
         elif kind == "query":
             client.query(fuzz_text(rng))
         else:

@@ -121,7 +121,8 @@ class GroundingNode(LifecycleNode):
         # overwrite the ones not yet taken.
         burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._action_server = ActionServer(
-            self, Ground, "~/ground", execute_callback=self._execute_goal, handle_accepted_callback=self._on_goal_accepted,
+            self, Ground, "~/ground", execute_callback=self._execute_goal,
+            handle_accepted_callback=self._on_goal_accepted,
             goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=lambda goal: CancelResponse.ACCEPT,
             goal_service_qos_profile=burst, result_service_qos_profile=burst, cancel_service_qos_profile=burst,
             callback_group=MutuallyExclusiveCallbackGroup())
@@ -134,7 +135,8 @@ class GroundingNode(LifecycleNode):
         params = self._params
         image_topic = "image/compressed" if params.image_transport == "compressed" else "image"
         self._worker = Worker(self._engine, self._deliver, queue_size=params.query_queue_size,
-                              image_topic=self.resolve_topic_name(image_topic), max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
+                              image_topic=self.resolve_topic_name(image_topic),
+                              max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
                               log_error=self._log_worker_error)
         self._worker.set_standing(*(self.get_parameter(name).value for name in DYNAMIC))  # as set now
         self._worker.start()
