@@ -8,7 +8,10 @@ exists (or the query is cancelled: Cancelled, as the engine raises between token
 engine. While GATE_DIR/hold_configure exists, building the model waits (after creating
 GATE_DIR/configuring): the test can interrupt the node in the middle of configure. Every wait ends
 after GATE_TIMEOUT_S with an error, so a test that forgets the gate fails instead of hanging.
+With GATE_DIR/hang_at_exit, the node's shut_down first blocks in a C call that holds the GIL, as a
+deadlocked DDS teardown does.
 """
+import ctypes
 import sys
 import time
 from pathlib import Path
@@ -57,6 +60,14 @@ def main() -> None:
         return GatedEngine(build_engine(*args, **kwargs), gate)
 
     presets.build_engine = gated_build_engine  # node.py imports build_engine from presets at configure
+    if (gate / "hang_at_exit").exists():
+        shut_down = node.GroundingNode.shut_down
+
+        def hanging_shut_down(self, *args, **kwargs):
+            ctypes.PyDLL(None).sleep(60)  # PyDLL: the GIL stays held for the whole call
+            shut_down(self, *args, **kwargs)
+
+        node.GroundingNode.shut_down = hanging_shut_down
     node.main()
 
 

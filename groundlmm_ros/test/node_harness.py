@@ -67,7 +67,7 @@ class NodeProcess:
     (open_gate / close_gate), so a test fills the queue deterministically. `command` replaces the whole
     command line (params then unused)."""
 
-    def __init__(self, params: dict, gated: bool = False, hold_configure: bool = False,
+    def __init__(self, params: dict, gated: bool = False, hold_configure: bool = False, hang_at_exit: bool = False,
                  command: list[str] | None = None, cwd: Path | None = None, env: dict | None = None):
         self._dir = tempfile.TemporaryDirectory(prefix="groundlmm_node_test_")
         self.gate = Path(self._dir.name)
@@ -75,8 +75,9 @@ class NodeProcess:
         with open(params_file, "w") as f:
             yaml.safe_dump({"/**": {"ros__parameters": {**BASE_PARAMS, **params}}}, f)
         self.log_path = os.path.join(self._dir.name, "node.log")
-        if hold_configure:
-            (self.gate / "hold_configure").touch()
+        for flag, wanted in (("hold_configure", hold_configure), ("hang_at_exit", hang_at_exit)):
+            if wanted:
+                (self.gate / flag).touch()
         program = [str(HERE / "gated_node.py"), str(self.gate)] if gated else ["-m", "groundlmm_ros.ros.node"]
         command = command or [sys.executable, *program, "--ros-args", "-r", f"__ns:={NAMESPACE}",
                               "--params-file", params_file]

@@ -145,3 +145,16 @@ def test_interrupt_during_configure_exits_cleanly(signum):
         assert "Traceback" not in node.output(), node.output()
     finally:
         node.close()
+
+
+def test_exit_within_5_s_when_the_teardown_hangs_holding_the_gil():
+    node = NodeProcess({}, gated=True, hang_at_exit=True)
+    try:
+        assert wait_for(lambda: "active: serving queries" in node.output(), 60.0), node.output()
+        start = time.monotonic()
+        code = node.stop(signal.SIGTERM)
+        assert time.monotonic() - start < 5.0 and code != -signal.SIGKILL, (code, node.output())
+        # cut off by the exit timer, which says so and shows where it hung
+        assert code == 1 and "Timeout (0:00:04)!" in node.output() and "hanging_shut_down" in node.output()
+    finally:
+        node.close()
