@@ -86,6 +86,7 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
     assert all(r.successful for r in client.set_parameters(standing_mode="refer", max_rate_hz=0.0,
                                                            standing_query="the standing mug"))
     assert node.wait_started(started + 1) and node.started()[-1] == "the standing mug", node.started()[-3:]
+    assert client.log_containing("'the standing mug' (refer), as fast as the model allows")  # max_rate_hz 0
     topic_queries = [f"mixed topic mug {i}" for i in range(200)]
     goal_queries = [f"mixed goal mug {i}" for i in range(100)]
     keys = client.send_goals([goal(q) for q in goal_queries[:50]])
