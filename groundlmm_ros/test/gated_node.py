@@ -8,8 +8,8 @@ exists (or the query is cancelled: Cancelled, as the engine raises between token
 engine. While GATE_DIR/hold_configure exists, building the model waits (after creating
 GATE_DIR/configuring): the test can interrupt the node in the middle of configure. Every wait ends
 after GATE_TIMEOUT_S with an error, so a test that forgets the gate fails instead of hanging.
-With GATE_DIR/hang_at_exit, the node's shut_down first blocks in a C call that holds the GIL, as a
-deadlocked DDS teardown does.
+With GATE_DIR/hang_at_exit, stopping the node's worker (the first step of its teardown) first blocks
+in a C call that holds the GIL, as a deadlocked DDS teardown does.
 """
 import ctypes
 import sys
@@ -61,13 +61,13 @@ def main() -> None:
 
     presets.build_engine = gated_build_engine  # node.py imports build_engine from presets at configure
     if (gate / "hang_at_exit").exists():
-        shut_down = node.GroundingNode.shut_down
+        stop_serving = node.GroundingNode._stop_serving
 
-        def hanging_shut_down(self, *args, **kwargs):
+        def hanging_teardown(self, *args, **kwargs):
             ctypes.PyDLL(None).sleep(60)  # PyDLL: the GIL stays held for the whole call
-            shut_down(self, *args, **kwargs)
+            stop_serving(self, *args, **kwargs)
 
-        node.GroundingNode.shut_down = hanging_shut_down
+        node.GroundingNode._stop_serving = hanging_teardown
     node.main()
 
 

@@ -156,6 +156,6 @@ def test_exit_within_5_s_when_the_teardown_hangs_holding_the_gil():
         code = node.stop(signal.SIGTERM)
         assert time.monotonic() - start < 5.0 and code != -signal.SIGKILL, (code, node.output())
         # cut off by the exit timer, which says so and shows where it hung
-        assert code == 1 and "Timeout (0:00:04)!" in node.output() and "hanging_shut_down" in node.output()
+        assert code == 1 and "Timeout (0:00:04)!" in node.output() and "hanging_teardown" in node.output()
     finally:
         node.close()
