@@ -5,10 +5,8 @@ PY := $(VENV)/bin/python
 export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-# Big images and masks: Fast DDS's large-data transport (ENVIRONMENT.md).
-export FASTDDS_BUILTIN_TRANSPORTS ?= LARGE_DATA
 
-.PHONY: setup demo test test-jazzy bench clean
+.PHONY: setup demo test test-jazzy repeat-node-tests bench clean
 
 setup:
 	@scripts/setup.sh $(VENV)
@@ -18,6 +16,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest groundlmm_ros/test
+
+# The node tests N times in a row: passes, failures and hangs (scripts/repeat_node_tests.sh).
+N ?= 30
+repeat-node-tests: setup
+	scripts/repeat_node_tests.sh $(N)
 
 # The ROS-facing tests against the ros-jazzy-* wheels, in a second venv.
 test-jazzy:

@@ -15,6 +15,7 @@ setup(
         ("share/" + package_name + "/config", glob("config/*")),
         ("share/" + package_name + "/model", glob("model/*")),
     ],
+    package_data={package_name: ["ros/*.xml"]},  # the node's Fast DDS profile
     # What the package imports at run time, with the oldest versions whose APIs it uses;
     # requirements.txt pins the versions tested together. ROS packages come from package.xml.
     install_requires=[

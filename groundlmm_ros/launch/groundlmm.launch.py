@@ -3,11 +3,12 @@
     ros2 launch groundlmm_ros groundlmm.launch.py model:=difflmm-7b device:=cuda dtype:=float16 \
         image_topic:=/camera/color/image_raw use_rviz:=true
 
-Arguments left empty keep the value from params_file.
+Arguments left empty keep the value from params_file. Every argument is checked before anything
+starts, so a bad one (or use_rviz:=true without rviz2) fails the launch without leaving a node behind.
 """
+from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
@@ -23,14 +24,31 @@ ARGUMENTS = {
     "query_topic": ("query", "std_msgs/String queries"),
     "use_depth": ("", "true: 3D centroids from depth (empty: params_file's)"),
 }
+SHARE = FindPackageShare("groundlmm_ros")
 STRING_PARAMETERS = ("model", "device", "dtype")
+BOOLEANS = {"true": True, "1": True, "false": False, "0": False}  # what launch's own conditions accept
 
 
-def _node(context):
-    value = {name: LaunchConfiguration(name).perform(context) for name in ARGUMENTS}
+def _boolean(name: str, text: str) -> bool:
+    if text.lower() not in BOOLEANS:
+        raise ValueError(f"launch argument {name}:={text!r}: expected true or false")
+    return BOOLEANS[text.lower()]
+
+
+def _actions(context):
+    value = {name: LaunchConfiguration(name).perform(context) for name in [*ARGUMENTS, "use_rviz"]}
     overrides = {name: value[name] for name in STRING_PARAMETERS if value[name]}
     if value["use_depth"]:
-        overrides["use_depth"] = value["use_depth"].lower() == "true"
+        overrides["use_depth"] = _boolean("use_depth", value["use_depth"])
+    rviz = []
+    if _boolean("use_rviz", value["use_rviz"]):
+        try:
+            get_package_share_directory("rviz2")
+        except PackageNotFoundError:
+            raise RuntimeError("use_rviz:=true but the package 'rviz2' is not installed "
+                               "(install ros-<distro>-rviz2, or launch with use_rviz:=false)") from None
+        config = PathJoinSubstitution([SHARE, "config", "groundlmm.rviz"])
+        rviz = [Node(package="rviz2", executable="rviz2", arguments=["-d", config], output="screen")]
     return [Node(
         package="groundlmm_ros",
         executable="groundlmm_node",
@@ -45,19 +63,15 @@ def _node(context):
         ],
         output="screen",
         emulate_tty=True,
-    )]
+    ), *rviz]
 
 
 def generate_launch_description():
-    share = FindPackageShare("groundlmm_ros")
     return LaunchDescription([
         *[DeclareLaunchArgument(name, default_value=default, description=description)
           for name, (default, description) in ARGUMENTS.items()],
-        DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([share, "config", "params.yaml"]),
+        DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution([SHARE, "config", "params.yaml"]),
                               description="parameters of groundlmm_node"),
         DeclareLaunchArgument("use_rviz", default_value="false", description="start RViz with the overlay and markers"),
-        OpaqueFunction(function=_node),
-        Node(package="rviz2", executable="rviz2", arguments=["-d", PathJoinSubstitution([share, "config",
-                                                                                          "groundlmm.rviz"])],
-             condition=IfCondition(LaunchConfiguration("use_rviz")), output="screen"),
+        OpaqueFunction(function=_actions),
     ])

@@ -1,38 +1,43 @@
-"""Test helpers: groundlmm_node in its own process, and a client node in the test process.
+"""Test helpers: groundlmm_node in its own process, and a client node in another.
 
-The two talk over real DDS (the run's ROS_DOMAIN_ID comes from conftest.py).
-Every wait is bounded; on a failed wait the node's log helps: `NodeProcess.output()`.
+The two talk over real DDS (the run's ROS_DOMAIN_ID comes from conftest.py). The test process itself
+holds no DDS participant here: `Client` drives node_client.py over a socket, and every call it makes
+is bounded; a call that does not come back in time kills the client process and fails the test (a DDS
+wait or teardown can block while holding the GIL, where no in-process timeout fires). On a failed
+wait the node's log helps: `NodeProcess.output()`.
 """
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
-import rclpy
 import yaml
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from action_msgs.msg import GoalStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 from groundlmm_msgs.action import Ground
-from groundlmm_msgs.msg import GroundingResult
 from lifecycle_msgs.srv import ChangeState, GetState
-from rcl_interfaces.msg import Log, Parameter, ParameterType, ParameterValue
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
-from rclpy.action import ActionClient
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
-from visualization_msgs.msg import MarkerArray
 
 from groundlmm_ros.ros.conversion import numpy_to_image
 
+HERE = Path(__file__).resolve().parent
 NAMESPACE = "/lab"
-NODE = f"{NAMESPACE}/groundlmm_node"
+NODE_NAME = "groundlmm_node"
 # What every test node shares: tiny model, quick status, reliable images (no test flakes from a lost frame).
 BASE_PARAMS = {
     "model": "tiny-random",
@@ -40,22 +45,44 @@ BASE_PARAMS = {
     "status_period_s": 0.2,
     "max_new_tokens": 8,
 }
+TERMINAL = {GoalStatus.STATUS_SUCCEEDED, GoalStatus.STATUS_ABORTED, GoalStatus.STATUS_CANCELED}
+
+
+def _die_with_the_test_process() -> None:
+    """preexec_fn: SIGKILL this child when the test process dies (also when a watchdog kills it)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def start(command: list[str], log_path: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """A child process whose output goes to log_path and that does not outlive the test process."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_the_test_process, **kwargs)
 
 
 class NodeProcess:
-    """`python -m groundlmm_ros.ros.node` with a params file; stop() sends SIGINT like Ctrl-C."""
+    """`python -m groundlmm_ros.ros.node` with a params file; stop() sends SIGINT like Ctrl-C.
 
-    def __init__(self, params: dict):
+    gated=True runs gated_node.py instead: the same node whose model waits at a gate the test opens
+    (open_gate / close_gate), so a test fills the queue deterministically. `command` replaces the whole
+    command line (params then unused)."""
+
+    def __init__(self, params: dict, gated: bool = False, hold_configure: bool = False, hang_at_exit: bool = False,
+                 command: list[str] | None = None, cwd: Path | None = None, env: dict | None = None):
         self._dir = tempfile.TemporaryDirectory(prefix="groundlmm_node_test_")
+        self.gate = Path(self._dir.name)
         params_file = os.path.join(self._dir.name, "params.yaml")
         with open(params_file, "w") as f:
             yaml.safe_dump({"/**": {"ros__parameters": {**BASE_PARAMS, **params}}}, f)
         self.log_path = os.path.join(self._dir.name, "node.log")
-        env = dict(os.environ, OMP_NUM_THREADS="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
-        with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "groundlmm_ros.ros.node", "--ros-args", "-r", f"__ns:={NAMESPACE}",
-                 "--params-file", params_file], stdout=log, stderr=subprocess.STDOUT, env=env)
+        for flag, wanted in (("hold_configure", hold_configure), ("hang_at_exit", hang_at_exit)):
+            if wanted:
+                (self.gate / flag).touch()
+        program = [str(HERE / "gated_node.py"), str(self.gate)] if gated else ["-m", "groundlmm_ros.ros.node"]
+        command = command or [sys.executable, *program, "--ros-args", "-r", f"__ns:={NAMESPACE}",
+                              "--params-file", params_file]
+        env = dict(env or os.environ, OMP_NUM_THREADS="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
+        self.process = start(command, self.log_path, env, cwd=cwd)
 
     def output(self) -> str:
         with open(self.log_path) as f:
@@ -66,10 +93,29 @@ class NodeProcess:
             kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         return kb / 1024
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGINT, then the exit code (SIGKILL and -9 if it does not exit within timeout)."""
+    # ---- the gate (gated=True) ---------------------------------------------------------------
+
+    def open_gate(self) -> None:
+        (self.gate / "open").touch()
+
+    def close_gate(self) -> None:
+        (self.gate / "open").unlink(missing_ok=True)
+
+    def release_configure(self) -> None:
+        (self.gate / "hold_configure").unlink(missing_ok=True)
+
+    def started(self) -> list[str]:
+        """The queries the model has started on, in order."""
+        path = self.gate / "started"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def wait_started(self, count: int, timeout: float = 20.0) -> bool:
+        return bool(wait_for(lambda: len(self.started()) >= count, timeout))
+
+    def stop(self, signum: int = signal.SIGINT, timeout: float = 15.0) -> int:
+        """The signal (SIGINT: Ctrl-C), then the exit code (SIGKILL and -9 if it does not exit within timeout)."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signum)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -82,95 +128,126 @@ class NodeProcess:
         self._dir.cleanup()
 
 
-class Client:
-    """A test-side node in its own rclpy Context, spun by a background thread; records what arrives."""
+def wait_for(predicate, timeout: float = 10.0, period: float = 0.02):
+    """predicate()'s first truthy value, or None after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(period)
+    return None
 
-    def __init__(self, image_reliability=ReliabilityPolicy.RELIABLE):
-        self.context = rclpy.Context()
-        rclpy.init(context=self.context)
-        self.node = rclpy.create_node("tester", namespace=NAMESPACE, context=self.context)
+
+class ClientGone(AssertionError):
+    pass
+
+
+class Publisher:
+    """A publisher of the client process, by name."""
+
+    def __init__(self, client: Client, name: str):
+        self._client, self.name = client, name
+
+    def publish(self, msg) -> None:
+        self._client.call("publish", self.name, msg)
+
+    def get_subscription_count(self) -> int:
+        return self._client.call("subscription_count", self.name)
+
+
+class Client:
+    """A test-side node in its own process (node_client.py); what it receives is mirrored here."""
+
+    def __init__(self, image_reliability: str = "reliable", namespace: str = NAMESPACE, env: dict | None = None):
         self.lock = threading.Lock()
-        self.results: list[GroundingResult] = []
-        self.rejections: list[DiagnosticStatus] = []
+        self.results: list = []         # GroundingResult
+        self.rejections: list = []      # DiagnosticStatus
         self.logs: list[str] = []
         self.status: dict[str, str] = {}
         self.status_count = 0
-        self.overlays: list[Image] = []
-        self.markers: list[MarkerArray] = []
-        self.clouds: list[PointCloud2] = []
+        self.overlays: list = []
+        self.markers: list = []
+        self.clouds: list = []
         self.spin_errors: list[str] = []
-        # Every subscription is made here, before the spin thread starts: none is added while it spins.
-        many = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
-        self._keep(GroundingResult, "grounding", self.results, many)
-        self._keep(DiagnosticStatus, "groundlmm_node/rejected", self.rejections, many)
-        self._keep(Image, "groundlmm_node/overlay", self.overlays, 10)
-        self._keep(MarkerArray, "groundlmm_node/markers", self.markers, 10)
-        self._keep(PointCloud2, "groundlmm_node/points", self.clouds, 10)
-        self.node.create_subscription(Log, "/rosout", self._on_log, many)
-        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_status, 10)
-        self.image_pub = self.node.create_publisher(Image, "image", QoSProfile(depth=5, reliability=image_reliability))
-        self.query_pub = self.node.create_publisher(String, "query", 1000)  # a flood must not overwrite unacknowledged queries
-        self.depth_pub = self.node.create_publisher(Image, "depth", QoSProfile(depth=5))
-        self.info_pub = self.node.create_publisher(CameraInfo, "camera_info", QoSProfile(depth=5))
-        self.action = ActionClient(self.node, Ground, "groundlmm_node/ground")
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
+        self._replies: dict[int, tuple] = {}
+        self._reply_ready = threading.Condition(self.lock)
+        self._call_ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._publisher_ids = itertools.count()
+        ours, theirs = socket.socketpair()
+        self._log = tempfile.NamedTemporaryFile(prefix="groundlmm_test_client_", suffix=".log", delete=False)
+        self.process = start([sys.executable, str(HERE / "node_client.py"), str(theirs.fileno()), namespace,
+                              NODE_NAME, image_reliability], self._log.name, env, pass_fds=[theirs.fileno()])
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._gone = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.image_pub, self.query_pub = Publisher(self, "image"), Publisher(self, "query")
+        self.depth_pub, self.info_pub = Publisher(self, "depth"), Publisher(self, "camera_info")
 
-    def _spin(self) -> None:
-        while self.context.ok():
+    def _read(self) -> None:
+        """Events and replies from the client process (a plain socket read: it cannot hold the GIL)."""
+        while True:
             try:
-                self.executor.spin_once(timeout_sec=0.05)
-            except Exception as error:  # the context shut down between ok() and spin_once, or a real fault
-                if self.context.ok():
-                    self.spin_errors.append(repr(error))  # shown by not_active_reason(); keep spinning
-
-    def _keep(self, msg_type, topic, into: list, qos) -> None:
-        def keep(msg):
+                kind, *rest = self._conn.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
             with self.lock:
-                into.append(msg)
-        self.node.create_subscription(msg_type, topic, keep, qos)
-
-    def _on_log(self, msg: Log) -> None:
-        if msg.name == NODE.strip("/").replace("/", "."):  # the logger of the node under test only
-            with self.lock:
-                self.logs.append(msg.msg)
-
-    def _on_status(self, msg: DiagnosticArray) -> None:
-        for status in msg.status:
-            if status.name.startswith(NODE):
-                with self.lock:
-                    self.status = {kv.key: kv.value for kv in status.values}
+                if kind == "reply":
+                    self._replies[rest[0]] = tuple(rest[1:])
+                    self._reply_ready.notify_all()
+                elif rest[0] == "status":
+                    self.status = rest[1]
                     self.status_count += 1
+                else:
+                    getattr(self, rest[0]).append(rest[1])
+        with self.lock:
+            self._gone = self._gone or f"the client process ended (exit code {self.process.poll()})"
+            self._reply_ready.notify_all()
+
+    def call(self, method: str, *args, timeout: float = 30.0, **kwargs):
+        """Run method in the client process; at most timeout seconds, else the process is killed."""
+        call_id = next(self._call_ids)
+        with self._send_lock:
+            if self._gone:
+                raise ClientGone(f"{method}: {self._gone}")
+            self._conn.send(("call", call_id, method, args, kwargs))
+        with self.lock:
+            if not self._reply_ready.wait_for(lambda: call_id in self._replies or self._gone, timeout):
+                self._gone = f"the client process did not answer {method} within {timeout} s and was killed"
+                self.process.kill()
+            if call_id not in self._replies:
+                raise ClientGone(f"{method}: {self._gone}\n{self.client_log()}")
+            error, value = self._replies.pop(call_id)
+        if error:
+            raise AssertionError(f"{method} failed in the client process: {error}")
+        return value
+
+    def client_log(self) -> str:
+        return Path(self._log.name).read_text()[-3000:]
 
     # ---- waiting ------------------------------------------------------------------------------
 
-    @staticmethod
-    def wait_for(predicate, timeout: float = 10.0, period: float = 0.02):
-        """predicate()'s first truthy value, or None after timeout seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(period)
-        return None
+    wait_for = staticmethod(wait_for)
 
     def wait_active(self, timeout: float = 60.0) -> bool:
         """The node reports itself active and both input topics are matched."""
-        return bool(self.wait_for(lambda: self.status.get("state") == "active"
-                                  and self.image_pub.get_subscription_count() > 0
-                                  and self.query_pub.get_subscription_count() > 0, timeout))
+        return bool(wait_for(lambda: self.status.get("state") == "active"
+                             and self.image_pub.get_subscription_count() > 0
+                             and self.query_pub.get_subscription_count() > 0, timeout, period=0.1))
 
     def not_active_reason(self) -> str:
+        try:
+            counts = (self.image_pub.get_subscription_count(), self.query_pub.get_subscription_count())
+        except ClientGone as error:
+            counts = str(error)
         return (f"state {self.status.get('state')!r} after {self.status_count} status messages; "
-                f"subscribers to image {self.image_pub.get_subscription_count()}, "
-                f"to query {self.query_pub.get_subscription_count()}; spin thread alive "
-                f"{self._thread.is_alive()}, spin errors {self.spin_errors[-3:]}")
+                f"subscribers to image, query {counts}; client errors {self.spin_errors[-3:]}")
 
     def wait_status(self, key: str, at_least: int, timeout: float = 5.0) -> bool:
-        return bool(self.wait_for(lambda: int(self.status.get(key, "-1")) >= at_least, timeout))
+        return bool(wait_for(lambda: int(self.status.get(key, "-1")) >= at_least, timeout))
 
     def answer_to(self, query: str, timeout: float = 20.0):
         """The GroundingResult or rejection DiagnosticStatus for `query` (None if none came in time)."""
@@ -178,17 +255,35 @@ class Client:
             with self.lock:
                 return (next((r for r in self.results if r.query == query), None)
                         or next((r for r in self.rejections if _value(r, "query") == query), None))
-        return self.wait_for(find, timeout)
+        return wait_for(find, timeout)
+
+    def answers(self, queries) -> dict[str, list]:
+        """Every answer (GroundingResult or rejection) that came for each of `queries`."""
+        found = {query: [] for query in queries}
+        with self.lock:
+            for answer in [*self.results, *self.rejections]:
+                query = answer.query if hasattr(answer, "query") else _value(answer, "query")
+                if query in found:
+                    found[query].append(answer)
+        return found
 
     def log_containing(self, fragment: str, timeout: float = 5.0) -> str | None:
         def find():
             with self.lock:
                 return next((line for line in self.logs if fragment in line), None)
-        return self.wait_for(find, timeout)
+        return wait_for(find, timeout)
 
     # ---- sending ------------------------------------------------------------------------------
 
-    def publish_image(self, msg: Image) -> None:
+    def create_publisher(self, msg_type, topic: str, depth: int = 5, reliability: str = "reliable") -> Publisher:
+        name = f"extra{next(self._publisher_ids)}"
+        self.call("create_publisher", name, msg_type, topic, depth, reliability)
+        return Publisher(self, name)
+
+    def destroy_publisher(self, publisher: Publisher) -> None:
+        self.call("destroy_publisher", publisher.name)
+
+    def publish_image(self, msg) -> None:
         """Publish a frame and wait until the node counted it."""
         seen = int(self.status.get("frames_received", "0"))
         self.image_pub.publish(msg)
@@ -197,65 +292,81 @@ class Client:
     def query(self, text: str) -> None:
         self.query_pub.publish(String(data=text))
 
-    def ground(self, query: str, mode: str = "refer", image: Image | None = None, timeout: float = 20.0,
-               on_feedback=None, cancel_after_feedback: bool = False):
+    def send_goals(self, goals: list) -> list[int]:
+        """Send Ground goals at once (from the client process); their keys for goals() and cancel_goals()."""
+        assert self.call("action_server_ready", 10.0, timeout=20.0), "no ~/ground action server"
+        return self.call("send_goals", goals)
+
+    def goals(self, keys: list[int]) -> list[dict]:
+        """Each goal so far: accepted, response_s, status (GoalStatus, once its result came), result, feedbacks."""
+        return self.call("goals", keys)
+
+    def cancel_goals(self, keys: list[int]) -> None:
+        self.call("cancel_goals", keys)
+
+    def wait_goals(self, keys: list[int], done, timeout: float) -> list[dict]:
+        """goals(keys) once done(records) holds, or the last records after timeout."""
+        records = self.goals(keys)
+        deadline = time.monotonic() + timeout
+        while not done(records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            records = self.goals(keys)
+        return records
+
+    def ground(self, query: str, mode: str = "refer", image=None, timeout: float = 20.0,
+               cancel_after_feedback: bool = False):
         """Send a Ground goal; (status, result, feedbacks). Status is action_msgs GoalStatus."""
-        assert self.action.wait_for_server(timeout_sec=10.0), "no ~/ground action server"
-        feedbacks = []
         goal = Ground.Goal(query=query, mode=mode, image=image if image is not None else Image())
-        sent = self.action.send_goal_async(goal, feedback_callback=lambda fb: feedbacks.append(fb.feedback))
-        handle = self.wait_for(lambda: sent.done() and sent.result(), timeout)
-        assert handle is not None and handle.accepted, "goal not accepted"
+        keys = self.send_goals([goal])
+        record = self.wait_goals(keys, lambda r: r[0]["accepted"] is not None, timeout)[0]
+        assert record["accepted"], "goal not accepted"
         if cancel_after_feedback:
-            assert self.wait_for(lambda: feedbacks, timeout), "no feedback before cancel"
-            handle.cancel_goal_async()
-        result = handle.get_result_async()
-        assert self.wait_for(result.done, timeout), "no action result"
-        return result.result().status, result.result().result, feedbacks
+            record = self.wait_goals(keys, lambda r: r[0]["feedbacks"] or r[0]["status"] is not None, timeout)[0]
+            assert record["feedbacks"], "no feedback before cancel"
+            self.cancel_goals(keys)
+        record = self.wait_goals(keys, lambda r: r[0]["status"] is not None, timeout)[0]
+        assert record["status"] is not None, "no action result"
+        return record["status"], record["result"], record["feedbacks"]
 
     def change_state(self, transition_id: int) -> bool:
-        return self._call(ChangeState, "groundlmm_node/change_state",
-                          ChangeState.Request(transition=_transition(transition_id))).success
+        from lifecycle_msgs.msg import Transition
+        request = ChangeState.Request(transition=Transition(id=transition_id))
+        return self._service(ChangeState, "change_state", request).success
 
     def state(self) -> str:
-        return self._call(GetState, "groundlmm_node/get_state", GetState.Request()).current_state.label
+        return self._service(GetState, "get_state", GetState.Request()).current_state.label
 
     def set_parameters(self, **values) -> list:
         parameters = [Parameter(name=name, value=_parameter_value(value)) for name, value in values.items()]
-        return self._call(SetParameters, "groundlmm_node/set_parameters",
-                          SetParameters.Request(parameters=parameters)).results
+        return self._service(SetParameters, "set_parameters", SetParameters.Request(parameters=parameters)).results
 
-    def _call(self, srv_type, name: str, request, timeout: float = 30.0):
-        client = self.node.create_client(srv_type, name)
-        try:
-            assert client.wait_for_service(timeout_sec=10.0), f"no service {name}"
-            future = client.call_async(request)
-            assert self.wait_for(future.done, timeout), f"{name} did not answer"
-            return future.result()
-        finally:
-            self.node.destroy_client(client)
+    def _service(self, srv_type, name: str, request, timeout: float = 30.0):
+        return self.call("call_service", srv_type, name, request, timeout, timeout=timeout + 15.0)
 
     def close(self) -> None:
-        self.action.destroy()
-        self.node.destroy_node()
-        rclpy.shutdown(context=self.context)
-        self._thread.join(2.0)
+        """Shut the client down; kill it if that takes more than 10 s (a hung DDS teardown)."""
+        try:
+            if not self._gone:
+                self.call("close", timeout=10.0)
+        except ClientGone:
+            pass
+        try:
+            self.process.wait(5.0)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._conn.close()
+        os.unlink(self._log.name)
 
 
-def connect(node: NodeProcess, timeout: float = 60.0) -> Client:
-    """A Client that sees `node` active. On failure it is closed first (a live DDS thread at interpreter
-    exit aborts the whole run) and the error says what was missing."""
-    client = Client()
+def connect(node: NodeProcess, timeout: float = 60.0, **client_options) -> Client:
+    """A Client that sees `node` active. On failure it is closed first and the error says what was missing."""
+    client = Client(**client_options)
     if not client.wait_active(timeout):
         reason = client.not_active_reason()
         client.close()
         raise AssertionError(f"node did not become active: {reason}\n{node.output()}")
     return client
-
-
-def _transition(transition_id: int):
-    from lifecycle_msgs.msg import Transition
-    return Transition(id=transition_id)
 
 
 def _parameter_value(value) -> ParameterValue:

@@ -6,6 +6,7 @@ PyPI-wheel venv that test skips and says so.
 """
 import dataclasses
 import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,9 @@ def _ros_launch():
         launch = importlib.import_module("launch")
     except ImportError:
         launch = None
-    if not hasattr(launch, "LaunchDescription"):  # absent, or an unrelated namespace package
-        pytest.skip("ROS 2 `launch` is not installed (it is not on PyPI; source a ROS 2 installation, or pip "
-                    "install ros2/launch and ros2/launch_ros from source, to run this test)")
+    if not hasattr(launch, "LaunchDescription") or importlib.util.find_spec("launch_ros") is None:
+        pytest.skip("ROS 2 `launch` and `launch_ros` are not installed (not on PyPI, and launch_ros also needs "
+                    "composition_interfaces, which is not on PyPI either): source a ROS 2 installation to run this")
     return importlib.import_module("launch.launch_description_sources")
 
 
@@ -33,6 +34,32 @@ def test_launch_file_loads_with_ros_launch_and_declares_its_arguments():
     description = sources.get_launch_description_from_python_launch_file(str(LAUNCH_FILE))
     arguments = {argument.name for argument in description.get_launch_arguments()}
     assert {"model", "device", "namespace", "image_topic", "depth_topic", "params_file", "use_rviz"} <= arguments
+
+
+def _node_actions(**arguments):
+    """What the launch file starts for these arguments (performed, nothing started)."""
+    sources = _ros_launch()
+    from launch import LaunchContext
+    description = sources.get_launch_description_from_python_launch_file(str(LAUNCH_FILE))
+    context = LaunchContext()
+    for argument in description.get_launch_arguments():
+        context.launch_configurations[argument.name] = arguments.get(argument.name, "")
+    context.launch_configurations["use_rviz"] = arguments.get("use_rviz", "false")
+    opaque = description.entities[-1]
+    return opaque.execute(context)
+
+
+def test_launch_boolean_arguments_are_checked_before_anything_starts():
+    assert len(_node_actions(use_depth="1")) == 1
+    with pytest.raises(ValueError, match="use_depth:='yes': expected true or false"):
+        _node_actions(use_depth="yes")
+    try:
+        importlib.import_module("ament_index_python.packages").get_package_share_directory("rviz2")
+    except LookupError:
+        with pytest.raises(RuntimeError, match="'rviz2' is not installed"):
+            _node_actions(use_rviz="true")
+    else:
+        assert len(_node_actions(use_rviz="true")) == 2
 
 
 def test_params_yaml_sets_every_parameter_to_its_default():

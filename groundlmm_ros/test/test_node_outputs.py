@@ -82,6 +82,14 @@ def test_overlay_tints_masks_and_leaves_the_background():
     assert (canvas[38, 2] == rgb[38, 2]).all()
 
 
+def test_overlay_of_an_empty_mask_tints_nothing():
+    rgb = np.full((2, 3, 3), 100, np.uint8)  # a frame so small that the mask came out empty
+    empty = GroundedPhrase("a mug", 0, 5, [0], np.zeros((2, 3), np.float32), (1, 1), np.zeros((2, 3), bool), 0.1,
+                           (0, 0, 0, 0))
+    canvas = visualization.overlay(rgb, Grounding("Describe.", "describe", "a mug", [0], [empty], (2, 3)))
+    assert canvas.shape == rgb.shape and canvas.dtype == np.uint8
+
+
 def test_markers_only_for_phrases_with_a_centroid():
     array = visualization.markers(
         grounding(), [np.array([0.1, 0.2, 0.9]), np.full(3, np.nan)], Header(), 1.5

@@ -11,10 +11,15 @@ DiagnosticStatus on `~/rejected`. An action goal's Ground result carries the sam
 from __future__ import annotations
 
 import collections
+import ctypes
+import faulthandler
 import gc
+import os
+import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import rclpy
@@ -22,7 +27,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from groundlmm_msgs.action import Ground
 from groundlmm_msgs.msg import GroundingResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
@@ -34,6 +39,7 @@ from visualization_msgs.msg import MarkerArray
 
 from groundlmm_ros.ros import depth, messages, visualization
 from groundlmm_ros.ros.conversion import numpy_to_image
+from groundlmm_ros.ros.goals import GoalRun
 from groundlmm_ros.ros.params import DYNAMIC, check_parameters, declare_parameters, read_parameters
 from groundlmm_ros.ros.worker import Job, Outcome, Worker, query_problem
 
@@ -43,6 +49,9 @@ except ImportError:  # Humble
     from rclpy.qos_event import PublisherEventCallbacks, SubscriptionEventCallbacks
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
+DDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
+ACTION_SERVICE_DEPTH = 1000  # goal, result and cancel requests kept until taken
+EXIT_TIMEOUT_S = 4.0  # from SIGINT/SIGTERM to exit, at most (plus the faulthandler dump)
 
 
 class Stats:
@@ -77,6 +86,8 @@ class GroundingNode(LifecycleNode):
         self._action_server = None
         self._status_timer = None
         self._rejected_lock = threading.Lock()
+        self._goal_runs: dict[bytes, GoalRun] = {}  # goal id -> its run, until its execute callback takes it
+        self._goal_runs_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -111,10 +122,15 @@ class GroundingNode(LifecycleNode):
             "points": self._publisher(PointCloud2, "~/points", QoSProfile(depth=2)),
             "status": self._publisher(DiagnosticArray, "/diagnostics", reliable),
         }
+        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result requests) would
+        # overwrite the ones not yet taken.
+        burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._action_server = ActionServer(
             self, Ground, "~/ground", execute_callback=self._execute_goal,
+            handle_accepted_callback=self._on_goal_accepted,
             goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=lambda goal: CancelResponse.ACCEPT,
-            callback_group=self._group)
+            goal_service_qos_profile=burst, result_service_qos_profile=burst, cancel_service_qos_profile=burst,
+            callback_group=MutuallyExclusiveCallbackGroup())
         self._status_timer = self.create_timer(params.status_period_s, self._publish_status, self._group)
         self._state = "inactive"
         self.get_logger().info("configured")
@@ -122,7 +138,9 @@ class GroundingNode(LifecycleNode):
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         params = self._params
+        image_topic = "image/compressed" if params.image_transport == "compressed" else "image"
         self._worker = Worker(self._engine, self._deliver, queue_size=params.query_queue_size,
+                              image_topic=self.resolve_topic_name(image_topic),
                               max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
                               log_error=self._log_worker_error)
         self._worker.set_standing(*(self.get_parameter(name).value for name in DYNAMIC))  # as set now
@@ -131,10 +149,8 @@ class GroundingNode(LifecycleNode):
         image_qos = QoSProfile(depth=params.image_qos_depth, history=HistoryPolicy.KEEP_LAST,
                                reliability=ReliabilityPolicy.RELIABLE if params.image_qos_reliability == "reliable"
                                else ReliabilityPolicy.BEST_EFFORT)
-        if params.image_transport == "compressed":
-            self._subscribe(CompressedImage, "image/compressed", self._on_image, image_qos)
-        else:
-            self._subscribe(Image, "image", self._on_image, image_qos)
+        self._subscribe(CompressedImage if params.image_transport == "compressed" else Image, image_topic,
+                        self._on_image, image_qos)
         self._subscribe(String, "query", self._on_query, QoSProfile(depth=params.query_qos_depth))
         if params.use_depth:
             self._subscribe(Image, "depth", self._on_depth, image_qos)
@@ -161,22 +177,22 @@ class GroundingNode(LifecycleNode):
         self.shut_down("the node hit an error")
         return SUCCESS
 
-    def shut_down(self, reason: str = "the node is shutting down") -> None:
+    def shut_down(self, reason: str = "the node is shutting down", worker_timeout_s: float = 30.0) -> None:
         """Stop the worker and free the model, whatever the lifecycle state (also on SIGINT)."""
-        self._stop_serving(reason)
+        self._stop_serving(reason, worker_timeout_s)
         self._release()
 
     def _log_worker_error(self, text: str) -> None:
         if self.context.ok():  # after Ctrl-C, publishing fails by design: nothing to report
             self.get_logger().error(text)
 
-    def _stop_serving(self, reason: str) -> None:
+    def _stop_serving(self, reason: str, worker_timeout_s: float = 30.0) -> None:
         for subscription in self._inputs:
             self.destroy_subscription(subscription)
         self._inputs = []
         worker, self._worker = self._worker, None
         if worker is not None:
-            worker.stop(reason)
+            worker.stop(reason, worker_timeout_s)
         if self._state == "active":
             self._state = "inactive"
 
@@ -208,8 +224,9 @@ class GroundingNode(LifecycleNode):
             current = {name: self.get_parameter(name).value for name in DYNAMIC}
             current.update({name: value for name, value in values.items() if name in DYNAMIC})
             worker.set_standing(current["standing_query"], current["standing_mode"], current["max_rate_hz"])
+            rate = current["max_rate_hz"]
             self.get_logger().info(f"standing query {current['standing_query']!r} ({current['standing_mode']}), "
-                                   f"at most {current['max_rate_hz']} Hz")
+                                   + (f"at most {rate} Hz" if rate > 0 else "as fast as the model allows"))
         return SetParametersResult(successful=True)
 
     # ---- inputs ------------------------------------------------------------------------------
@@ -268,6 +285,8 @@ class GroundingNode(LifecycleNode):
         return reason
 
     def _log_query_problem(self, job: Job, what: str, reason: str) -> None:
+        if not self.context.ok():  # after Ctrl-C: nothing to report, and /rosout is gone
+            return
         shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
         if job.source == "standing":
             self.get_logger().warning(f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0)
@@ -285,42 +304,26 @@ class GroundingNode(LifecycleNode):
 
     # ---- the action --------------------------------------------------------------------------
 
-    def _execute_goal(self, goal_handle) -> Ground.Result:
+    def _on_goal_accepted(self, goal_handle) -> None:
+        """Queue an accepted goal with the worker (as ros2/examples' server_queue_goals queues goal handles):
+        a waiting goal holds no executor thread; one refused now ends aborted at once with the reason."""
         goal = goal_handle.request
         self._stats.count("queries_received")
-        done = threading.Event()
-        answer = {}
-
-        def reply(outcome: Outcome) -> None:
-            answer["outcome"] = outcome
-            done.set()
-
-        def feedback(partial_answer: str, tokens: int) -> None:
-            goal_handle.publish_feedback(Ground.Feedback(partial_answer=partial_answer, tokens=tokens))
-
+        run = GoalRun(goal_handle, self.context)
+        with self._goal_runs_lock:
+            self._goal_runs[bytes(goal_handle.goal_id.uuid)] = run
         job = Job(goal.query, goal.mode or "describe", "action",
                   image=goal.image if goal.image.width and goal.image.height else None,
-                  on_token=feedback, cancel_requested=lambda: goal_handle.is_cancel_requested, reply=reply)
-        reason = self._submit(job)
-        if reason:
-            goal_handle.abort()
-            return Ground.Result(success=False, message=reason)
-        # The worker finishes every queued job, also when it is stopped.
-        while not done.wait(0.5) and self.context.ok():
-            pass
-        if not self.context.ok():  # Ctrl-C: the goal handle can no longer publish its state
-            return Ground.Result(success=False, message="the node is shutting down")
-        outcome = answer["outcome"]
-        if outcome.result is not None and outcome.result.success:
-            goal_handle.succeed()
-            return Ground.Result(result=outcome.result, success=True)
-        if outcome.cancelled and goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        else:
-            goal_handle.abort()
-        # the same failed GroundingResult that went out on `grounding` (empty if delivering it failed)
-        return Ground.Result(result=outcome.result or GroundingResult(), success=False,
-                             message=outcome.error or "delivering the result failed")
+                  on_token=run.feedback, cancel_requested=lambda: goal_handle.is_cancel_requested,
+                  reply=run.finish, on_start=run.start)
+        run.refused = self._submit(job)
+        if run.refused:
+            run.start()
+
+    def _execute_goal(self, goal_handle) -> Ground.Result:
+        with self._goal_runs_lock:
+            run = self._goal_runs.pop(bytes(goal_handle.goal_id.uuid))
+        return run.execute()
 
     # ---- outputs (on the worker thread) ------------------------------------------------------
 
@@ -385,7 +388,7 @@ class GroundingNode(LifecycleNode):
                 "queue_length": worker.queue_length if worker else 0,
                 "queue_size": params.query_queue_size,
                 "frames_received": stats.frames_received,
-                "frames_dropped": worker.frames_dropped if worker else 0,
+                "frames_unused": worker.frames_unused if worker else 0,
                 "depth_frames_received": stats.depth_frames_received,
                 "camera_infos_received": stats.camera_infos_received,
                 "queries_received": stats.queries_received,
@@ -397,32 +400,68 @@ class GroundingNode(LifecycleNode):
             }
         level = DiagnosticStatus.OK if self._state == "active" else DiagnosticStatus.WARN
         publisher = self._outputs.get("status")
-        if publisher is not None:
+        if publisher is None:
+            return
+        try:
             publisher.publish(messages.status_array(
                 self.get_clock().now().to_msg(), f"{self.get_fully_qualified_name()}: grounding", params.device,
                 level, self._state, values))
+        except Exception:
+            if self.context.ok():  # after Ctrl-C a publish fails by design (and its error would be logged unread)
+                raise
 
 
 def _median(samples) -> float:
     return round(float(np.median(samples)), 3) if samples else float("nan")
 
 
+def use_node_dds_profile() -> None:
+    """Before rclpy.init: this node's Fast DDS profile (default transports, a large shared-memory segment),
+    unless the environment names its own profile file or another RMW."""
+    if os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
+        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the node as Ctrl-C does, also while the model loads
+
+
 def main(args=None) -> None:
+    use_node_dds_profile()
+    signal.signal(signal.SIGTERM, _interrupt)  # before rclpy.init, whose handler calls this one after its own
     rclpy.init(args=args)
     node = GroundingNode()
-    # Each running Ground goal holds an executor thread until its result (at most queue + 1 of them).
-    executor = MultiThreadedExecutor(num_threads=node.get_parameter("query_queue_size").value + 4)
+    # Callbacks are short (a goal waits in the worker's queue, not on a thread); one runs with the model.
+    executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    if node.get_parameter("autostart").value and node.trigger_configure() == SUCCESS:
-        node.trigger_activate()
     try:
+        if node.get_parameter("autostart").value and node.trigger_configure() == SUCCESS:
+            node.trigger_activate()
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        node.shut_down()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not interrupt the teardown
+            signal.signal(signum, signal.SIG_IGN)
+        # A DDS teardown can hang while holding the GIL (no Python timer runs then): faulthandler's C thread
+        # prints every thread's stack and ends the process if this exit takes longer than EXIT_TIMEOUT_S.
+        faulthandler.dump_traceback_later(EXIT_TIMEOUT_S, exit=True)
+        # Stop the worker (the running query is cancelled at its next token); the model's memory goes with the
+        # process, so the slow part of shut_down (a full garbage collection to free it) is skipped.
+        node._stop_serving("the node is shutting down", worker_timeout_s=1.0)
+        executor.shutdown(timeout_sec=0.5)
         node.destroy_node()
         rclpy.try_shutdown()
+        context = node.context
+        del node, executor
+        gc.collect()  # the node's reference cycles still hold the context
+        context.destroy()  # the DDS participant leaves the graph now (else only after its lease, 20 s)
+    # Python's own teardown of torch and the model code has nothing left to release but takes seconds on a
+    # busy machine: skip it (only on this normal path; an error above still ends with its traceback).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)  # and what C code (the ROS logger) has buffered
+    os._exit(0)
 
 
 if __name__ == "__main__":

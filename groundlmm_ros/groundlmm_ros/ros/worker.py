@@ -21,6 +21,10 @@ import numpy as np
 from groundlmm_ros.engine.types import MODES, Cancelled, Grounding, InputError
 from groundlmm_ros.ros.conversion import ImageConversionError, to_rgb8
 
+# Frames more elongated than this are refused before the model runs: the models resize by one side
+# (CLIP by the shortest, SAM by the longest), so a 7000x1 frame becomes a zero-row or a gigantic image.
+MAX_ASPECT_RATIO = 20
+
 
 @dataclass
 class Job:
@@ -31,6 +35,7 @@ class Job:
     on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
     cancel_requested: Callable[[], bool] = lambda: False
     reply: Callable[[object], None] | None = None       # called with the Outcome after finish, always
+    on_start: Callable[[], None] | None = None          # called on the worker thread when its turn comes
     received: float = field(default_factory=time.monotonic)
 
 
@@ -67,11 +72,12 @@ def query_problem(query: str, mode: str, max_length: int) -> str:
 class Worker:
     """Owns the engine while serving: one thread, newest frame, bounded queue, standing query."""
 
-    def __init__(self, engine, finish: Callable[[Outcome], None], *, queue_size: int,
+    def __init__(self, engine, finish: Callable[[Outcome], None], *, queue_size: int, image_topic: str,
                  max_image_pixels: int, max_new_tokens: int, log_error: Callable[[str], None]):
         self._engine = engine
         self._finish = finish
         self._queue_size = queue_size
+        self._image_topic = image_topic    # the resolved name, for the "no image yet" reason
         self._max_image_pixels = max_image_pixels
         self._max_new_tokens = max_new_tokens
         self._log_error = log_error
@@ -84,13 +90,13 @@ class Worker:
         self._standing_version = 0         # frame version of the last standing run
         self._standing_next = 0.0          # monotonic time before which no standing run starts
         self._stopping = ""                # reason, once stop() was called
-        self.frames_dropped = 0            # frames replaced before any query used them
+        self.frames_unused = 0             # frames replaced by a newer one before any query used them
         self._thread = threading.Thread(target=self._loop, name="groundlmm-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, reason: str, timeout: float = 30.0) -> None:
+    def stop(self, reason: str, timeout: float) -> None:
         """Cancel the running job at its next token, finish queued ones with `reason`, join."""
         with self._wake:
             self._stopping = reason
@@ -109,7 +115,7 @@ class Worker:
     def put_frame(self, msg) -> None:
         with self._wake:
             if not self._frame_used:
-                self.frames_dropped += 1
+                self.frames_unused += 1
             self._frame, self._frame_used = msg, False
             self._frame_version += 1
             self._wake.notify_all()
@@ -126,7 +132,7 @@ class Worker:
             if self._stopping:
                 return f"node is not serving: {self._stopping}"
             if job.image is None and self._frame is None:
-                return "no image has arrived yet: publish one on the image topic, or send one with the goal"
+                return f"no image has arrived yet on {self._image_topic}: publish one there, or send one with the goal"
             if len(self._queue) >= self._queue_size:
                 return f"query queue is full ({self._queue_size} waiting, parameter query_queue_size)"
             self._queue.append(job)
@@ -153,7 +159,12 @@ class Worker:
 
     def _loop(self) -> None:
         while (job := self._next_job()) is not None:
-            self._deliver(self._serve(job))
+            try:
+                outcome = self._serve(job)
+            except Exception as error:  # a bug in the path around the model costs this query, not the worker
+                self._log_error(f"unexpected error on query {job.query!r}:\n{traceback.format_exc()}")
+                outcome = Outcome(job, error=f"internal error: {type(error).__name__}: {error}")
+            self._deliver(outcome)
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for job in queued:
@@ -163,11 +174,16 @@ class Worker:
         return bool(self._stopping) or job.cancel_requested()
 
     def _serve(self, job: Job) -> Outcome:
+        if job.on_start is not None:
+            job.on_start()
         with self._wake:
             frame = job.image if job.image is not None else self._frame
             if job.image is None:
                 self._frame_used = True
         outcome = Outcome(job, frame=frame)
+        if job.cancel_requested():  # cancelled while it waited in the queue: never run
+            outcome.cancelled, outcome.error = True, "cancelled"
+            return outcome
         start = time.perf_counter()
         try:
             pixels = frame.height * frame.width if hasattr(frame, "height") else 0
@@ -178,6 +194,10 @@ class Worker:
             if rgb.shape[0] * rgb.shape[1] > self._max_image_pixels:
                 raise ImageConversionError(
                     f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels exceeds max_image_pixels={self._max_image_pixels}")
+            height, width = rgb.shape[:2]
+            if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+                raise ImageConversionError(f"image of {width}x{height} pixels is more elongated than "
+                                           f"{MAX_ASPECT_RATIO}:1, which the models cannot resize")
         except ImageConversionError as error:
             outcome.error = f"bad image: {error}"
             return outcome
