@@ -8,7 +8,7 @@
 2. Overhead: what the node adds around the model for a 640x480 image with 10
    masks: rgb8 conversion, message building, publishing (to a subscriber in
    another process). A GroundingNode in this process runs its own result path
-   (`_deliver`, what the worker calls) on a Grounding of 10 masks: with only
+   (`node.results.publish`, what the worker's finish calls) on a Grounding of 10 masks: with only
    `grounding` subscribed (overhead_ms_*), then with depth to 3D on and every
    output subscribed (overlay, markers, points: overhead_ms_all_outputs_*).
 The last line is JSON.
@@ -162,14 +162,14 @@ def node_overhead(repeats: int, subscriber_env: dict) -> dict:
 
 
 def _time_deliveries(node, topics, image, grounding, repeats: int) -> list[float]:
-    outputs = [node._outputs[name] for name in ("grounding", "overlay", "markers", "points")][:len(topics)]
+    outputs = [node.results.publishers[name] for name in ("grounding", "overlay", "markers", "points")][:len(topics)]
     assert wait_for(lambda: all(p.get_subscription_count() for p in outputs), 60), "subscriber not matched"
     samples = []
     for i in range(repeats + 3):
         start = time.perf_counter()
         rgb = to_rgb8(image)
         convert_s = time.perf_counter() - start
-        node._deliver(Outcome(Job("Describe the image.", "describe", "topic"), frame=image, rgb=rgb,
+        node.results.publish(Outcome(Job("Describe the image.", "describe", "topic"), frame=image, rgb=rgb,
                               grounding=grounding, convert_s=convert_s))
         if i >= 3:
             samples.append(1000 * (time.perf_counter() - start))

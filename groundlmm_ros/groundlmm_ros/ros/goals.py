@@ -21,6 +21,7 @@ class GoalRun:
         self.refused = ""          # why it was never queued ('' once queued)
         self._context = context
         self._outcome = None       # the worker's Outcome, once finished
+        self._result = None        # the GroundingResult the node published for it (None if that failed)
         self._finished = threading.Event()
         self._started = False
         self._lock = threading.Lock()
@@ -34,9 +35,10 @@ class GoalRun:
         if self._context.ok():  # after Ctrl-C the goal can no longer change state
             self.handle.execute()
 
-    def finish(self, outcome) -> None:
-        """The worker's reply (every queued job gets one, also when the worker stops)."""
-        self._outcome = outcome
+    def finish(self, outcome, result: GroundingResult | None) -> None:
+        """The node's reply once the worker finished the job (every queued job gets one, also when
+        the worker stops): its outcome and the GroundingResult published for it."""
+        self._outcome, self._result = outcome, result
         self._finished.set()
         self.start()
 
@@ -64,10 +66,10 @@ class GoalRun:
         if outcome is None:  # Ctrl-C before the worker finished it
             self._end(self.handle.abort)
             return Ground.Result(success=False, message="the node is shutting down")
-        if outcome.result is not None and outcome.result.success:
+        if self._result is not None and self._result.success:
             self._end(self.handle.succeed)
-            return Ground.Result(result=outcome.result, success=True)
+            return Ground.Result(result=self._result, success=True)
         self._end(self.handle.canceled if outcome.cancelled and self.handle.is_cancel_requested else self.handle.abort)
         # the same failed GroundingResult that went out on `grounding` (empty if delivering it failed)
-        return Ground.Result(result=outcome.result or GroundingResult(), success=False,
+        return Ground.Result(result=self._result or GroundingResult(), success=False,
                              message=outcome.error or "delivering the result failed")

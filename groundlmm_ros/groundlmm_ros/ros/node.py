@@ -10,7 +10,6 @@ DiagnosticStatus on `~/rejected`. An action goal's Ground result carries the sam
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import faulthandler
 import gc
@@ -18,10 +17,9 @@ import os
 import signal
 import sys
 import threading
-import time
+import traceback
 from pathlib import Path
 
-import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from groundlmm_msgs.action import Ground
@@ -37,10 +35,11 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
-from groundlmm_ros.ros import depth, messages, visualization
-from groundlmm_ros.ros.conversion import numpy_to_image
+from groundlmm_ros.ros import depth, diagnostics, messages
+from groundlmm_ros.ros.diagnostics import Stats
 from groundlmm_ros.ros.goals import GoalRun
 from groundlmm_ros.ros.params import DYNAMIC, check_parameters, declare_parameters, read_parameters
+from groundlmm_ros.ros.results import ResultPublisher
 from groundlmm_ros.ros.worker import Job, Outcome, Worker, query_problem
 
 try:  # Iron and newer
@@ -54,21 +53,6 @@ ACTION_SERVICE_DEPTH = 1000  # goal, result and cancel requests kept until taken
 EXIT_TIMEOUT_S = 4.0  # from SIGINT/SIGTERM to exit, at most (plus the faulthandler dump)
 
 
-class Stats:
-    """Counters for /diagnostics, updated from callbacks and the worker."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.queries_received = self.queries_rejected = self.results_published = 0
-        self.frames_received = self.depth_frames_received = self.camera_infos_received = self.errors = 0
-        self.latency_ms = collections.deque(maxlen=100)   # query received -> result published
-        self.overhead_ms = collections.deque(maxlen=100)  # conversion + depth + message building + publishing
-
-    def count(self, name: str) -> None:
-        with self.lock:
-            setattr(self, name, getattr(self, name) + 1)
-
-
 class GroundingNode(LifecycleNode):
     def __init__(self, **kwargs):
         super().__init__("groundlmm_node", **kwargs)
@@ -80,6 +64,7 @@ class GroundingNode(LifecycleNode):
         self._worker: Worker | None = None
         self._depth = depth.DepthBuffer()
         self._stats = Stats()
+        self.results: ResultPublisher | None = None  # publishes what a finished query gives, while active
         self._state = "unconfigured"
         self._outputs = {}
         self._inputs = []
@@ -139,13 +124,15 @@ class GroundingNode(LifecycleNode):
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         params = self._params
         image_topic = "image/compressed" if params.image_transport == "compressed" else "image"
-        self._worker = Worker(self._engine, self._deliver, queue_size=params.query_queue_size,
+        self._worker = Worker(self._engine, self._finish, queue_size=params.query_queue_size,
                               image_topic=self.resolve_topic_name(image_topic),
                               max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
                               log_error=self._log_worker_error)
         self._worker.set_standing(*(self.get_parameter(name).value for name in DYNAMIC))  # as set now
-        self._worker.start()
         self._depth = depth.DepthBuffer()
+        self.results = ResultPublisher(self._outputs, params, self._depth, self._stats, self.get_logger(),
+                                       lambda job, reason: self._log_query_problem(job, "failed", reason))
+        self._worker.start()
         image_qos = QoSProfile(depth=params.image_qos_depth, history=HistoryPolicy.KEEP_LAST,
                                reliability=ReliabilityPolicy.RELIABLE if params.image_qos_reliability == "reliable"
                                else ReliabilityPolicy.BEST_EFFORT)
@@ -327,92 +314,28 @@ class GroundingNode(LifecycleNode):
 
     # ---- outputs (on the worker thread) ------------------------------------------------------
 
-    def _deliver(self, outcome: Outcome) -> None:
-        job = outcome.job
-        header = outcome.frame.header if outcome.frame is not None else None
-        if outcome.grounding is None:  # accepted, then failed: still its one GroundingResult
-            if not outcome.cancelled:
-                self._stats.count("errors")
-            self._log_query_problem(job, "failed", outcome.error)
-            outcome.result = messages.failed_result(
-                job.query, job.mode, outcome.error, header, self._params.model, outcome.convert_s + outcome.engine_s)
-            self._outputs["grounding"].publish(outcome.result)
-            return
-        start = time.perf_counter()
-        grounding, params = outcome.grounding, self._params
-        points = self._points_3d(outcome)
-        centroids = [depth.centroid(p) for p in points] if points else [np.full(3, np.nan)] * len(grounding.phrases)
-        inference_time = outcome.convert_s + outcome.engine_s + time.perf_counter() - start
-        result = messages.grounding_result(grounding, header, params.model, inference_time, centroids,
-                                            params.mask_format)
-        outputs = self._outputs
-        outputs["grounding"].publish(result)
-        outcome.result = result
-        if outputs["overlay"].get_subscription_count() > 0:
-            canvas = visualization.overlay(np.ascontiguousarray(outcome.rgb), grounding)
-            outputs["overlay"].publish(numpy_to_image(canvas, "rgb8", header))
-        if outputs["markers"].get_subscription_count() > 0:
-            outputs["markers"].publish(visualization.markers(grounding, centroids, header, params.marker_lifetime_s))
-        if points and outputs["points"].get_subscription_count() > 0:
-            outputs["points"].publish(depth.pointcloud(points, header))
-        now = time.perf_counter()
-        with self._stats.lock:
-            self._stats.results_published += 1
-            self._stats.latency_ms.append(1000 * (time.monotonic() - job.received))
-            self._stats.overhead_ms.append(1000 * (outcome.convert_s + now - start))
-
-    def _points_3d(self, outcome: Outcome) -> list[np.ndarray]:
-        """Each phrase's (N, 3) depth points in the image frame; [] (with a logged reason) without depth."""
-        params = self._params
-        if not params.use_depth or not outcome.grounding.phrases:
-            return []
+    def _finish(self, outcome: Outcome) -> None:
+        """The worker's end of every job: publish its GroundingResult, then resolve its goal with it."""
+        result = None
         try:
-            depth_msg, info = self._depth.match(outcome.frame.header, params.depth_stamp_tolerance_s)
-            points = depth.masks_points([p.mask for p in outcome.grounding.phrases], depth_msg, info,
-                                        params.depth_unit_divisor)
-        except depth.DepthError as error:
-            self._stats.count("errors")
-            self.get_logger().warning(f"no 3D centroids for query {outcome.job.query!r}: {error}")
-            return []
-        empty = [p.text for p, xyz in zip(outcome.grounding.phrases, points) if len(xyz) == 0]
-        if empty:
-            self.get_logger().warning(f"no valid depth (0 or NaN) under the mask of {empty}: their centroids are NaN")
-        return points
+            result = self.results.publish(outcome)
+        except Exception:  # a failed publish must not lose the goal
+            self._log_worker_error(f"publishing a result failed:\n{traceback.format_exc()}")
+        finally:
+            if outcome.job.reply is not None:
+                outcome.job.reply(outcome, result)
 
     def _publish_status(self) -> None:
-        params, worker, stats = self._params, self._worker, self._stats
-        with stats.lock:
-            values = {
-                "state": self._state,
-                "model": params.model,
-                "queue_length": worker.queue_length if worker else 0,
-                "queue_size": params.query_queue_size,
-                "frames_received": stats.frames_received,
-                "frames_unused": worker.frames_unused if worker else 0,
-                "depth_frames_received": stats.depth_frames_received,
-                "camera_infos_received": stats.camera_infos_received,
-                "queries_received": stats.queries_received,
-                "queries_rejected": stats.queries_rejected,
-                "results_published": stats.results_published,
-                "errors": stats.errors,
-                "latency_ms_p50": _median(stats.latency_ms),
-                "overhead_ms_p50": _median(stats.overhead_ms),
-            }
-        level = DiagnosticStatus.OK if self._state == "active" else DiagnosticStatus.WARN
         publisher = self._outputs.get("status")
         if publisher is None:
             return
         try:
-            publisher.publish(messages.status_array(
-                self.get_clock().now().to_msg(), f"{self.get_fully_qualified_name()}: grounding", params.device,
-                level, self._state, values))
+            publisher.publish(diagnostics.status(
+                self.get_clock().now().to_msg(), f"{self.get_fully_qualified_name()}: grounding", self._state,
+                self._params, self._worker, self._stats))
         except Exception:
             if self.context.ok():  # after Ctrl-C a publish fails by design (and its error would be logged unread)
                 raise
-
-
-def _median(samples) -> float:
-    return round(float(np.median(samples)), 3) if samples else float("nan")
 
 
 def use_node_dds_profile() -> None:

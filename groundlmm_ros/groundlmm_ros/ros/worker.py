@@ -34,7 +34,7 @@ class Job:
     image: object = None                 # Image/CompressedImage to ground on; None = the newest frame
     on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
     cancel_requested: Callable[[], bool] = lambda: False
-    reply: Callable[[object], None] | None = None       # called with the Outcome after finish, always
+    reply: Callable[..., None] | None = None            # the node's: resolves an action goal after finish
     on_start: Callable[[], None] | None = None          # called on the worker thread when its turn comes
     received: float = field(default_factory=time.monotonic)
 
@@ -49,7 +49,6 @@ class Outcome:
     cancelled: bool = False
     convert_s: float = 0.0               # message -> rgb array
     engine_s: float = 0.0                # engine.ground
-    result: object = None                # the GroundingResult message, set by finish when one was published
 
 
 def query_problem(query: str, mode: str, max_length: int) -> str:
@@ -70,7 +69,8 @@ def query_problem(query: str, mode: str, max_length: int) -> str:
 
 
 class Worker:
-    """Owns the engine while serving: one thread, newest frame, bounded queue, standing query."""
+    """Owns the engine while serving: one thread, newest frame, bounded queue, standing query.
+    finish(outcome) is called once per job, on the worker thread."""
 
     def __init__(self, engine, finish: Callable[[Outcome], None], *, queue_size: int, image_topic: str,
                  max_image_pixels: int, max_new_tokens: int, log_error: Callable[[str], None]):
@@ -108,9 +108,6 @@ class Worker:
     @property
     def queue_length(self) -> int:
         return len(self._queue)
-
-    def has_frame(self) -> bool:
-        return self._frame is not None
 
     def put_frame(self, msg) -> None:
         with self._wake:
@@ -164,11 +161,11 @@ class Worker:
             except Exception as error:  # a bug in the path around the model costs this query, not the worker
                 self._log_error(f"unexpected error on query {job.query!r}:\n{traceback.format_exc()}")
                 outcome = Outcome(job, error=f"internal error: {type(error).__name__}: {error}")
-            self._deliver(outcome)
+            self._finish_job(outcome)
         with self._wake:
             queued, self._queue = list(self._queue), collections.deque()
         for job in queued:
-            self._deliver(Outcome(job, error=f"not run: {self._stopping}"))
+            self._finish_job(Outcome(job, error=f"not run: {self._stopping}"))
 
     def _should_stop(self, job: Job) -> bool:
         return bool(self._stopping) or job.cancel_requested()
@@ -219,11 +216,8 @@ class Worker:
         outcome.engine_s = time.perf_counter() - start
         return outcome
 
-    def _deliver(self, outcome: Outcome) -> None:
+    def _finish_job(self, outcome: Outcome) -> None:
         try:
             self._finish(outcome)
-        except Exception:  # a failed publish must not stop the worker
-            self._log_error(f"delivering a result failed:\n{traceback.format_exc()}")
-        finally:
-            if outcome.job.reply is not None:
-                outcome.job.reply(outcome)
+        except Exception:  # a failed finish must not stop the worker
+            self._log_error(f"finishing a job failed:\n{traceback.format_exc()}")

@@ -1,0 +1,163 @@
+"""The node's Worker in-process, with an engine the test gates: the queue limit, exactly one
+finish per job, cancel (queued and running), the standing query's rate and stop. No DDS: the
+behaviours hold without it (the node tests show them over DDS)."""
+
+import threading
+
+import numpy as np
+import pytest
+from sensor_msgs.msg import Image
+
+from groundlmm_ros.engine.types import Cancelled, Grounding
+from groundlmm_ros.ros.worker import Job, Worker
+
+WAIT_S = 10.0  # every wait below is bounded; none of them depends on the machine's speed
+
+
+class GatedEngine:
+    """Each ground() call says it started, then waits until the test opens the gate; it writes
+    three tokens, checking should_stop before each."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.started = threading.Semaphore(0)
+        self.calls: list[str] = []
+        self.stop_seen = threading.Event()
+
+    def ground(self, rgb, query, mode, *, on_token=None, should_stop=None, max_new_tokens=None):
+        self.calls.append(query)
+        self.started.release()
+        if not self.gate.wait(WAIT_S):
+            raise RuntimeError("the test never opened the gate")
+        for n in range(1, 4):
+            if should_stop():
+                self.stop_seen.set()
+                raise Cancelled(f"stopped after {n - 1} tokens")
+            if on_token is not None:
+                on_token("word " * n, n)
+        return Grounding(query, mode, "word word word", [1, 1, 1], [], rgb.shape[:2])
+
+
+def frame(width=8, height=6):
+    return Image(height=height, width=width, encoding="rgb8", step=width * 3,
+                 data=np.zeros(height * width * 3, np.uint8).tobytes())
+
+
+class Finished:
+    """finish() calls, with a way to wait for a number of them."""
+
+    def __init__(self):
+        self.outcomes = []
+        self._changed = threading.Condition()
+
+    def __call__(self, outcome):
+        with self._changed:
+            self.outcomes.append(outcome)
+            self._changed.notify_all()
+
+    def wait_for(self, count: int):
+        with self._changed:
+            assert self._changed.wait_for(lambda: len(self.outcomes) >= count, WAIT_S), (
+                f"{len(self.outcomes)} of {count} jobs finished")
+        return self.outcomes
+
+
+@pytest.fixture
+def running():
+    engine, finished = GatedEngine(), Finished()
+    errors = []
+    worker = Worker(engine, finished, queue_size=3, image_topic="/camera/image", max_image_pixels=10_000,
+                    max_new_tokens=8, log_error=errors.append)
+    worker.start()
+    yield worker, engine, finished, errors
+    engine.gate.set()
+    worker.stop("test over", timeout=WAIT_S)
+
+
+def started(engine):
+    assert engine.started.acquire(timeout=WAIT_S), "the engine was never called"
+
+
+def test_a_full_queue_refuses_and_every_queued_job_finishes_once(running):
+    worker, engine, finished, _ = running
+    assert "no image has arrived yet on /camera/image" in worker.submit(Job("first", "describe", "topic"))
+    worker.put_frame(frame())
+    assert worker.submit(Job("running", "describe", "topic")) == ""
+    started(engine)  # it left the queue and blocks in the engine
+    for k in range(3):
+        assert worker.submit(Job(f"queued {k}", "describe", "topic")) == ""
+    assert worker.submit(Job("one too many", "describe", "topic")).startswith("query queue is full (3 waiting")
+    assert worker.queue_length == 3
+    engine.gate.set()
+    outcomes = finished.wait_for(4)
+    assert [o.job.query for o in outcomes] == ["running", "queued 0", "queued 1", "queued 2"]
+    assert all(o.grounding is not None and not o.error for o in outcomes)
+    assert "one too many" not in engine.calls and len(finished.outcomes) == 4
+
+
+def test_cancel_stops_a_running_job_at_its_next_token_and_skips_a_queued_one(running):
+    worker, engine, finished, _ = running
+    worker.put_frame(frame())
+    cancel_running, cancel_queued = threading.Event(), threading.Event()
+    assert worker.submit(Job("running", "describe", "action", cancel_requested=cancel_running.is_set)) == ""
+    started(engine)
+    assert worker.submit(Job("queued", "describe", "action", cancel_requested=cancel_queued.is_set)) == ""
+    assert worker.submit(Job("next", "describe", "topic")) == ""
+    cancel_running.set()
+    cancel_queued.set()
+    engine.gate.set()
+    running_outcome, queued_outcome, next_outcome = finished.wait_for(3)
+    assert running_outcome.cancelled and running_outcome.grounding is None and engine.stop_seen.is_set()
+    assert queued_outcome.cancelled and queued_outcome.error == "cancelled"
+    assert engine.calls == ["running", "next"]  # the cancelled queued job never reached the model
+    assert next_outcome.grounding is not None
+
+
+def test_stop_cancels_the_running_job_and_ends_the_queued_ones(running):
+    worker, engine, finished, _ = running
+    worker.put_frame(frame())
+    worker.submit(Job("running", "describe", "topic"))
+    started(engine)
+    worker.submit(Job("queued", "refer", "topic"))
+    stopper = threading.Thread(target=worker.stop, args=("node deactivated", WAIT_S))
+    stopper.start()
+    engine.gate.set()
+    stopper.join(WAIT_S)
+    assert not stopper.is_alive()
+    running_outcome, queued_outcome = finished.wait_for(2)
+    assert running_outcome.cancelled and running_outcome.error == "cancelled: node deactivated"
+    assert queued_outcome.error == "not run: node deactivated" and engine.calls == ["running"]
+    assert worker.submit(Job("late", "describe", "topic")) == "node is not serving: node deactivated"
+
+
+def test_standing_query_runs_once_per_new_frame_within_its_rate(running):
+    worker, engine, finished, _ = running
+    engine.gate.set()
+    worker.set_standing("the mug", "refer", 0.0)  # 0: as fast as the model allows
+    worker.put_frame(frame())
+    finished.wait_for(1)
+    worker.put_frame(frame())
+    outcomes = finished.wait_for(2)
+    assert [(o.job.query, o.job.source) for o in outcomes] == [("the mug", "standing")] * 2
+    # No new frame, no run: a topic query goes next, and nothing else.
+    worker.submit(Job("topic", "describe", "topic"))
+    assert [o.job.query for o in finished.wait_for(3)] == ["the mug", "the mug", "topic"]
+    # At 1/1000 Hz the next standing run is 1000 s away, whatever frames arrive.
+    worker.set_standing("the cup", "refer", 0.001)
+    worker.put_frame(frame())
+    finished.wait_for(4)
+    worker.put_frame(frame())
+    worker.submit(Job("after", "describe", "topic"))
+    assert [o.job.query for o in finished.wait_for(5)][3:] == ["the cup", "after"]
+    assert len(engine.calls) == 5
+
+
+def test_elongated_and_oversized_frames_are_refused_before_the_model(running):
+    worker, engine, finished, _ = running
+    engine.gate.set()
+    worker.submit(Job("thin", "describe", "action", image=frame(width=700, height=1)))
+    worker.submit(Job("huge", "describe", "action", image=frame(width=200, height=100)))
+    thin, huge = finished.wait_for(2)
+    assert thin.error.startswith("bad image: image of 700x1 pixels is more elongated than 20:1")
+    assert "exceeds max_image_pixels=10000" in huge.error
+    assert engine.calls == []
