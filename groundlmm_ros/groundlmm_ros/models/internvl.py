@@ -182,11 +182,7 @@ def tiny_internvl(
         ),
         text_config=Qwen2Config(
             vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **tiny.tiny_lm_sizes(hidden, layers),
             max_position_embeddings=1024,
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,

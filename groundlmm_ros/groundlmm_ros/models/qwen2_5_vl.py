@@ -181,11 +181,7 @@ def tiny_qwen2_5_vl(
         ),
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **tiny.tiny_lm_sizes(hidden, layers),
             max_position_embeddings=1024,
             rope_parameters={
                 "rope_type": "default",

@@ -72,6 +72,18 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_lm_sizes(hidden: int, layers: int) -> dict:
+    """The language-model sizes the tiny models share: width `hidden`, `layers` layers, and
+    grouped-query attention (4 query heads over 2 key/value heads)."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
 def tiny_llava(
     vocab_size: int,
     seed: int = 0,
@@ -95,11 +107,7 @@ def tiny_llava(
         ),
         text_config=LlamaConfig(
             vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **tiny_lm_sizes(hidden, layers),
             max_position_embeddings=512,
             bos_token_id=1,
             eos_token_id=2,
