@@ -1,12 +1,15 @@
 """Test-run wide settings: never touch a model hub, give this run its own ROS domain so parallel
-runs on one machine do not cross-talk, and a watchdog process that ends a test pytest-timeout cannot.
+runs on one machine do not cross-talk, and a watchdog process that ends a test pytest-timeout
+cannot.
 
-pytest-timeout interrupts a test from a signal handler, which needs the GIL; a DDS teardown that hangs
-while holding it (Fast DDS in rcl_node_fini) never lets it run. The watchdog is a separate process: a
-test still running WATCHDOG_GRACE_S past its timeout gets its Python stacks dumped (faulthandler, a C
-handler that needs no GIL) and the test run is killed with a line saying which test hung. Every process
-the node tests start dies with the run (node_harness sets PR_SET_PDEATHSIG).
+pytest-timeout interrupts a test from a signal handler, which needs the GIL; a DDS teardown that
+hangs while holding it (Fast DDS in rcl_node_fini) never lets it run. The watchdog is a separate
+process: a test still running WATCHDOG_GRACE_S past its timeout gets its Python stacks dumped
+(faulthandler, a C handler that needs no GIL) and the test run is killed with a line saying which
+test hung. Every process the node tests start dies with the run (node_harness sets
+PR_SET_PDEATHSIG).
 """
+
 import faulthandler
 import os
 import signal
@@ -14,6 +17,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# One torch thread per test process: tiny models run no faster on more, and two test runs on one
+# small machine do not then fight over its cores.
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -37,8 +45,10 @@ while True:
         else:
             deadline = None
     elif deadline is not None:
-        print(f"\\nwatchdog: {test} still ran after {seconds} s (its timeout + {sys.argv[2]} s): pytest-timeout "
-              "could not stop it (a hang that holds the GIL); its stacks follow, then the test run is killed",
+        print(f"\\nwatchdog: {test} still ran after {seconds} s "
+              f"(its timeout + {sys.argv[2]} s): pytest-timeout "
+              "could not stop it (a hang that holds the GIL); its stacks follow, "
+              "then the test run is killed",
               file=sys.stderr, flush=True)
         os.kill(pid, signal.SIGUSR1)
         time.sleep(2.0)
@@ -50,7 +60,10 @@ while True:
 def pytest_configure(config):
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     config._groundlmm_watchdog = subprocess.Popen(
-        [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(WATCHDOG_GRACE_S)], stdin=subprocess.PIPE, text=True)
+        [sys.executable, "-c", WATCHDOG, str(os.getpid()), str(WATCHDOG_GRACE_S)],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
 
 
 def pytest_unconfigure(config):
@@ -60,10 +73,41 @@ def pytest_unconfigure(config):
         watchdog.wait(5.0)
 
 
+# `make test-fast` leaves both out. ros: starts ROS 2 nodes or DDS participants in other processes;
+# slow: takes tens of seconds alone.
+ROS_MODULES = {
+    "test_dds_exchange",
+    "test_colcon_workspace",
+    "test_node_basic",
+    "test_node_inputs",
+    "test_node_lifecycle",
+    "test_node_load",
+    "test_node_qwen2_5_vl",
+    "test_node_readme",
+}
+SLOW_MODULES = {
+    "test_training",
+    "test_evaluation",
+    "test_colcon_workspace",
+    "test_gpu_latency_tiny",
+    "test_node_load",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__
+        if module in ROS_MODULES:
+            item.add_marker(pytest.mark.ros)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="module")
 def client(node):
     """A client of the module's `node` fixture (a NodeProcess), seeing it active."""
     from node_harness import connect
+
     client = connect(node)
     yield client
     client.close()
@@ -79,7 +123,8 @@ def _timeout_s(item) -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     watchdog = item.config._groundlmm_watchdog
-    # pytest-timeout's limit covers setup, call and teardown together; the grace lets its failure unwind
+    # pytest-timeout's limit covers setup, call and teardown together; the grace lets its failure
+    # unwind
     watchdog.stdin.write(f"arm {_timeout_s(item) + WATCHDOG_GRACE_S} {item.nodeid}\n")
     watchdog.stdin.flush()
     yield

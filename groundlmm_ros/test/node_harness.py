@@ -1,11 +1,12 @@
 """Test helpers: groundlmm_node in its own process, and a client node in another.
 
-The two talk over real DDS (the run's ROS_DOMAIN_ID comes from conftest.py). The test process itself
-holds no DDS participant here: `Client` drives node_client.py over a socket, and every call it makes
-is bounded; a call that does not come back in time kills the client process and fails the test (a DDS
-wait or teardown can block while holding the GIL, where no in-process timeout fires). On a failed
-wait the node's log helps: `NodeProcess.output()`.
+The two talk over real DDS (the run's ROS_DOMAIN_ID comes from conftest.py). The test process
+itself holds no DDS participant here: `Client` drives node_client.py over a socket, and every call
+it makes is bounded; a call that does not come back in time kills the client process and fails the
+test (a DDS wait or teardown can block while holding the GIL, where no in-process timeout fires). On
+a failed wait the node's log helps: `NodeProcess.output()`.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -26,19 +27,20 @@ import numpy as np
 import yaml
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
-from groundlmm_msgs.action import Ground
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header, String
 
+from groundlmm_msgs.action import Ground
 from groundlmm_ros.ros.conversion import numpy_to_image
 
 HERE = Path(__file__).resolve().parent
 NAMESPACE = "/lab"
 NODE_NAME = "groundlmm_node"
-# What every test node shares: tiny model, quick status, reliable images (no test flakes from a lost frame).
+# What every test node shares: tiny model, quick status, reliable images (no test flakes from a lost
+# frame).
 BASE_PARAMS = {
     "model": "tiny-random",
     "image_qos_reliability": "reliable",
@@ -56,19 +58,33 @@ def _die_with_the_test_process() -> None:
 def start(command: list[str], log_path: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
     """A child process whose output goes to log_path and that does not outlive the test process."""
     with open(log_path, "w") as log:
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_the_test_process, **kwargs)
+        return subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_the_test_process,
+            **kwargs,
+        )
 
 
 class NodeProcess:
     """`python -m groundlmm_ros.ros.node` with a params file; stop() sends SIGINT like Ctrl-C.
 
     gated=True runs gated_node.py instead: the same node whose model waits at a gate the test opens
-    (open_gate / close_gate), so a test fills the queue deterministically. `command` replaces the whole
-    command line (params then unused)."""
+    (open_gate / close_gate), so a test fills the queue deterministically. `command` replaces the
+    whole command line (params then unused)."""
 
-    def __init__(self, params: dict, gated: bool = False, hold_configure: bool = False, hang_at_exit: bool = False,
-                 command: list[str] | None = None, cwd: Path | None = None, env: dict | None = None):
+    def __init__(
+        self,
+        params: dict,
+        gated: bool = False,
+        hold_configure: bool = False,
+        hang_at_exit: bool = False,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
+        env: dict | None = None,
+    ):
         self._dir = tempfile.TemporaryDirectory(prefix="groundlmm_node_test_")
         self.gate = Path(self._dir.name)
         params_file = os.path.join(self._dir.name, "params.yaml")
@@ -78,9 +94,20 @@ class NodeProcess:
         for flag, wanted in (("hold_configure", hold_configure), ("hang_at_exit", hang_at_exit)):
             if wanted:
                 (self.gate / flag).touch()
-        program = [str(HERE / "gated_node.py"), str(self.gate)] if gated else ["-m", "groundlmm_ros.ros.node"]
-        command = command or [sys.executable, *program, "--ros-args", "-r", f"__ns:={NAMESPACE}",
-                              "--params-file", params_file]
+        program = (
+            [str(HERE / "gated_node.py"), str(self.gate)]
+            if gated
+            else ["-m", "groundlmm_ros.ros.node"]
+        )
+        command = command or [
+            sys.executable,
+            *program,
+            "--ros-args",
+            "-r",
+            f"__ns:={NAMESPACE}",
+            "--params-file",
+            params_file,
+        ]
         env = dict(env or os.environ, OMP_NUM_THREADS="1", RCUTILS_LOGGING_BUFFERED_STREAM="0")
         self.process = start(command, self.log_path, env, cwd=cwd)
 
@@ -113,7 +140,8 @@ class NodeProcess:
         return bool(wait_for(lambda: len(self.started()) >= count, timeout))
 
     def stop(self, signum: int = signal.SIGINT, timeout: float = 15.0) -> int:
-        """The signal (SIGINT: Ctrl-C), then the exit code (SIGKILL and -9 if it does not exit within timeout)."""
+        """The signal (SIGINT: Ctrl-C), then the exit code (SIGKILL and -9 if it does not exit
+        within timeout)."""
         if self.process.poll() is None:
             self.process.send_signal(signum)
             try:
@@ -159,10 +187,15 @@ class Publisher:
 class Client:
     """A test-side node in its own process (node_client.py); what it receives is mirrored here."""
 
-    def __init__(self, image_reliability: str = "reliable", namespace: str = NAMESPACE, env: dict | None = None):
+    def __init__(
+        self,
+        image_reliability: str = "reliable",
+        namespace: str = NAMESPACE,
+        env: dict | None = None,
+    ):
         self.lock = threading.Lock()
-        self.results: list = []         # GroundingResult
-        self.rejections: list = []      # DiagnosticStatus
+        self.results: list = []  # GroundingResult
+        self.rejections: list = []  # DiagnosticStatus
         self.logs: list[str] = []
         self.status: dict[str, str] = {}
         self.status_count = 0
@@ -176,9 +209,22 @@ class Client:
         self._send_lock = threading.Lock()
         self._publisher_ids = itertools.count()
         ours, theirs = socket.socketpair()
-        self._log = tempfile.NamedTemporaryFile(prefix="groundlmm_test_client_", suffix=".log", delete=False)
-        self.process = start([sys.executable, str(HERE / "node_client.py"), str(theirs.fileno()), namespace,
-                              NODE_NAME, image_reliability], self._log.name, env, pass_fds=[theirs.fileno()])
+        self._log = tempfile.NamedTemporaryFile(
+            prefix="groundlmm_test_client_", suffix=".log", delete=False
+        )
+        self.process = start(
+            [
+                sys.executable,
+                str(HERE / "node_client.py"),
+                str(theirs.fileno()),
+                namespace,
+                NODE_NAME,
+                image_reliability,
+            ],
+            self._log.name,
+            env,
+            pass_fds=[theirs.fileno()],
+        )
         theirs.close()
         self._conn = Connection(ours.detach())
         self._gone = ""
@@ -188,7 +234,8 @@ class Client:
         self.depth_pub, self.info_pub = Publisher(self, "depth"), Publisher(self, "camera_info")
 
     def _read(self) -> None:
-        """Events and replies from the client process (a plain socket read: it cannot hold the GIL)."""
+        """Events and replies from the client process (a plain socket read: it cannot hold the
+        GIL)."""
         while True:
             try:
                 kind, *rest = self._conn.recv()
@@ -215,8 +262,12 @@ class Client:
                 raise ClientGone(f"{method}: {self._gone}")
             self._conn.send(("call", call_id, method, args, kwargs))
         with self.lock:
-            if not self._reply_ready.wait_for(lambda: call_id in self._replies or self._gone, timeout):
-                self._gone = f"the client process did not answer {method} within {timeout} s and was killed"
+            if not self._reply_ready.wait_for(
+                lambda: call_id in self._replies or self._gone, timeout
+            ):
+                self._gone = (
+                    f"the client process did not answer {method} within {timeout} s and was killed"
+                )
                 self.process.kill()
             if call_id not in self._replies:
                 raise ClientGone(f"{method}: {self._gone}\n{self.client_log()}")
@@ -234,27 +285,44 @@ class Client:
 
     def wait_active(self, timeout: float = 60.0) -> bool:
         """The node reports itself active and both input topics are matched."""
-        return bool(wait_for(lambda: self.status.get("state") == "active"
-                             and self.image_pub.get_subscription_count() > 0
-                             and self.query_pub.get_subscription_count() > 0, timeout, period=0.1))
+        return bool(
+            wait_for(
+                lambda: (
+                    self.status.get("state") == "active"
+                    and self.image_pub.get_subscription_count() > 0
+                    and self.query_pub.get_subscription_count() > 0
+                ),
+                timeout,
+                period=0.1,
+            )
+        )
 
     def not_active_reason(self) -> str:
         try:
-            counts = (self.image_pub.get_subscription_count(), self.query_pub.get_subscription_count())
+            counts = (
+                self.image_pub.get_subscription_count(),
+                self.query_pub.get_subscription_count(),
+            )
         except ClientGone as error:
             counts = str(error)
-        return (f"state {self.status.get('state')!r} after {self.status_count} status messages; "
-                f"subscribers to image, query {counts}; client errors {self.spin_errors[-3:]}")
+        return (
+            f"state {self.status.get('state')!r} after {self.status_count} status messages; "
+            f"subscribers to image, query {counts}; client errors {self.spin_errors[-3:]}"
+        )
 
     def wait_status(self, key: str, at_least: int, timeout: float = 5.0) -> bool:
         return bool(wait_for(lambda: int(self.status.get(key, "-1")) >= at_least, timeout))
 
     def answer_to(self, query: str, timeout: float = 20.0):
-        """The GroundingResult or rejection DiagnosticStatus for `query` (None if none came in time)."""
+        """The GroundingResult or rejection DiagnosticStatus for `query` (None if none came in
+        time)."""
+
         def find():
             with self.lock:
-                return (next((r for r in self.results if r.query == query), None)
-                        or next((r for r in self.rejections if _value(r, "query") == query), None))
+                return next((r for r in self.results if r.query == query), None) or next(
+                    (r for r in self.rejections if _value(r, "query") == query), None
+                )
+
         return wait_for(find, timeout)
 
     def answers(self, queries) -> dict[str, list]:
@@ -271,11 +339,14 @@ class Client:
         def find():
             with self.lock:
                 return next((line for line in self.logs if fragment in line), None)
+
         return wait_for(find, timeout)
 
     # ---- sending ------------------------------------------------------------------------------
 
-    def create_publisher(self, msg_type, topic: str, depth: int = 5, reliability: str = "reliable") -> Publisher:
+    def create_publisher(
+        self, msg_type, topic: str, depth: int = 5, reliability: str = "reliable"
+    ) -> Publisher:
         name = f"extra{next(self._publisher_ids)}"
         self.call("create_publisher", name, msg_type, topic, depth, reliability)
         return Publisher(self, name)
@@ -293,12 +364,14 @@ class Client:
         self.query_pub.publish(String(data=text))
 
     def send_goals(self, goals: list) -> list[int]:
-        """Send Ground goals at once (from the client process); their keys for goals() and cancel_goals()."""
+        """Send Ground goals at once (from the client process); their keys for goals() and
+        cancel_goals()."""
         assert self.call("action_server_ready", 10.0, timeout=20.0), "no ~/ground action server"
         return self.call("send_goals", goals)
 
     def goals(self, keys: list[int]) -> list[dict]:
-        """Each goal so far: accepted, response_s, status (GoalStatus, once its result came), result, feedbacks."""
+        """Each goal so far: accepted, response_s, status (GoalStatus, once its result came),
+        result, feedbacks."""
         return self.call("goals", keys)
 
     def cancel_goals(self, keys: list[int]) -> None:
@@ -313,15 +386,23 @@ class Client:
             records = self.goals(keys)
         return records
 
-    def ground(self, query: str, mode: str = "refer", image=None, timeout: float = 20.0,
-               cancel_after_feedback: bool = False):
+    def ground(
+        self,
+        query: str,
+        mode: str = "refer",
+        image=None,
+        timeout: float = 20.0,
+        cancel_after_feedback: bool = False,
+    ):
         """Send a Ground goal; (status, result, feedbacks). Status is action_msgs GoalStatus."""
         goal = Ground.Goal(query=query, mode=mode, image=image if image is not None else Image())
         keys = self.send_goals([goal])
         record = self.wait_goals(keys, lambda r: r[0]["accepted"] is not None, timeout)[0]
         assert record["accepted"], "goal not accepted"
         if cancel_after_feedback:
-            record = self.wait_goals(keys, lambda r: r[0]["feedbacks"] or r[0]["status"] is not None, timeout)[0]
+            record = self.wait_goals(
+                keys, lambda r: r[0]["feedbacks"] or r[0]["status"] is not None, timeout
+            )[0]
             assert record["feedbacks"], "no feedback before cancel"
             self.cancel_goals(keys)
         record = self.wait_goals(keys, lambda r: r[0]["status"] is not None, timeout)[0]
@@ -330,6 +411,7 @@ class Client:
 
     def change_state(self, transition_id: int) -> bool:
         from lifecycle_msgs.msg import Transition
+
         request = ChangeState.Request(transition=Transition(id=transition_id))
         return self._service(ChangeState, "change_state", request).success
 
@@ -337,8 +419,12 @@ class Client:
         return self._service(GetState, "get_state", GetState.Request()).current_state.label
 
     def set_parameters(self, **values) -> list:
-        parameters = [Parameter(name=name, value=_parameter_value(value)) for name, value in values.items()]
-        return self._service(SetParameters, "set_parameters", SetParameters.Request(parameters=parameters)).results
+        parameters = [
+            Parameter(name=name, value=_parameter_value(value)) for name, value in values.items()
+        ]
+        return self._service(
+            SetParameters, "set_parameters", SetParameters.Request(parameters=parameters)
+        ).results
 
     def _service(self, srv_type, name: str, request, timeout: float = 30.0):
         return self.call("call_service", srv_type, name, request, timeout, timeout=timeout + 15.0)
@@ -360,7 +446,8 @@ class Client:
 
 
 def connect(node: NodeProcess, timeout: float = 60.0, **client_options) -> Client:
-    """A Client that sees `node` active. On failure it is closed first and the error says what was missing."""
+    """A Client that sees `node` active. On failure it is closed first and the error says what was
+    missing."""
     client = Client(**client_options)
     if not client.wait_active(timeout):
         reason = client.not_active_reason()
@@ -383,16 +470,26 @@ def _value(status: DiagnosticStatus, key: str) -> str | None:
     return next((kv.value for kv in status.values if kv.key == key), None)
 
 
-def rgb_image(width: int = 96, height: int = 64, stamp_s: float = 1.0, frame_id: str = "camera_optical",
-              seed: int = 0) -> Image:
-    """A random rgb8 frame with a distinct stamp and frame_id."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+def stamped_header(stamp_s: float, frame_id: str = "camera_optical") -> Header:
     header = Header(frame_id=frame_id)
     header.stamp.sec, header.stamp.nanosec = int(stamp_s), int(round((stamp_s % 1) * 1e9))
-    return numpy_to_image(pixels, "rgb8", header)
+    return header
+
+
+def rgb_image(
+    width: int = 96,
+    height: int = 64,
+    stamp_s: float = 1.0,
+    frame_id: str = "camera_optical",
+    seed: int = 0,
+) -> Image:
+    """A random rgb8 frame with a distinct stamp and frame_id."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return numpy_to_image(pixels, "rgb8", stamped_header(stamp_s, frame_id))
 
 
 def is_rejection(answer) -> bool:
     """A query's answer that is no grounding: a rejection on ~/rejected (never accepted) or a
-    GroundingResult with success false (accepted, then failed). Both carry the reason in .message."""
+    GroundingResult with success false (accepted, then failed). Both carry the reason in
+    .message."""
     return isinstance(answer, DiagnosticStatus) or not answer.success

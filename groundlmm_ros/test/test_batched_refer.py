@@ -4,16 +4,16 @@ pass gives each expression what it gets alone (maps to 1e-5, the same point and 
 import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
 
-torch.set_num_threads(1)
 EXPRESSIONS = ["the red mug on the left", "a dog", "the small white cup next to the laptop"]
 
 
 def frame(seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (60, 44, 3), dtype=np.uint8)
+    return random_rgb(60, 44, seed)
 
 
 @pytest.fixture(scope="module", params=["tiny-random", "tiny-difflmm-random"])

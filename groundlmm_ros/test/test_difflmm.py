@@ -18,8 +18,6 @@ from groundlmm_ros.models.difflmm_checkpoint import load_difflmm, save_difflmm
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.models.tiny import tiny_difflmm_backend, tiny_difflmm_config
 
-torch.set_num_threads(1)
-
 # The reference's SDCLIPBlock (llava/model/multimodal_projector/builder.py): the 14 tensors of
 # non_lora_trainables.bin (after the prefix), 7B shapes.
 RELEASED_PROJECTOR = {

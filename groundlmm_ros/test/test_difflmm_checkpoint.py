@@ -36,7 +36,6 @@ from groundlmm_ros.models.difflmm_checkpoint import (
 )
 from groundlmm_ros.models.tiny import tiny_difflmm_config, tiny_tokenizer
 
-torch.set_num_threads(1)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTION = "Describe the image in detail."
 

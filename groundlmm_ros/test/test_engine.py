@@ -4,6 +4,7 @@ streaming, cancel, limits and bad input."""
 import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine.engine import Engine, mask_bbox
 from groundlmm_ros.engine.heatmap import argmax_point
@@ -12,7 +13,6 @@ from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.engine.types import Cancelled, Grounding, InputError
 from groundlmm_ros.models.presets import PRESETS, build_engine
 
-torch.set_num_threads(1)
 QUESTION = "Describe the image in detail."
 
 
@@ -27,7 +27,7 @@ def fallback_engine():
 
 
 def image(height=48, width=80, seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return random_rgb(height, width, seed)
 
 
 def check_phrases(result: Grounding, height, width):

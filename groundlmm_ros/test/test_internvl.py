@@ -17,7 +17,6 @@ from groundlmm_ros.models.internvl import (
 )
 from groundlmm_ros.models.presets import build_engine
 
-torch.set_num_threads(1)
 SIDE = 4  # tokens per tile side: 32-pixel tiles, 4-pixel patches, 0.5 pixel shuffle
 
 

@@ -3,7 +3,6 @@ classes: recorder parity with the reference's eager read-out, the any-resolution
 tile, unpadded high-resolution grid, newline tokens off the map) and both modes end to end."""
 
 import pytest
-import torch
 import vlm_checks
 from transformers.image_processing_utils import select_best_resolution
 
@@ -18,7 +17,6 @@ from groundlmm_ros.models.llava_next import (
 )
 from groundlmm_ros.models.presets import build_engine
 
-torch.set_num_threads(1)
 BASE_SIDE = 4  # 32-pixel tiles of 8-pixel patches
 
 

@@ -5,6 +5,7 @@ problem, and the node must then answer a good query. One node (with depth,
 small limits) serves the module; tests run in file order (camera_info first
 arrives in the plane test).
 """
+
 import time
 
 import cv2
@@ -12,22 +13,36 @@ import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
-from groundlmm_msgs.action import Ground
-from groundlmm_msgs.msg import GroundingResult
 from lifecycle_msgs.msg import Transition
-from node_harness import TERMINAL, Client, NodeProcess, _value, is_rejection, rgb_image
+from node_harness import (
+    TERMINAL,
+    Client,
+    NodeProcess,
+    _value,
+    is_rejection,
+    rgb_image,
+    stamped_header,
+)
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 
+from groundlmm_msgs.action import Ground
+from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.ros.conversion import numpy_to_image
 
 pytestmark = pytest.mark.timeout(180)
 
 WIDTH, HEIGHT = 96, 64
 FX, FY, CX, CY = 80.0, 90.0, 47.5, 31.5
-PARAMS = {"query_mode": "refer", "use_depth": True, "max_image_pixels": 20000, "max_query_length": 60,
-          "query_queue_size": 5, "marker_lifetime_s": 1.5}
+PARAMS = {
+    "query_mode": "refer",
+    "use_depth": True,
+    "max_image_pixels": 20000,
+    "max_query_length": 60,
+    "query_queue_size": 5,
+    "marker_lifetime_s": 1.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,26 +54,30 @@ def node():
 
 
 def header(stamp_s: float) -> Header:
-    h = Header(frame_id="camera_color_optical_frame")
-    h.stamp.sec, h.stamp.nanosec = int(stamp_s), int(round((stamp_s % 1) * 1e9))
-    return h
+    return stamped_header(stamp_s, "camera_color_optical_frame")
 
 
 def publish_depth(client: Client, depth: np.ndarray, encoding: str, stamp_s: float) -> None:
     seen = int(client.status.get("depth_frames_received", "0"))
     client.depth_pub.publish(numpy_to_image(depth, encoding, header(stamp_s)))
-    assert client.wait_status("depth_frames_received", seen + 1), "node did not count the depth frame"
+    assert client.wait_status("depth_frames_received", seen + 1), (
+        "node did not count the depth frame"
+    )
 
 
 def publish_camera_info(client: Client) -> None:
-    info = CameraInfo(header=header(0.0), width=WIDTH, height=HEIGHT, k=[FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0])
+    info = CameraInfo(
+        header=header(0.0), width=WIDTH, height=HEIGHT, k=[FX, 0.0, CX, 0.0, FY, CY, 0.0, 0.0, 1.0]
+    )
     client.info_pub.publish(info)
     assert client.wait_status("camera_infos_received", 1), "node did not count camera_info"
 
 
 def ground_frame(client: Client, stamp_s: float, query: str):
     """Publish a frame with this stamp, query it, return the answer (result or rejection)."""
-    client.publish_image(rgb_image(WIDTH, HEIGHT, stamp_s, "camera_color_optical_frame", seed=int(stamp_s)))
+    client.publish_image(
+        rgb_image(WIDTH, HEIGHT, stamp_s, "camera_color_optical_frame", seed=int(stamp_s))
+    )
     client.query(query)
     return client.answer_to(query)
 
@@ -70,6 +89,7 @@ def assert_answers_good_query(client: Client, tag: str) -> None:
 
 # ---- depth ------------------------------------------------------------------------------------
 
+
 def test_depth_without_camera_info_gives_nan_and_a_log_line(client):
     publish_depth(client, np.full((HEIGHT, WIDTH), 1500, np.uint16), "16UC1", 10.0)
     result = ground_frame(client, 10.0, "the cup without info")
@@ -77,10 +97,17 @@ def test_depth_without_camera_info_gives_nan_and_a_log_line(client):
     assert client.log_containing("no camera_info received yet")
 
 
-@pytest.mark.parametrize("encoding, depth, metres", [
-    ("16UC1", np.full((HEIGHT, WIDTH), 1500, np.uint16), 1.5),      # millimetres / depth_unit_divisor
-    ("32FC1", np.full((HEIGHT, WIDTH), 0.8, np.float32), 0.8),      # metres
-])
+@pytest.mark.parametrize(
+    "encoding, depth, metres",
+    [
+        (
+            "16UC1",
+            np.full((HEIGHT, WIDTH), 1500, np.uint16),
+            1.5,
+        ),  # millimetres / depth_unit_divisor
+        ("32FC1", np.full((HEIGHT, WIDTH), 0.8, np.float32), 0.8),  # metres
+    ],
+)
 def test_depth_plane_gives_the_known_centroid(client, encoding, depth, metres):
     publish_camera_info(client)
     stamp = 20.0 + metres
@@ -90,28 +117,75 @@ def test_depth_plane_gives_the_known_centroid(client, encoding, depth, metres):
     mask = np.frombuffer(result.phrases[0].mask.data, np.uint8).reshape(HEIGHT, WIDTH) > 0
     assert mask.any()
     rows, cols = np.nonzero(mask)
-    # a fronto-parallel plane: every pixel at z = metres, so the median point is the median pixel deprojected
+    # a fronto-parallel plane: every pixel at z = metres, so the median point is the median pixel
+    # deprojected
     expected = ((np.median(cols) - CX) * metres / FX, (np.median(rows) - CY) * metres / FY, metres)
     centroid = result.phrases[0].centroid
-    assert np.allclose([centroid.x, centroid.y, centroid.z], expected, atol=0.01), (centroid, expected)
-    marker_array = client.wait_for(lambda: [m for m in client.markers if m.markers
-                                            and m.markers[0].header.stamp == result.header.stamp], 5.0)
+    assert np.allclose([centroid.x, centroid.y, centroid.z], expected, atol=0.01), (
+        centroid,
+        expected,
+    )
+    marker_array = client.wait_for(
+        lambda: [
+            m
+            for m in client.markers
+            if m.markers and m.markers[0].header.stamp == result.header.stamp
+        ],
+        5.0,
+    )
     sphere = marker_array[-1].markers[0]
     assert sphere.header.frame_id == "camera_color_optical_frame"
     assert (sphere.lifetime.sec, sphere.lifetime.nanosec) == (1, 500_000_000)
     assert np.isclose(sphere.pose.position.z, metres, atol=1e-6)
-    cloud = client.wait_for(lambda: [c for c in client.clouds if c.header.stamp == result.header.stamp], 5.0)
+    cloud = client.wait_for(
+        lambda: [c for c in client.clouds if c.header.stamp == result.header.stamp], 5.0
+    )
     assert cloud[-1].width == mask.sum()
 
 
-@pytest.mark.parametrize("case, depth, encoding, stamp_gap, log_fragment", [
-    ("wrong size", np.full((32, 48), 1000, np.uint16), "16UC1", 0.0, "depth image is 48x32 but the colour image is 96x64"),
-    ("all zero", np.zeros((HEIGHT, WIDTH), np.uint16), "16UC1", 0.0, "no valid depth (0 or NaN) under the mask"),
-    ("all NaN", np.full((HEIGHT, WIDTH), np.nan, np.float32), "32FC1", 0.0, "no valid depth (0 or NaN) under the mask"),
-    ("colour as depth", np.zeros((HEIGHT, WIDTH, 3), np.uint8), "rgb8", 0.0, "depth encoding 'rgb8' is not supported"),
-    ("stale stamp", np.full((HEIGHT, WIDTH), 1000, np.uint16), "16UC1", 1.0, "no depth frame within depth_stamp_tol"),
-])
-def test_bad_depth_gives_nan_centroid_and_a_log_line(client, case, depth, encoding, stamp_gap, log_fragment):
+@pytest.mark.parametrize(
+    "case, depth, encoding, stamp_gap, log_fragment",
+    [
+        (
+            "wrong size",
+            np.full((32, 48), 1000, np.uint16),
+            "16UC1",
+            0.0,
+            "depth image is 48x32 but the colour image is 96x64",
+        ),
+        (
+            "all zero",
+            np.zeros((HEIGHT, WIDTH), np.uint16),
+            "16UC1",
+            0.0,
+            "no valid depth (0 or NaN) under the mask",
+        ),
+        (
+            "all NaN",
+            np.full((HEIGHT, WIDTH), np.nan, np.float32),
+            "32FC1",
+            0.0,
+            "no valid depth (0 or NaN) under the mask",
+        ),
+        (
+            "colour as depth",
+            np.zeros((HEIGHT, WIDTH, 3), np.uint8),
+            "rgb8",
+            0.0,
+            "depth encoding 'rgb8' is not supported",
+        ),
+        (
+            "stale stamp",
+            np.full((HEIGHT, WIDTH), 1000, np.uint16),
+            "16UC1",
+            1.0,
+            "no depth frame within depth_stamp_tol",
+        ),
+    ],
+)
+def test_bad_depth_gives_nan_centroid_and_a_log_line(
+    client, case, depth, encoding, stamp_gap, log_fragment
+):
     stamp = 40.0 + 5 * len(client.results)  # far from every earlier depth frame
     publish_depth(client, depth, encoding, stamp + stamp_gap)
     result = ground_frame(client, stamp, f"the cup, {case}")
@@ -123,21 +197,27 @@ def test_bad_depth_gives_nan_centroid_and_a_log_line(client, case, depth, encodi
 
 # ---- bad images and queries -------------------------------------------------------------------
 
+
 def _image(encoding="rgb8", width=WIDTH, height=HEIGHT, step=None, data_len=None) -> Image:
     channels = 3 if encoding in ("rgb8", "yuv_weird") else 1
     step = width * channels * (4 if encoding == "32FC1" else 1) if step is None else step
     data = bytes(height * step if data_len is None else data_len)
-    return Image(header=header(3.0), width=width, height=height, encoding=encoding, step=step, data=data)
+    return Image(
+        header=header(3.0), width=width, height=height, encoding=encoding, step=step, data=data
+    )
 
 
-@pytest.mark.parametrize("case, image, message_fragment", [
-    ("unknown encoding", _image("yuv_weird"), "unknown encoding 'yuv_weird'"),
-    ("step below width", _image(step=WIDTH), f"step={WIDTH} is below width * bytes per pixel"),
-    ("data too short", _image(data_len=100), "data has 100 bytes, expected height * step"),
-    ("depth as colour", _image("32FC1"), "names no colours"),
-    ("oversized", _image(width=200, height=200), "exceeds max_image_pixels=20000"),
-    ("7000 x 1", _image(width=7000, height=1), "7000x1 pixels is more elongated than 20:1"),
-])
+@pytest.mark.parametrize(
+    "case, image, message_fragment",
+    [
+        ("unknown encoding", _image("yuv_weird"), "unknown encoding 'yuv_weird'"),
+        ("step below width", _image(step=WIDTH), f"step={WIDTH} is below width * bytes per pixel"),
+        ("data too short", _image(data_len=100), "data has 100 bytes, expected height * step"),
+        ("depth as colour", _image("32FC1"), "names no colours"),
+        ("oversized", _image(width=200, height=200), "exceeds max_image_pixels=20000"),
+        ("7000 x 1", _image(width=7000, height=1), "7000x1 pixels is more elongated than 20:1"),
+    ],
+)
 def test_bad_goal_image_is_rejected_with_reason(client, case, image, message_fragment):
     status, result, _ = client.ground(f"the cup, {case}", image=image)
     assert status == GoalStatus.STATUS_ABORTED and not result.success
@@ -160,12 +240,15 @@ def test_bad_goal_mode_is_rejected_with_reason(client):
     assert_answers_good_query(client, "bad mode")
 
 
-@pytest.mark.parametrize("case, query, message_fragment", [
-    ("empty", "", "empty query"),
-    ("blank", "  \t ", "empty query"),
-    ("too long", "the cup " * 10, "more than max_query_length=60"),
-    ("control character", "the cup\x07", "control character U+0007"),
-])
+@pytest.mark.parametrize(
+    "case, query, message_fragment",
+    [
+        ("empty", "", "empty query"),
+        ("blank", "  \t ", "empty query"),
+        ("too long", "the cup " * 10, "more than max_query_length=60"),
+        ("control character", "the cup\x07", "control character U+0007"),
+    ],
+)
 def test_bad_query_is_rejected_with_reason(client, case, query, message_fragment):
     client.publish_image(rgb_image(WIDTH, HEIGHT, 6.0))
     client.query(query)
@@ -199,8 +282,12 @@ def test_incompatible_qos_is_logged_with_the_fix(client):
 def reconfigure(client: Client, **parameters) -> None:
     """Set read-at-configure parameters, then deactivate, cleanup, configure, activate."""
     assert all(r.successful for r in client.set_parameters(**parameters))
-    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
-                       Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+    for transition in (
+        Transition.TRANSITION_DEACTIVATE,
+        Transition.TRANSITION_CLEANUP,
+        Transition.TRANSITION_CONFIGURE,
+        Transition.TRANSITION_ACTIVATE,
+    ):
         assert client.change_state(transition), transition
     assert client.wait_for(lambda: client.status.get("state") == "active", 30.0)
 
@@ -225,10 +312,17 @@ def test_compressed_images_and_undecodable_ones(client):
     try:
         assert client.wait_for(lambda: compressed_pub.get_subscription_count() > 0, 10.0)
         pixels = np.random.default_rng(7).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
-        png = CompressedImage(header=header(9.0), format="png", data=cv2.imencode(".png", pixels)[1].tobytes())
+        png = CompressedImage(
+            header=header(9.0), format="png", data=cv2.imencode(".png", pixels)[1].tobytes()
+        )
         answers = []
-        for msg, query in ((CompressedImage(header=header(9.5), format="jpeg", data=b"not a jpeg"), "the cup, bad jpeg"),
-                           (png, "the cup, png")):
+        for msg, query in (
+            (
+                CompressedImage(header=header(9.5), format="jpeg", data=b"not a jpeg"),
+                "the cup, bad jpeg",
+            ),
+            (png, "the cup, png"),
+        ):
             seen = int(client.status.get("frames_received", "0"))
             compressed_pub.publish(msg)
             assert client.wait_status("frames_received", seen + 1)
@@ -245,18 +339,39 @@ def test_compressed_images_and_undecodable_ones(client):
 
 # ---- fuzz -------------------------------------------------------------------------------------
 
-ENCODINGS = ["rgb8", "bgr8", "mono8", "mono16", "16UC1", "32FC1", "rgba8", "yuv422", "bayer_rggb8", "8UC3", "jpeg",
-             "", "rgb8\x00", "x" * 300]
+ENCODINGS = [
+    "rgb8",
+    "bgr8",
+    "mono8",
+    "mono16",
+    "16UC1",
+    "32FC1",
+    "rgba8",
+    "yuv422",
+    "bayer_rggb8",
+    "8UC3",
+    "jpeg",
+    "",
+    "rgb8\x00",
+    "x" * 300,
+]
 
 
 def fuzz_image(rng, encodings=ENCODINGS) -> Image:
-    """A frame that is usually malformed: any size from 0 to 7000 a side, step and data that may not fit."""
+    """A frame that is usually malformed: any size from 0 to 7000 a side, step and data that may
+    not fit."""
     width, height = (int(rng.choice([0, 1, 2, 7000, int(rng.integers(1, 200))])) for _ in range(2))
     step = int(rng.choice([0, width, 3 * width, int(rng.integers(0, 1 << 31))]))
     size = int(rng.choice([0, min(height * step, 30000), int(rng.integers(0, 30000))]))
-    return Image(header=header(float(rng.uniform(0, 100))), width=width, height=height,
-                 encoding=str(rng.choice(encodings)), is_bigendian=int(rng.integers(0, 2)), step=step,
-                 data=rng.bytes(size))
+    return Image(
+        header=header(float(rng.uniform(0, 100))),
+        width=width,
+        height=height,
+        encoding=str(rng.choice(encodings)),
+        is_bigendian=int(rng.integers(0, 2)),
+        step=step,
+        data=rng.bytes(size),
+    )
 
 
 def fuzz_text(rng) -> str:
@@ -265,55 +380,82 @@ def fuzz_text(rng) -> str:
 
 
 def test_fuzz_of_malformed_messages_and_goals_keeps_every_goal_answered(client, node):
-    """10,000 messages (frames, depth, camera_info, queries, ~1,000 goals), mostly malformed, seeded: the node
-    stays up, every goal gets its response and one terminal status, and a good query is answered."""
+    """10,000 messages (frames, depth, camera_info, queries, ~1,000 goals), mostly malformed,
+    seeded: the node stays up, every goal gets its response and one terminal status, and a good
+    query is answered."""
     rng = np.random.default_rng(20261201)
     goals, keys = [], []
     log_start = len(node.output())
     for i in range(10000):
-        kind = rng.choice(["image", "depth", "camera_info", "query", "goal"], p=[0.3, 0.2, 0.1, 0.3, 0.1])
+        kind = rng.choice(
+            ["image", "depth", "camera_info", "query", "goal"], p=[0.3, 0.2, 0.1, 0.3, 0.1]
+        )
         if kind == "image":
             client.image_pub.publish(fuzz_image(rng))
         elif kind == "depth":
             client.depth_pub.publish(fuzz_image(rng, ["16UC1", "32FC1", "mono16", "rgb8", ""]))
         elif kind == "camera_info":
-            client.info_pub.publish(CameraInfo(
-                header=header(float(rng.uniform(0, 100))), width=int(rng.integers(0, 8000)),
-                height=int(rng.integers(0, 8000)), k=rng.normal(0, 1e3, 9).tolist(),
-                d=rng.normal(0, 1, int(rng.integers(0, 20))).tolist()))
+            client.info_pub.publish(
+                CameraInfo(
+                    header=header(float(rng.uniform(0, 100))),
+                    width=int(rng.integers(0, 8000)),
+                    height=int(rng.integers(0, 8000)),
+                    k=rng.normal(0, 1e3, 9).tolist(),
+                    d=rng.normal(0, 1, int(rng.integers(0, 20))).tolist(),
+                )
+            )
         elif kind == "query":
             client.query(fuzz_text(rng))
         else:
             image = fuzz_image(rng) if rng.random() < 0.7 else rgb_image(WIDTH, HEIGHT, seed=i)
-            goals.append(Ground.Goal(query=fuzz_text(rng) or "the cup", image=image,
-                                     mode=str(rng.choice(["refer", "describe", "", "explain"]))))
+            goals.append(
+                Ground.Goal(
+                    query=fuzz_text(rng) or "the cup",
+                    image=image,
+                    mode=str(rng.choice(["refer", "describe", "", "explain"])),
+                )
+            )
             if len(goals) % 20 == 0:  # goals go out in bursts of 20
                 keys += client.send_goals(goals[-20:])
-    keys += client.send_goals(goals[len(keys):])
+    keys += client.send_goals(goals[len(keys) :])
     records = client.wait_goals(keys, lambda rs: all(r["status"] in TERMINAL for r in rs), 120.0)
     assert node.process.poll() is None, node.output()[-3000:]
-    missing = {"no response": sum(r["accepted"] is None for r in records),
-               "no terminal status": sum(r["status"] not in TERMINAL for r in records)}
-    stuck = [(g.query[:40], g.mode, g.image.width, g.image.height, g.image.encoding[:10])
-             for g, r in zip(goals, records) if r["status"] not in TERMINAL][:10]
-    errors = [line for line in node.output()[log_start:].splitlines()
-              if "error" in line.lower() or "exception" in line.lower()][:20]
-    assert all(r["accepted"] for r in records) and all(r["status"] in TERMINAL for r in records), \
-        (len(goals), missing, stuck, errors)
+    missing = {
+        "no response": sum(r["accepted"] is None for r in records),
+        "no terminal status": sum(r["status"] not in TERMINAL for r in records),
+    }
+    stuck = [
+        (g.query[:40], g.mode, g.image.width, g.image.height, g.image.encoding[:10])
+        for g, r in zip(goals, records)
+        if r["status"] not in TERMINAL
+    ][:10]
+    errors = [
+        line
+        for line in node.output()[log_start:].splitlines()
+        if "error" in line.lower() or "exception" in line.lower()
+    ][:20]
+    assert all(r["accepted"] for r in records) and all(r["status"] in TERMINAL for r in records), (
+        len(goals),
+        missing,
+        stuck,
+        errors,
+    )
     for goal, record in zip(goals, records):
         if record["status"] != GoalStatus.STATUS_SUCCEEDED:
             assert record["result"].message, goal  # a failed goal says why
     log = node.output()[log_start:]  # no model error: bad input is refused before the model
-    assert "Traceback" not in log, log[log.find("Traceback") - 300:][:3000]
+    assert "Traceback" not in log, log[log.find("Traceback") - 300 :][:3000]
     assert_answers_good_query(client, "after the fuzz")
 
 
 # ---- flood ------------------------------------------------------------------------------------
 
+
 def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
     client.publish_image(rgb_image(WIDTH, HEIGHT, 8.0))
     rss_before = node.rss_mb()
-    node.close_gate()  # the model holds the first query until the gate opens: the queue fills, whatever the speed
+    # the model holds the first query until the gate opens: the queue fills, whatever the speed
+    node.close_gate()
     started = len(node.started())
     queries = [f"flood cup {i}" for i in range(200)]
     client.query(queries[0])
@@ -323,8 +465,15 @@ def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
 
     def counts():
         found = client.answers(queries)
-        return ([q for q, answers in found.items() for a in answers if not isinstance(a, DiagnosticStatus)],
-                [a for answers in found.values() for a in answers if isinstance(a, DiagnosticStatus)])
+        return (
+            [
+                q
+                for q, answers in found.items()
+                for a in answers
+                if not isinstance(a, DiagnosticStatus)
+            ],
+            [a for answers in found.values() for a in answers if isinstance(a, DiagnosticStatus)],
+        )
 
     # with the model held, the queue takes 5 and each of the other 194 is rejected at once
     assert client.wait_for(lambda: len(counts()[1]) >= 194, 30.0), [len(c) for c in counts()]
@@ -334,7 +483,9 @@ def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
     assert client.wait_for(lambda: sum(map(len, counts())) >= 200, 60.0), [len(c) for c in counts()]
     time.sleep(0.5)
     answered, rejected = counts()
-    assert sorted(answered + [_value(r, "query") for r in rejected]) == sorted(queries)  # each once, none vanished
+    assert sorted(answered + [_value(r, "query") for r in rejected]) == sorted(
+        queries
+    )  # each once, none vanished
     assert len(answered) == 6 and queries[0] in answered  # the held one + the 5 queued
     assert node.rss_mb() - rss_before < 150, (rss_before, node.rss_mb())
     full = [r for r in rejected if r.message.startswith("query queue is full (5 waiting")]

@@ -17,8 +17,6 @@ from groundlmm_ros.cli import main
 from groundlmm_ros.paper_eval import gcg
 from groundlmm_ros.paper_eval.masks import encode_mask
 
-torch.set_num_threads(1)
-
 
 def box(size, y0, y1, x0, x1):
     mask = np.zeros(size, bool)

@@ -12,7 +12,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -22,7 +21,6 @@ from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.paper_eval import res
 
-torch.set_num_threads(1)
 SIZES = {1: (24, 32), 2: (30, 20)}  # image id -> (H, W)
 
 

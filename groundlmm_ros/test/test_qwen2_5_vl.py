@@ -18,8 +18,6 @@ from groundlmm_ros.models.qwen2_5_vl import (
     tiny_qwen_processor,
 )
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def backend():

@@ -1,15 +1,14 @@
 """The recorder's maps equal the reference's: eager generate(output_attentions=True), the newest
 query row over the image columns, mean over all layers and heads."""
 
-import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
 from groundlmm_ros.models.llava import LlavaBackend
 from groundlmm_ros.models.tiny import tiny_llava, tiny_tokenizer
 
-torch.set_num_threads(1)
 NEW_TOKENS = 6
 
 
@@ -27,7 +26,7 @@ def eager(backend):
 
 
 def image(seed, height=40, width=56):
-    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return random_rgb(height, width, seed)
 
 
 def reference_maps(attentions, image_starts, n_image):

@@ -20,7 +20,6 @@ from groundlmm_ros.evaluation import mask_iou as iou
 from groundlmm_ros.models.tiny import tiny_sam
 from groundlmm_ros.world import make_scenes
 
-torch.set_num_threads(1)
 H, W = 40, 70
 
 

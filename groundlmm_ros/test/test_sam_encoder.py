@@ -4,16 +4,16 @@ embedded once however many queries use it. Tiny segment_anything Sams, CPU."""
 import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine.refiners import SamRefiner, mask_iou
 from groundlmm_ros.models.tiny import tiny_sam
 
-torch.set_num_threads(1)
 POINTS = [(5, 5), (35, 20), (60, 30), (10, 35)]
 
 
 def frame(seed=0):
-    return np.random.RandomState(seed).randint(0, 256, (40, 70, 3), dtype=np.uint8)
+    return random_rgb(40, 70, seed)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -5,19 +5,19 @@ the tiny random LLaVA and DiffLMM. (CUDA graphs replay the same step; they need 
 import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine.recorder import BufferRecorder
 from groundlmm_ros.engine.types import Cancelled
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.models.static_decode import CACHE_BUCKET, cache_length
 
-torch.set_num_threads(1)
 PRESETS = ("tiny-random", "tiny-difflmm-random")
 QUESTION = "Describe the image in detail."
 
 
 def frame(seed=0, height=48, width=80):
-    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return random_rgb(height, width, seed)
 
 
 @pytest.fixture(scope="module", params=PRESETS)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from images import random_rgb
 from PIL import Image
 
 from groundlmm_ros.engine.recorder import Recorder
@@ -24,7 +25,7 @@ QUESTIONS = (
 
 
 def image(seed, height, width):
-    return np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return random_rgb(height, width, seed)
 
 
 def reference_maps(attentions, image_starts, n_image):
