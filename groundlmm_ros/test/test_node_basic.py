@@ -4,15 +4,16 @@ the standing query, lifecycle transitions, the shipped demo model, and a clean C
 One node serves the whole module (start-up imports torch and transformers);
 tests run in file order, the first one before any frame has been sent.
 """
+
 import time
 
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
-from groundlmm_msgs.action import Ground
 from lifecycle_msgs.msg import Transition
 from node_harness import NodeProcess, is_rejection, rgb_image
 
+from groundlmm_msgs.action import Ground
 from groundlmm_ros.ros.conversion import numpy_to_image
 from groundlmm_ros.world.scenes import make_scenes, referring_expression
 
@@ -46,11 +47,19 @@ def test_image_and_query_give_exactly_one_result(client):
     assert result.mode == "refer" and result.model == "tiny-random" and result.inference_time > 0
     assert len(result.phrases) == 1
     mask = result.phrases[0].mask
-    assert (mask.height, mask.width, mask.encoding) == (64, 96, "mono8") and mask.header == image.header
+    assert (mask.height, mask.width, mask.encoding) == (
+        64,
+        96,
+        "mono8",
+    ) and mask.header == image.header
     assert set(np.unique(np.frombuffer(mask.data, np.uint8))) <= {0, 255}
     assert np.isnan(result.phrases[0].centroid.z)  # no depth on this node
     overlay = client.wait_for(lambda: client.overlays, 5.0)
-    assert overlay and (overlay[-1].height, overlay[-1].width, overlay[-1].encoding) == (64, 96, "rgb8")
+    assert overlay and (overlay[-1].height, overlay[-1].width, overlay[-1].encoding) == (
+        64,
+        96,
+        "rgb8",
+    )
     time.sleep(0.5)
     assert sum(r.query == "the cup" for r in client.results) == 1
 
@@ -69,13 +78,21 @@ def test_action_feedback_and_result(client):
 
 def test_action_cancel_stops_generation(client):
     image = rgb_image(width=80, height=60, stamp_s=21.0, seed=4)
-    status, result, feedbacks = client.ground("Describe the image.", mode="describe", image=image,
-                                              cancel_after_feedback=True)
-    assert status == GoalStatus.STATUS_CANCELED and not result.success and "cancel" in result.message
-    # the goal was accepted: its result carries the failed GroundingResult that also went out on `grounding`
+    status, result, feedbacks = client.ground(
+        "Describe the image.", mode="describe", image=image, cancel_after_feedback=True
+    )
+    assert (
+        status == GoalStatus.STATUS_CANCELED and not result.success and "cancel" in result.message
+    )
+    # the goal was accepted: its result carries the failed GroundingResult that also went out on
+    # `grounding`
     failed = result.result
     assert not failed.success and failed.message == result.message and not failed.phrases
-    assert failed.query == "Describe the image." and failed.mode == "describe" and failed.header.stamp.sec == 21
+    assert (
+        failed.query == "Describe the image."
+        and failed.mode == "describe"
+        and failed.header.stamp.sec == 21
+    )
     assert feedbacks[-1].tokens < 200
     # the worker is free again
     status, result, _ = client.ground("the mug", image=image)
@@ -84,19 +101,26 @@ def test_action_cancel_stops_generation(client):
 
 def test_standing_query_repeats_within_max_rate(client):
     # set one by one, in this order (the query last, so it never runs in another mode)
-    assert all(r.successful for r in client.set_parameters(
-        standing_mode="refer", max_rate_hz=2.0, standing_query="the standing cup"))
+    assert all(
+        r.successful
+        for r in client.set_parameters(
+            standing_mode="refer", max_rate_hz=2.0, standing_query="the standing cup"
+        )
+    )
     start = time.monotonic()
     frame = 0
-    while time.monotonic() - start < 3.0:  # frames at ~10 Hz, stamped with their publish time: a loaded
-        # machine that starves this loop then cannot squeeze the stamps of frames 0.5 s apart together
+    # frames at ~10 Hz, stamped with their publish time: a loaded machine that starves this loop
+    # then cannot squeeze the stamps of frames 0.5 s apart together
+    while time.monotonic() - start < 3.0:
         client.image_pub.publish(rgb_image(stamp_s=100 + time.monotonic() - start, seed=frame))
         frame += 1
         time.sleep(0.1)
     assert all(r.successful for r in client.set_parameters(standing_query=""))
     with client.lock:
         # (the first run may use the frame left from an earlier test: stamp < 100)
-        received = [r for r in client.results if r.query == "the standing cup" and r.header.stamp.sec >= 100]
+        received = [
+            r for r in client.results if r.query == "the standing cup" and r.header.stamp.sec >= 100
+        ]
     stamps = [r.header.stamp.sec + r.header.stamp.nanosec * 1e-9 for r in received]
     assert 3 <= len(received) <= 7, stamps
     # consecutive standing results at least ~1/max_rate_hz apart (0.1 s of delivery jitter allowed)
@@ -131,8 +155,12 @@ def test_lifecycle_transitions_and_back(client, node):
 def test_shipped_demo_model_grounds_a_synthetic_scene(client):
     """Reconfigure to the shipped demo model (a miniature DiffLMM trained on these scenes)."""
     assert all(r.successful for r in client.set_parameters(model="demo"))
-    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
-                       Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+    for transition in (
+        Transition.TRANSITION_DEACTIVATE,
+        Transition.TRANSITION_CLEANUP,
+        Transition.TRANSITION_CONFIGURE,
+        Transition.TRANSITION_ACTIVATE,
+    ):
         assert client.change_state(transition), transition
     assert client.wait_active(30.0)
     scene = make_scenes(1, seed=12345)[0]
@@ -142,20 +170,31 @@ def test_shipped_demo_model_grounds_a_synthetic_scene(client):
     grounding = result.result
     assert grounding.answer and grounding.phrases
     for phrase in grounding.phrases:
-        assert grounding.answer[phrase.char_start:phrase.char_end] == phrase.phrase
+        assert grounding.answer[phrase.char_start : phrase.char_end] == phrase.phrase
         assert (phrase.mask.height, phrase.mask.width) == scene.image.shape[:2]
-    status, result, _ = client.ground(referring_expression(scene.objects[0]), mode="refer", image=image)
+    status, result, _ = client.ground(
+        referring_expression(scene.objects[0]), mode="refer", image=image
+    )
     assert status == GoalStatus.STATUS_SUCCEEDED and len(result.result.phrases) == 1
 
 
 def test_sigint_mid_answer_shuts_down_cleanly(client, node):
     assert all(r.successful for r in client.set_parameters(model="tiny-random"))
-    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP,
-                       Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+    for transition in (
+        Transition.TRANSITION_DEACTIVATE,
+        Transition.TRANSITION_CLEANUP,
+        Transition.TRANSITION_CONFIGURE,
+        Transition.TRANSITION_ACTIVATE,
+    ):
         assert client.change_state(transition), transition
-    goal = Ground.Goal(query="Describe the image.", mode="describe", image=rgb_image(80, 60, 21.0, seed=4))
+    goal = Ground.Goal(
+        query="Describe the image.", mode="describe", image=rgb_image(80, 60, 21.0, seed=4)
+    )
     keys = client.send_goals([goal])  # a 200-token answer
-    assert len(client.wait_goals(keys, lambda r: len(r[0]["feedbacks"]) >= 3, 20.0)[0]["feedbacks"]) >= 3
+    assert (
+        len(client.wait_goals(keys, lambda r: len(r[0]["feedbacks"]) >= 3, 20.0)[0]["feedbacks"])
+        >= 3
+    )
     start = time.monotonic()
     assert node.stop() == 0, node.output()
     assert time.monotonic() - start < 5.0

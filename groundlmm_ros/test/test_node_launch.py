@@ -4,6 +4,7 @@ The launch file is loaded with ROS 2 `launch`'s own loader where `launch` is
 installed (a ROS 2 installation); ros2/launch is not on PyPI, so in the
 PyPI-wheel venv that test skips and says so.
 """
+
 import dataclasses
 import importlib
 import importlib.util
@@ -24,8 +25,12 @@ def _ros_launch():
     except ImportError:
         launch = None
     if not hasattr(launch, "LaunchDescription") or importlib.util.find_spec("launch_ros") is None:
-        pytest.skip("ROS 2 `launch` and `launch_ros` are not installed (not on PyPI, and launch_ros also needs "
-                    "composition_interfaces, which is not on PyPI either): source a ROS 2 installation to run this")
+        pytest.skip(
+            "ROS 2 `launch` and `launch_ros` are not installed (not on PyPI, and launch_ros "
+            "also needs "
+            "composition_interfaces, which is not on PyPI either): "
+            "source a ROS 2 installation to run this"
+        )
     return importlib.import_module("launch.launch_description_sources")
 
 
@@ -33,13 +38,22 @@ def test_launch_file_loads_with_ros_launch_and_declares_its_arguments():
     sources = _ros_launch()
     description = sources.get_launch_description_from_python_launch_file(str(LAUNCH_FILE))
     arguments = {argument.name for argument in description.get_launch_arguments()}
-    assert {"model", "device", "namespace", "image_topic", "depth_topic", "params_file", "use_rviz"} <= arguments
+    assert {
+        "model",
+        "device",
+        "namespace",
+        "image_topic",
+        "depth_topic",
+        "params_file",
+        "use_rviz",
+    } <= arguments
 
 
 def _node_actions(**arguments):
     """What the launch file starts for these arguments (performed, nothing started)."""
     sources = _ros_launch()
     from launch import LaunchContext
+
     description = sources.get_launch_description_from_python_launch_file(str(LAUNCH_FILE))
     context = LaunchContext()
     for argument in description.get_launch_arguments():
@@ -63,7 +77,9 @@ def test_launch_boolean_arguments_are_checked_before_anything_starts():
 
 
 def test_params_yaml_sets_every_parameter_to_its_default():
-    values = yaml.safe_load((PACKAGE / "config" / "params.yaml").read_text())["/**"]["ros__parameters"]
+    values = yaml.safe_load((PACKAGE / "config" / "params.yaml").read_text())["/**"][
+        "ros__parameters"
+    ]
     assert list(values) == list(PARAMETERS)
     for name, value in values.items():
         default = PARAMETERS[name][0]
@@ -74,8 +90,10 @@ def test_params_yaml_sets_every_parameter_to_its_default():
 def test_readme_parameter_table_is_the_generated_one():
     readme = (PACKAGE.parent / "README.md").read_text()
     begin, end = readme.index("<!-- parameters:begin"), readme.index("<!-- parameters:end -->")
-    table = readme[readme.index("\n", begin) + 1:end].strip()
-    assert table == markdown_table(), "README's parameter table is stale: python -m groundlmm_ros.ros.params"
+    table = readme[readme.index("\n", begin) + 1 : end].strip()
+    assert table == markdown_table(), (
+        "README's parameter table is stale: python -m groundlmm_ros.ros.params"
+    )
     assert len(table.splitlines()) == len(PARAMETERS) + 2
 
 
@@ -92,4 +110,6 @@ def test_rviz_config_shows_the_overlay_and_markers():
     config = yaml.safe_load((PACKAGE / "config" / "groundlmm.rviz").read_text())
     displays = {d["Class"]: d for d in config["Visualization Manager"]["Displays"]}
     assert displays["rviz_default_plugins/Image"]["Topic"]["Value"] == "/groundlmm_node/overlay"
-    assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/groundlmm_node/markers"
+    assert (
+        displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/groundlmm_node/markers"
+    )

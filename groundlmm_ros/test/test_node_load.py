@@ -4,15 +4,17 @@ goals and a standing query, and Ctrl-C / SIGTERM while configuring and while ans
 The node's model is the tiny random one behind a gate (gated_node.py): with the gate closed the
 model holds the query it runs, so the queue fills the same way on any machine.
 """
+
 import signal
 import time
 
 import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
-from groundlmm_msgs.action import Ground
 from node_harness import TERMINAL, NodeProcess, rgb_image, wait_for
 from sensor_msgs.msg import Image
+
+from groundlmm_msgs.action import Ground
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,29 +52,44 @@ def test_100_goals_at_once_each_get_a_response_and_one_terminal_status(client, n
     keys = client.send_goals([goal(q) for q in queries])
     records = client.wait_goals(keys, lambda rs: all(r["accepted"] is not None for r in rs), 10.0)
     assert all(r["accepted"] for r in records), [r["accepted"] for r in records]
-    assert max(r["response_s"] for r in records) < 2.0, sorted(r["response_s"] for r in records)[-5:]
+    assert max(r["response_s"] for r in records) < 2.0, sorted(r["response_s"] for r in records)[
+        -5:
+    ]
     # the model is still held: the queue took 10, the other 90 end ABORTED at once
-    records = client.wait_goals(keys, lambda rs: statuses(rs).count(GoalStatus.STATUS_ABORTED) >= 90, 10.0)
+    records = client.wait_goals(
+        keys, lambda rs: statuses(rs).count(GoalStatus.STATUS_ABORTED) >= 90, 10.0
+    )
     aborted = [r for r in records if r["status"] == GoalStatus.STATUS_ABORTED]
     assert len(aborted) == 90, statuses(records)
-    assert all(r["result"].message.startswith(f"query queue is full ({QUEUE} waiting") for r in aborted)
+    assert all(
+        r["result"].message.startswith(f"query queue is full ({QUEUE} waiting") for r in aborted
+    )
     queued = [key for key, r in zip(keys, records) if r["status"] is None]
     assert len(queued) == QUEUE
     # cancel the running goal (stops at once) and two waiting ones (never run)
     client.cancel_goals(held + queued[:2])
-    assert client.wait_goals(held, lambda rs: rs[0]["status"] is not None, 10.0)[0]["status"] == \
-        GoalStatus.STATUS_CANCELED
+    assert (
+        client.wait_goals(held, lambda rs: rs[0]["status"] is not None, 10.0)[0]["status"]
+        == GoalStatus.STATUS_CANCELED
+    )
     node.open_gate()
     records = client.wait_goals(keys, lambda rs: all(r["status"] in TERMINAL for r in rs), 60.0)
-    assert all(r["status"] in TERMINAL for r in records), statuses(records)  # none UNKNOWN, none missing
+    assert all(r["status"] in TERMINAL for r in records), statuses(
+        records
+    )  # none UNKNOWN, none missing
     by_key = dict(zip(keys, records))
     assert [by_key[k]["status"] for k in queued[:2]] == [GoalStatus.STATUS_CANCELED] * 2
     succeeded = [r for r in records if r["status"] == GoalStatus.STATUS_SUCCEEDED]
     assert len(succeeded) == QUEUE - 2
     for r in succeeded:
-        assert r["result"].success and r["result"].result.query in queries and len(r["result"].result.phrases) == 1
-    # the model ran the succeeded ones last (a goal cancelled while it waited never reaches the model)
-    assert set(node.started()[-(QUEUE - 2):]) == {r["result"].result.query for r in succeeded}
+        assert (
+            r["result"].success
+            and r["result"].result.query in queries
+            and len(r["result"].result.phrases) == 1
+        )
+    # the model ran the succeeded ones last (a goal cancelled while it waited never reaches the
+    # model)
+    assert set(node.started()[-(QUEUE - 2) :]) == {r["result"].result.query for r in succeeded}
     # and each goal's query has exactly one answer on the topics too (grounding or ~/rejected)
     time.sleep(0.5)
     assert all(len(answers) == 1 for answers in client.answers(queries).values())
@@ -83,10 +100,18 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
     started = len(node.started())
     client.publish_image(rgb_image(stamp_s=2.0, seed=1))
     # the standing query takes this frame at once and is held
-    assert all(r.successful for r in client.set_parameters(standing_mode="refer", max_rate_hz=0.0,
-                                                           standing_query="the standing mug"))
-    assert node.wait_started(started + 1) and node.started()[-1] == "the standing mug", node.started()[-3:]
-    assert client.log_containing("'the standing mug' (refer), as fast as the model allows")  # max_rate_hz 0
+    assert all(
+        r.successful
+        for r in client.set_parameters(
+            standing_mode="refer", max_rate_hz=0.0, standing_query="the standing mug"
+        )
+    )
+    assert node.wait_started(started + 1) and node.started()[-1] == "the standing mug", (
+        node.started()[-3:]
+    )
+    assert client.log_containing(
+        "'the standing mug' (refer), as fast as the model allows"
+    )  # max_rate_hz 0
     topic_queries = [f"mixed topic mug {i}" for i in range(200)]
     goal_queries = [f"mixed goal mug {i}" for i in range(100)]
     keys = client.send_goals([goal(q) for q in goal_queries[:50]])
@@ -98,7 +123,11 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
     everything = topic_queries + goal_queries
 
     def rejected() -> int:
-        return sum(isinstance(a, DiagnosticStatus) for answers in client.answers(everything).values() for a in answers)
+        return sum(
+            isinstance(a, DiagnosticStatus)
+            for answers in client.answers(everything).values()
+            for a in answers
+        )
 
     # the model held: 10 of the 300 wait in the queue, the other 290 are rejected at once
     assert wait_for(lambda: rejected() >= 300 - QUEUE, 30.0), rejected()
@@ -109,13 +138,21 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
     assert wait_for(lambda: all(client.answers(everything).values()), 30.0)
     time.sleep(0.5)
     answers = client.answers(everything)
-    assert all(len(a) == 1 for a in answers.values()), {q: len(a) for q, a in answers.items() if len(a) != 1}
+    assert all(len(a) == 1 for a in answers.values()), {
+        q: len(a) for q, a in answers.items() if len(a) != 1
+    }
     grounded = [q for q, a in answers.items() if not isinstance(a[0], DiagnosticStatus)]
     assert len(grounded) == QUEUE and rejected() == 300 - QUEUE
-    for query, record in zip(goal_queries, records):  # a goal's status says what its topic answer says
+    for query, record in zip(
+        goal_queries, records
+    ):  # a goal's status says what its topic answer says
         succeeded = not isinstance(answers[query][0], DiagnosticStatus)
-        assert record["status"] == (GoalStatus.STATUS_SUCCEEDED if succeeded else GoalStatus.STATUS_ABORTED)
-    standing = [r for r in client.results if r.query == "the standing mug" and r.header.stamp.sec == 2]
+        assert record["status"] == (
+            GoalStatus.STATUS_SUCCEEDED if succeeded else GoalStatus.STATUS_ABORTED
+        )
+    standing = [
+        r for r in client.results if r.query == "the standing mug" and r.header.stamp.sec == 2
+    ]
     assert len(standing) == 1 and standing[0].success
 
 
@@ -129,8 +166,11 @@ def test_sigterm_with_a_standing_query_running_exits_within_5_s(client, node):
     start = time.monotonic()
     assert node.stop(signal.SIGTERM) == 0, node.output()
     assert time.monotonic() - start < 5.0
-    assert "Traceback" not in node.output() and "never retrieved" not in node.output(), node.output()
-    # it left the ROS graph as it exited (a participant that just vanishes stays listed for its 20 s lease)
+    assert "Traceback" not in node.output() and "never retrieved" not in node.output(), (
+        node.output()
+    )
+    # it left the ROS graph as it exited (a participant that just vanishes stays listed for its 20 s
+    # lease)
     assert wait_for(lambda: "/lab/groundlmm_node" not in client.call("node_names"), 5.0)
 
 
@@ -156,6 +196,10 @@ def test_exit_within_5_s_when_the_teardown_hangs_holding_the_gil():
         code = node.stop(signal.SIGTERM)
         assert time.monotonic() - start < 5.0 and code != -signal.SIGKILL, (code, node.output())
         # cut off by the exit timer, which says so and shows where it hung
-        assert code == 1 and "Timeout (0:00:04)!" in node.output() and "hanging_teardown" in node.output()
+        assert (
+            code == 1
+            and "Timeout (0:00:04)!" in node.output()
+            and "hanging_teardown" in node.output()
+        )
     finally:
         node.close()

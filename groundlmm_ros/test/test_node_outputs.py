@@ -84,9 +84,20 @@ def test_overlay_tints_masks_and_leaves_the_background():
 
 def test_overlay_of_an_empty_mask_tints_nothing():
     rgb = np.full((2, 3, 3), 100, np.uint8)  # a frame so small that the mask came out empty
-    empty = GroundedPhrase("a mug", 0, 5, [0], np.zeros((2, 3), np.float32), (1, 1), np.zeros((2, 3), bool), 0.1,
-                           (0, 0, 0, 0))
-    canvas = visualization.overlay(rgb, Grounding("Describe.", "describe", "a mug", [0], [empty], (2, 3)))
+    empty = GroundedPhrase(
+        "a mug",
+        0,
+        5,
+        [0],
+        np.zeros((2, 3), np.float32),
+        (1, 1),
+        np.zeros((2, 3), bool),
+        0.1,
+        (0, 0, 0, 0),
+    )
+    canvas = visualization.overlay(
+        rgb, Grounding("Describe.", "describe", "a mug", [0], [empty], (2, 3))
+    )
     assert canvas.shape == rgb.shape and canvas.dtype == np.uint8
 
 

@@ -4,6 +4,7 @@ The node is started with the README's own command line from the venv, and everyt
 it as a participant with no DDS setting would (no FASTDDS_* variable): RViz, a planner, a `ros2`
 shell. The README's `ros2 ...` commands run where ros2cli is installed (it is not on PyPI).
 """
+
 import ast
 import os
 import re
@@ -21,15 +22,18 @@ pytestmark = pytest.mark.timeout(180)
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
-NODE_SECTION = README[README.index("<!-- node:begin -->"):README.index("<!-- node:end -->")]
+NODE_SECTION = README[README.index("<!-- node:begin -->") : README.index("<!-- node:end -->")]
 DEFAULT_ENV = {k: v for k, v in os.environ.items() if not k.startswith("FASTDDS_")}
 
 
 def readme_commands() -> list[str]:
-    """The commands of the node section's first bash block, continuation lines joined, comments dropped."""
+    """The commands of the node section's first bash block, continuation lines joined, comments
+    dropped."""
     block = re.search(r"```bash\n(.*?)```", NODE_SECTION, re.S).group(1)
-    lines = [line.split("#")[0].rstrip() if line.lstrip().startswith("#") or " # " in line else line
-             for line in block.replace("\\\n", " ").splitlines()]
+    lines = [
+        line.split("#")[0].rstrip() if line.lstrip().startswith("#") or " # " in line else line
+        for line in block.replace("\\\n", " ").splitlines()
+    ]
     return [" ".join(line.split()) for line in lines if line.strip()]
 
 
@@ -50,12 +54,21 @@ def node():
 def client(node):
     client = Client(namespace="/", env=DEFAULT_ENV)
     camera = client.create_publisher(Image, "/camera/color/image_raw")
-    seen = wait_for(lambda: client.status.get("state") == "active" and camera.get_subscription_count() > 0
-                    and client.query_pub.get_subscription_count() > 0, 90.0, period=0.1)
+    seen = wait_for(
+        lambda: (
+            client.status.get("state") == "active"
+            and camera.get_subscription_count() > 0
+            and client.query_pub.get_subscription_count() > 0
+        ),
+        90.0,
+        period=0.1,
+    )
     if not seen:
         reason = client.not_active_reason()
         client.close()
-        raise AssertionError(f"a default participant does not see the node: {reason}\n{node.output()}")
+        raise AssertionError(
+            f"a default participant does not see the node: {reason}\n{node.output()}"
+        )
     client.camera = camera
     yield client
     client.close()
@@ -65,7 +78,10 @@ def test_a_default_participant_sees_the_node_started_as_the_readme_says(client):
     client.query("the red mug before any frame")
     answer = client.answer_to("the red mug before any frame")
     # the README's remap shows in the reason: the resolved topic, not `image`
-    assert is_rejection(answer) and "no image has arrived yet on /camera/color/image_raw" in answer.message
+    assert (
+        is_rejection(answer)
+        and "no image has arrived yet on /camera/color/image_raw" in answer.message
+    )
     seen = int(client.status.get("frames_received", "0"))
     client.camera.publish(rgb_image(stamp_s=5.0))
     assert client.wait_status("frames_received", seen + 1)
@@ -76,13 +92,21 @@ def test_a_default_participant_sees_the_node_started_as_the_readme_says(client):
 
 
 ROS2 = shutil.which("ros2")
-needs_ros2 = pytest.mark.skipif(ROS2 is None, reason="ros2cli is not installed (it is not on PyPI): source a ROS 2 "
-                                                      "installation to run the README's ros2 commands")
+needs_ros2 = pytest.mark.skipif(
+    ROS2 is None,
+    reason="ros2cli is not installed (it is not on PyPI): source a ROS 2 "
+    "installation to run the README's ros2 commands",
+)
 
 
 def run_readme(prefix: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command_starting(prefix)], env=DEFAULT_ENV, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        ["bash", "-c", command_starting(prefix)],
+        env=DEFAULT_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @needs_ros2
@@ -91,23 +115,35 @@ def test_readme_ros2_commands_work_as_written(client):
     before = len([r for r in client.results if r.query == "the red mug"])
     published = run_readme("ros2 topic pub")
     assert published.returncode == 0, published.stderr
-    assert wait_for(lambda: len([r for r in client.results if r.query == "the red mug"]) > before, 20.0)
+    assert wait_for(
+        lambda: len([r for r in client.results if r.query == "the red mug"]) > before, 20.0
+    )
     goal = run_readme("ros2 action send_goal")
     assert goal.returncode == 0 and "SUCCEEDED" in goal.stdout, goal.stdout + goal.stderr
     parameter = run_readme("ros2 param set")
-    assert parameter.returncode == 0 and "successful" in parameter.stdout, parameter.stdout + parameter.stderr
-    assert wait_for(lambda: any(r.query == "the red mug" and r.mode == "describe" for r in client.results), 20.0)
+    assert parameter.returncode == 0 and "successful" in parameter.stdout, (
+        parameter.stdout + parameter.stderr
+    )
+    assert wait_for(
+        lambda: any(r.query == "the red mug" and r.mode == "describe" for r in client.results), 20.0
+    )
     assert all(r.successful for r in client.set_parameters(standing_query=""))
 
 
 def test_readme_launch_table_shows_every_launch_argument_and_its_default():
     """Read without ROS 2 `launch` (not on PyPI): the launch file's ARGUMENTS table, parsed."""
     source = (REPO / "groundlmm_ros" / "launch" / "groundlmm.launch.py").read_text()
-    assignment = next(n for n in ast.parse(source).body if isinstance(n, ast.Assign)
-                      and getattr(n.targets[0], "id", "") == "ARGUMENTS")
+    assignment = next(
+        n
+        for n in ast.parse(source).body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "ARGUMENTS"
+    )
     arguments = {name: default for name, (default, _) in ast.literal_eval(assignment.value).items()}
-    table = NODE_SECTION[NODE_SECTION.index("Launch arguments"):NODE_SECTION.index("### Topics")]
+    table = NODE_SECTION[NODE_SECTION.index("Launch arguments") : NODE_SECTION.index("### Topics")]
     rows = dict(re.findall(r"^\| `(\w+)` \| (.+?) \|", table, re.M))
     for name, default in arguments.items():
-        assert rows.get(name) == f"`{default}`" if default else rows.get(name) == '`""`', (name, rows.get(name))
+        assert rows.get(name) == f"`{default}`" if default else rows.get(name) == '`""`', (
+            name,
+            rows.get(name),
+        )
     assert rows["params_file"] and rows["use_rviz"] == "`false`"

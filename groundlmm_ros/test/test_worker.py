@@ -39,8 +39,13 @@ class GatedEngine:
 
 
 def frame(width=8, height=6):
-    return Image(height=height, width=width, encoding="rgb8", step=width * 3,
-                 data=np.zeros(height * width * 3, np.uint8).tobytes())
+    return Image(
+        height=height,
+        width=width,
+        encoding="rgb8",
+        step=width * 3,
+        data=np.zeros(height * width * 3, np.uint8).tobytes(),
+    )
 
 
 class Finished:
@@ -58,7 +63,8 @@ class Finished:
     def wait_for(self, count: int):
         with self._changed:
             assert self._changed.wait_for(lambda: len(self.outcomes) >= count, WAIT_S), (
-                f"{len(self.outcomes)} of {count} jobs finished")
+                f"{len(self.outcomes)} of {count} jobs finished"
+            )
         return self.outcomes
 
 
@@ -66,8 +72,15 @@ class Finished:
 def running():
     engine, finished = GatedEngine(), Finished()
     errors = []
-    worker = Worker(engine, finished, queue_size=3, image_topic="/camera/image", max_image_pixels=10_000,
-                    max_new_tokens=8, log_error=errors.append)
+    worker = Worker(
+        engine,
+        finished,
+        queue_size=3,
+        image_topic="/camera/image",
+        max_image_pixels=10_000,
+        max_new_tokens=8,
+        log_error=errors.append,
+    )
     worker.start()
     yield worker, engine, finished, errors
     engine.gate.set()
@@ -80,13 +93,17 @@ def started(engine):
 
 def test_a_full_queue_refuses_and_every_queued_job_finishes_once(running):
     worker, engine, finished, _ = running
-    assert "no image has arrived yet on /camera/image" in worker.submit(Job("first", "describe", "topic"))
+    assert "no image has arrived yet on /camera/image" in worker.submit(
+        Job("first", "describe", "topic")
+    )
     worker.put_frame(frame())
     assert worker.submit(Job("running", "describe", "topic")) == ""
     started(engine)  # it left the queue and blocks in the engine
     for k in range(3):
         assert worker.submit(Job(f"queued {k}", "describe", "topic")) == ""
-    assert worker.submit(Job("one too many", "describe", "topic")).startswith("query queue is full (3 waiting")
+    assert worker.submit(Job("one too many", "describe", "topic")).startswith(
+        "query queue is full (3 waiting"
+    )
     assert worker.queue_length == 3
     engine.gate.set()
     outcomes = finished.wait_for(4)
@@ -99,15 +116,25 @@ def test_cancel_stops_a_running_job_at_its_next_token_and_skips_a_queued_one(run
     worker, engine, finished, _ = running
     worker.put_frame(frame())
     cancel_running, cancel_queued = threading.Event(), threading.Event()
-    assert worker.submit(Job("running", "describe", "action", cancel_requested=cancel_running.is_set)) == ""
+    assert (
+        worker.submit(Job("running", "describe", "action", cancel_requested=cancel_running.is_set))
+        == ""
+    )
     started(engine)
-    assert worker.submit(Job("queued", "describe", "action", cancel_requested=cancel_queued.is_set)) == ""
+    assert (
+        worker.submit(Job("queued", "describe", "action", cancel_requested=cancel_queued.is_set))
+        == ""
+    )
     assert worker.submit(Job("next", "describe", "topic")) == ""
     cancel_running.set()
     cancel_queued.set()
     engine.gate.set()
     running_outcome, queued_outcome, next_outcome = finished.wait_for(3)
-    assert running_outcome.cancelled and running_outcome.grounding is None and engine.stop_seen.is_set()
+    assert (
+        running_outcome.cancelled
+        and running_outcome.grounding is None
+        and engine.stop_seen.is_set()
+    )
     assert queued_outcome.cancelled and queued_outcome.error == "cancelled"
     assert engine.calls == ["running", "next"]  # the cancelled queued job never reached the model
     assert next_outcome.grounding is not None
@@ -127,7 +154,9 @@ def test_stop_cancels_the_running_job_and_ends_the_queued_ones(running):
     running_outcome, queued_outcome = finished.wait_for(2)
     assert running_outcome.cancelled and running_outcome.error == "cancelled: node deactivated"
     assert queued_outcome.error == "not run: node deactivated" and engine.calls == ["running"]
-    assert worker.submit(Job("late", "describe", "topic")) == "node is not serving: node deactivated"
+    assert (
+        worker.submit(Job("late", "describe", "topic")) == "node is not serving: node deactivated"
+    )
 
 
 def test_standing_query_runs_once_per_new_frame_within_its_rate(running):

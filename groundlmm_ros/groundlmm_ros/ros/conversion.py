@@ -13,6 +13,7 @@ on undecodable compressed data with a bare AssertionError and decode a 16-bit
 PNG to 8 bits. test_conversion.py checks the readers here against
 rosbags-image on every encoding both read correctly.
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,16 +47,21 @@ _DECODED_ENCODINGS = {
 def pixel_layout(encoding: str) -> tuple[np.dtype, int]:
     """(native-order dtype of one channel, channels per pixel) of a ROS image encoding."""
     if encoding in _PLANAR_ENCODINGS:
-        raise ImageConversionError(f"encoding {encoding!r} is planar YUV 4:2:0, which is not supported")
+        raise ImageConversionError(
+            f"encoding {encoding!r} is planar YUV 4:2:0, which is not supported"
+        )
     try:
         _, _, typestr, channels = to_cvtype(encoding)
     except rosbags_image.ImageFormatError:
         raise ImageConversionError(
-            f"unknown encoding {encoding!r}: expected e.g. rgb8, bgr8, rgba8, bgra8, mono8, mono16, "
+            f"unknown encoding {encoding!r}: expected e.g. rgb8, bgr8, rgba8, bgra8, mono8, "
+            "mono16, "
             "rgb16, bayer_rggb8, yuv422, or <8U|8S|16U|16S|32S|32F|64F>C<n> such as 16UC1, 32FC1"
         ) from None
     if channels < 1:
-        raise ImageConversionError(f"encoding {encoding!r} has {channels} channels, expected at least 1")
+        raise ImageConversionError(
+            f"encoding {encoding!r} has {channels} channels, expected at least 1"
+        )
     return np.dtype(typestr), channels
 
 
@@ -80,7 +86,8 @@ def image_to_numpy(msg: Image) -> np.ndarray:
         )
     if len(msg.data) < height * step:
         raise ImageConversionError(
-            f"data has {len(msg.data)} bytes, expected height * step = {height} * {step} = {height * step}"
+            f"data has {len(msg.data)} bytes, expected height * step = "
+            f"{height} * {step} = {height * step}"
         )
     shape = (height, width) if channels == 1 else (height, width, channels)
     strides = (step, pixel_bytes) if channels == 1 else (step, pixel_bytes, dtype.itemsize)
@@ -103,7 +110,8 @@ def compressed_to_numpy(msg: CompressedImage) -> np.ndarray:
     pixels = cv2.imdecode(np.frombuffer(msg.data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ImageConversionError(
-            f"CompressedImage data ({len(msg.data)} bytes, format {msg.format!r}) is not an image OpenCV can decode"
+            f"CompressedImage data ({len(msg.data)} bytes, format {msg.format!r}) "
+            "is not an image OpenCV can decode"
         )
     return pixels
 
@@ -120,24 +128,33 @@ def to_rgb8(msg: Image | CompressedImage) -> np.ndarray:
     """
     if hasattr(msg, "format"):  # a CompressedImage (rosbags-image tells them apart the same way)
         pixels = compressed_to_numpy(msg)
-        encoding = _DECODED_ENCODINGS.get((pixels.dtype, 1 if pixels.ndim == 2 else pixels.shape[2]))
+        encoding = _DECODED_ENCODINGS.get(
+            (pixels.dtype, 1 if pixels.ndim == 2 else pixels.shape[2])
+        )
         if encoding is None:
             raise ImageConversionError(
-                f"CompressedImage decoded to {pixels.dtype} with shape {pixels.shape}, which is not a colour image"
+                f"CompressedImage decoded to {pixels.dtype} with shape {pixels.shape}, "
+                "which is not a colour image"
             )
     else:
         pixels = image_to_numpy(msg)
         encoding = msg.encoding
     if to_cvtype(encoding)[1] == Format.GENERIC:
         raise ImageConversionError(
-            f"encoding {encoding!r} names no colours (depth or raw data); expected a colour or mono "
+            f"encoding {encoding!r} names no colours (depth or raw data); "
+            "expected a colour or mono "
             "encoding such as rgb8, bgr8, rgba8, bgra8, mono8, mono16"
         )
     try:
         return convert_color(pixels, encoding, "rgb8")
-    except (rosbags_image.ImageConversionError, cv2.error) as error:  # OpenCV refuses e.g. yuv422 of odd width
+    except (
+        rosbags_image.ImageConversionError,
+        cv2.error,
+    ) as error:  # OpenCV refuses e.g. yuv422 of odd width
         reason = error.err if isinstance(error, cv2.error) else error
-        raise ImageConversionError(f"encoding {encoding!r} cannot be converted to rgb8: {reason}") from None
+        raise ImageConversionError(
+            f"encoding {encoding!r} cannot be converted to rgb8: {reason}"
+        ) from None
 
 
 def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = None) -> Image:
@@ -148,15 +165,22 @@ def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = Non
     """
     dtype, channels = pixel_layout(encoding)
     array_channels = array.shape[2] if array.ndim == 3 else 1
-    if array.ndim not in (2, 3) or array_channels != channels or array.dtype.newbyteorder("=") != dtype:
+    if (
+        array.ndim not in (2, 3)
+        or array_channels != channels
+        or array.dtype.newbyteorder("=") != dtype
+    ):
         raise ImageConversionError(
-            f"array of shape {array.shape} and dtype {array.dtype} does not fit encoding {encoding!r}: "
+            f"array of shape {array.shape} and dtype {array.dtype} "
+            f"does not fit encoding {encoding!r}: "
             f"expected shape (H, W{'' if channels == 1 else f', {channels}'}) and dtype {dtype}"
         )
     height, width = array.shape[:2]
     if height == 0 or width == 0:
         raise ImageConversionError(f"empty array: shape {array.shape}")
-    big_endian = array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big")
+    big_endian = array.dtype.byteorder == ">" or (
+        array.dtype.byteorder == "=" and sys.byteorder == "big"
+    )
     return Image(
         header=header if header is not None else Header(),
         height=height,
@@ -171,5 +195,7 @@ def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = Non
 def mask_to_image(mask: np.ndarray, header: Header) -> Image:
     """A (H, W) bool mask as a mono8 Image: 0 background, 255 foreground."""
     if mask.dtype != np.bool_ or mask.ndim != 2:
-        raise ImageConversionError(f"mask must be a (H, W) bool array, got shape {mask.shape} and dtype {mask.dtype}")
+        raise ImageConversionError(
+            f"mask must be a (H, W) bool array, got shape {mask.shape} and dtype {mask.dtype}"
+        )
     return numpy_to_image(mask.astype(np.uint8) * np.uint8(255), "mono8", header)

@@ -1,4 +1,5 @@
 """The node's counters and its /diagnostics status."""
+
 from __future__ import annotations
 
 import collections
@@ -17,9 +18,13 @@ class Stats:
     def __init__(self):
         self.lock = threading.Lock()
         self.queries_received = self.queries_rejected = self.results_published = 0
-        self.frames_received = self.depth_frames_received = self.camera_infos_received = self.errors = 0
-        self.latency_ms = collections.deque(maxlen=100)   # query received -> result published
-        self.overhead_ms = collections.deque(maxlen=100)  # conversion + depth + message building + publishing
+        self.frames_received = self.depth_frames_received = self.camera_infos_received = (
+            self.errors
+        ) = 0
+        self.latency_ms = collections.deque(maxlen=100)  # query received -> result published
+        self.overhead_ms = collections.deque(
+            maxlen=100
+        )  # conversion + depth + message building + publishing
 
     def count(self, name: str) -> None:
         with self.lock:

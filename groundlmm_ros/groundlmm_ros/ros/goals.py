@@ -7,6 +7,7 @@ the goal to the executor (EXECUTING); its execute callback then holds one
 executor thread only while the model answers it. A goal that was never queued
 starts at once and ends ABORTED with the reason.
 """
+
 from __future__ import annotations
 
 import threading
@@ -18,16 +19,17 @@ from groundlmm_msgs.msg import GroundingResult
 class GoalRun:
     def __init__(self, goal_handle, context):
         self.handle = goal_handle
-        self.refused = ""          # why it was never queued ('' once queued)
+        self.refused = ""  # why it was never queued ('' once queued)
         self._context = context
-        self._outcome = None       # the worker's Outcome, once finished
-        self._result = None        # the GroundingResult the node published for it (None if that failed)
+        self._outcome = None  # the worker's Outcome, once finished
+        self._result = None  # the GroundingResult the node published for it (None if that failed)
         self._finished = threading.Event()
         self._started = False
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Hand the goal to the executor, once: when the worker takes it, or at once when it was refused."""
+        """Hand the goal to the executor, once: when the worker takes it, or at once when it was
+        refused."""
         with self._lock:
             if self._started:
                 return
@@ -43,8 +45,8 @@ class GoalRun:
         self.start()
 
     def _end(self, transition) -> None:
-        """Set the terminal state. After Ctrl-C the state still changes (so rclpy does not set it again) but
-        publishing it fails by design: nothing to report then."""
+        """Set the terminal state. After Ctrl-C the state still changes (so rclpy does not set it
+        again) but publishing it fails by design: nothing to report then."""
         try:
             transition()
         except Exception:
@@ -53,10 +55,13 @@ class GoalRun:
 
     def feedback(self, partial_answer: str, tokens: int) -> None:
         if self._context.ok():
-            self.handle.publish_feedback(Ground.Feedback(partial_answer=partial_answer, tokens=tokens))
+            self.handle.publish_feedback(
+                Ground.Feedback(partial_answer=partial_answer, tokens=tokens)
+            )
 
     def execute(self) -> Ground.Result:
-        """The goal's execute callback, on an executor thread: sets its terminal state, returns its result."""
+        """The goal's execute callback, on an executor thread: sets its terminal state, returns its
+        result."""
         if self.refused:
             self._end(self.handle.abort)
             return Ground.Result(success=False, message=self.refused)
@@ -69,7 +74,15 @@ class GoalRun:
         if self._result is not None and self._result.success:
             self._end(self.handle.succeed)
             return Ground.Result(result=self._result, success=True)
-        self._end(self.handle.canceled if outcome.cancelled and self.handle.is_cancel_requested else self.handle.abort)
-        # the same failed GroundingResult that went out on `grounding` (empty if delivering it failed)
-        return Ground.Result(result=self._result or GroundingResult(), success=False,
-                             message=outcome.error or "delivering the result failed")
+        self._end(
+            self.handle.canceled
+            if outcome.cancelled and self.handle.is_cancel_requested
+            else self.handle.abort
+        )
+        # the same failed GroundingResult that went out on `grounding` (empty if delivering it
+        # failed)
+        return Ground.Result(
+            result=self._result or GroundingResult(),
+            success=False,
+            message=outcome.error or "delivering the result failed",
+        )

@@ -8,6 +8,7 @@ ends in exactly one GroundingResult on `grounding` (success false + the
 reason when it failed); a query never accepted gets, with the reason, a
 DiagnosticStatus on `~/rejected`. An action goal's Ground result carries the same.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,19 +23,19 @@ from pathlib import Path
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from groundlmm_msgs.action import Ground
-from groundlmm_msgs.msg import GroundingResult
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
-from rcl_interfaces.msg import SetParametersResult
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
+from groundlmm_msgs.action import Ground
+from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.ros import depth, diagnostics, messages
 from groundlmm_ros.ros.diagnostics import Stats
 from groundlmm_ros.ros.goals import GoalRun
@@ -64,14 +65,18 @@ class GroundingNode(LifecycleNode):
         self._worker: Worker | None = None
         self._depth = depth.DepthBuffer()
         self._stats = Stats()
-        self.results: ResultPublisher | None = None  # publishes what a finished query gives, while active
+        self.results: ResultPublisher | None = (
+            None  # publishes what a finished query gives, while active
+        )
         self._state = "unconfigured"
         self._outputs = {}
         self._inputs = []
         self._action_server = None
         self._status_timer = None
         self._rejected_lock = threading.Lock()
-        self._goal_runs: dict[bytes, GoalRun] = {}  # goal id -> its run, until its execute callback takes it
+        self._goal_runs: dict[
+            bytes, GoalRun
+        ] = {}  # goal id -> its run, until its execute callback takes it
         self._goal_runs_lock = threading.Lock()
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -82,20 +87,34 @@ class GroundingNode(LifecycleNode):
         except ValueError as error:
             self.get_logger().error(f"configure failed: {error}")
             return FAILURE
-        self.get_logger().info(f"loading model {params.model!r} on {params.device} ({params.dtype})")
+        self.get_logger().info(
+            f"loading model {params.model!r} on {params.device} ({params.dtype})"
+        )
         try:
             from groundlmm_ros.models.presets import build_engine  # torch is imported only now
+
             # The node's limits are the limits: they replace the model's own answer-length setting.
-            self._engine = build_engine(params.model, device=params.device, dtype=params.dtype,
-                                        decoding=params.decoding, conversation=params.conversation,
-                                        refiner=params.refiner,
-                                        sam_checkpoint=params.sam_checkpoint, seed=params.seed,
-                                        max_new_tokens=params.max_new_tokens,
-                                        max_query_chars=params.max_query_length, **params.engine_kwargs())
+            self._engine = build_engine(
+                params.model,
+                device=params.device,
+                dtype=params.dtype,
+                decoding=params.decoding,
+                conversation=params.conversation,
+                refiner=params.refiner,
+                sam_checkpoint=params.sam_checkpoint,
+                seed=params.seed,
+                max_new_tokens=params.max_new_tokens,
+                max_query_chars=params.max_query_length,
+                **params.engine_kwargs(),
+            )
             self._engine.warm_up()  # fixed-shape decoders (CUDA graphs) now, not on the first query
-        except Exception as error:  # a bad model path or preset must leave the node unconfigured, alive
-            self.get_logger().error(f"configure failed: cannot build model {params.model!r}: "
-                                    f"{type(error).__name__}: {error}")
+        except (
+            Exception
+        ) as error:  # a bad model path or preset must leave the node unconfigured, alive
+            self.get_logger().error(
+                f"configure failed: cannot build model {params.model!r}: "
+                f"{type(error).__name__}: {error}"
+            )
             return FAILURE
         self._params = params
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -107,16 +126,25 @@ class GroundingNode(LifecycleNode):
             "points": self._publisher(PointCloud2, "~/points", QoSProfile(depth=2)),
             "status": self._publisher(DiagnosticArray, "/diagnostics", reliable),
         }
-        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result requests) would
-        # overwrite the ones not yet taken.
+        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result
+        # requests) would overwrite the ones not yet taken.
         burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
         self._action_server = ActionServer(
-            self, Ground, "~/ground", execute_callback=self._execute_goal,
+            self,
+            Ground,
+            "~/ground",
+            execute_callback=self._execute_goal,
             handle_accepted_callback=self._on_goal_accepted,
-            goal_callback=lambda goal: GoalResponse.ACCEPT, cancel_callback=lambda goal: CancelResponse.ACCEPT,
-            goal_service_qos_profile=burst, result_service_qos_profile=burst, cancel_service_qos_profile=burst,
-            callback_group=MutuallyExclusiveCallbackGroup())
-        self._status_timer = self.create_timer(params.status_period_s, self._publish_status, self._group)
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda goal: CancelResponse.ACCEPT,
+            goal_service_qos_profile=burst,
+            result_service_qos_profile=burst,
+            cancel_service_qos_profile=burst,
+            callback_group=MutuallyExclusiveCallbackGroup(),
+        )
+        self._status_timer = self.create_timer(
+            params.status_period_s, self._publish_status, self._group
+        )
         self._state = "inactive"
         self.get_logger().info("configured")
         return SUCCESS
@@ -124,20 +152,41 @@ class GroundingNode(LifecycleNode):
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         params = self._params
         image_topic = "image/compressed" if params.image_transport == "compressed" else "image"
-        self._worker = Worker(self._engine, self._finish, queue_size=params.query_queue_size,
-                              image_topic=self.resolve_topic_name(image_topic),
-                              max_image_pixels=params.max_image_pixels, max_new_tokens=params.max_new_tokens,
-                              log_error=self._log_worker_error)
-        self._worker.set_standing(*(self.get_parameter(name).value for name in DYNAMIC))  # as set now
+        self._worker = Worker(
+            self._engine,
+            self._finish,
+            queue_size=params.query_queue_size,
+            image_topic=self.resolve_topic_name(image_topic),
+            max_image_pixels=params.max_image_pixels,
+            max_new_tokens=params.max_new_tokens,
+            log_error=self._log_worker_error,
+        )
+        self._worker.set_standing(
+            *(self.get_parameter(name).value for name in DYNAMIC)
+        )  # as set now
         self._depth = depth.DepthBuffer()
-        self.results = ResultPublisher(self._outputs, params, self._depth, self._stats, self.get_logger(),
-                                       lambda job, reason: self._log_query_problem(job, "failed", reason))
+        self.results = ResultPublisher(
+            self._outputs,
+            params,
+            self._depth,
+            self._stats,
+            self.get_logger(),
+            lambda job, reason: self._log_query_problem(job, "failed", reason),
+        )
         self._worker.start()
-        image_qos = QoSProfile(depth=params.image_qos_depth, history=HistoryPolicy.KEEP_LAST,
-                               reliability=ReliabilityPolicy.RELIABLE if params.image_qos_reliability == "reliable"
-                               else ReliabilityPolicy.BEST_EFFORT)
-        self._subscribe(CompressedImage if params.image_transport == "compressed" else Image, image_topic,
-                        self._on_image, image_qos)
+        image_qos = QoSProfile(
+            depth=params.image_qos_depth,
+            history=HistoryPolicy.KEEP_LAST,
+            reliability=ReliabilityPolicy.RELIABLE
+            if params.image_qos_reliability == "reliable"
+            else ReliabilityPolicy.BEST_EFFORT,
+        )
+        self._subscribe(
+            CompressedImage if params.image_transport == "compressed" else Image,
+            image_topic,
+            self._on_image,
+            image_qos,
+        )
         self._subscribe(String, "query", self._on_query, QoSProfile(depth=params.query_qos_depth))
         if params.use_depth:
             self._subscribe(Image, "depth", self._on_depth, image_qos)
@@ -164,7 +213,9 @@ class GroundingNode(LifecycleNode):
         self.shut_down("the node hit an error")
         return SUCCESS
 
-    def shut_down(self, reason: str = "the node is shutting down", worker_timeout_s: float = 30.0) -> None:
+    def shut_down(
+        self, reason: str = "the node is shutting down", worker_timeout_s: float = 30.0
+    ) -> None:
         """Stop the worker and free the model, whatever the lifecycle state (also on SIGINT)."""
         self._stop_serving(reason, worker_timeout_s)
         self._release()
@@ -210,10 +261,14 @@ class GroundingNode(LifecycleNode):
         if worker is not None and any(name in DYNAMIC for name in values):
             current = {name: self.get_parameter(name).value for name in DYNAMIC}
             current.update({name: value for name, value in values.items() if name in DYNAMIC})
-            worker.set_standing(current["standing_query"], current["standing_mode"], current["max_rate_hz"])
+            worker.set_standing(
+                current["standing_query"], current["standing_mode"], current["max_rate_hz"]
+            )
             rate = current["max_rate_hz"]
-            self.get_logger().info(f"standing query {current['standing_query']!r} ({current['standing_mode']}), "
-                                   + (f"at most {rate} Hz" if rate > 0 else "as fast as the model allows"))
+            self.get_logger().info(
+                f"standing query {current['standing_query']!r} ({current['standing_mode']}), "
+                + (f"at most {rate} Hz" if rate > 0 else "as fast as the model allows")
+            )
         return SetParametersResult(successful=True)
 
     # ---- inputs ------------------------------------------------------------------------------
@@ -222,26 +277,47 @@ class GroundingNode(LifecycleNode):
         def incompatible(event) -> None:
             policy = qos_policy_name_from_kind(event.last_policy_kind)
             hint = {
-                "RELIABILITY": "set the parameter image_qos_reliability:=best_effort (or publish reliably)"
-                if msg_type is not String else "publish queries with RELIABLE reliability",
+                "RELIABILITY": "set the parameter image_qos_reliability:=best_effort "
+                "(or publish reliably)"
+                if msg_type is not String
+                else "publish queries with RELIABLE reliability",
                 "DURABILITY": "publish with VOLATILE or TRANSIENT_LOCAL durability",
             }.get(policy, "make the publisher's QoS match")
             self.get_logger().warning(
-                f"a publisher on {self.resolve_topic_name(topic)} offers QoS incompatible with this subscription "
-                f"(policy {policy}; this node asks reliability={qos.reliability.name.lower()}): nothing is "
-                f"received from it; {hint}")
-        self._inputs.append(self.create_subscription(
-            msg_type, topic, callback, qos, callback_group=self._group,
-            event_callbacks=SubscriptionEventCallbacks(incompatible_qos=incompatible)))
+                f"a publisher on {self.resolve_topic_name(topic)} offers QoS incompatible with "
+                "this subscription "
+                f"(policy {policy}; this node asks "
+                f"reliability={qos.reliability.name.lower()}): nothing is "
+                f"received from it; {hint}"
+            )
+
+        self._inputs.append(
+            self.create_subscription(
+                msg_type,
+                topic,
+                callback,
+                qos,
+                callback_group=self._group,
+                event_callbacks=SubscriptionEventCallbacks(incompatible_qos=incompatible),
+            )
+        )
 
     def _publisher(self, msg_type, topic: str, qos: QoSProfile):
         def incompatible(event) -> None:
             self.get_logger().warning(
-                f"a subscriber of {self.resolve_topic_name(topic)} asks for QoS this node does not offer "
-                f"(policy {qos_policy_name_from_kind(event.last_policy_kind)}): it receives nothing; "
-                "subscribe with reliability best_effort or reliable and durability volatile")
-        return self.create_publisher(msg_type, topic, qos,
-                                     event_callbacks=PublisherEventCallbacks(incompatible_qos=incompatible))
+                f"a subscriber of {self.resolve_topic_name(topic)} asks for QoS "
+                "this node does not offer "
+                f"(policy {qos_policy_name_from_kind(event.last_policy_kind)}): "
+                "it receives nothing; "
+                "subscribe with reliability best_effort or reliable and durability volatile"
+            )
+
+        return self.create_publisher(
+            msg_type,
+            topic,
+            qos,
+            event_callbacks=PublisherEventCallbacks(incompatible_qos=incompatible),
+        )
 
     def _on_image(self, msg) -> None:
         self._stats.count("frames_received")
@@ -266,7 +342,11 @@ class GroundingNode(LifecycleNode):
         worker = self._worker
         reason = query_problem(job.query, job.mode, self._params.max_query_length)
         if not reason:
-            reason = worker.submit(job) if worker is not None else f"the node is {self._state}, not active"
+            reason = (
+                worker.submit(job)
+                if worker is not None
+                else f"the node is {self._state}, not active"
+            )
         if reason:
             self._reject(job, reason)
         return reason
@@ -276,7 +356,9 @@ class GroundingNode(LifecycleNode):
             return
         shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
         if job.source == "standing":
-            self.get_logger().warning(f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0)
+            self.get_logger().warning(
+                f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0
+            )
         else:
             self.get_logger().warning(f"{what} {job.source} query {shown!r}: {reason}")
 
@@ -292,17 +374,24 @@ class GroundingNode(LifecycleNode):
     # ---- the action --------------------------------------------------------------------------
 
     def _on_goal_accepted(self, goal_handle) -> None:
-        """Queue an accepted goal with the worker (as ros2/examples' server_queue_goals queues goal handles):
-        a waiting goal holds no executor thread; one refused now ends aborted at once with the reason."""
+        """Queue an accepted goal with the worker (as ros2/examples' server_queue_goals queues goal
+        handles): a waiting goal holds no executor thread; one refused now ends aborted at once with
+        the reason."""
         goal = goal_handle.request
         self._stats.count("queries_received")
         run = GoalRun(goal_handle, self.context)
         with self._goal_runs_lock:
             self._goal_runs[bytes(goal_handle.goal_id.uuid)] = run
-        job = Job(goal.query, goal.mode or "describe", "action",
-                  image=goal.image if goal.image.width and goal.image.height else None,
-                  on_token=run.feedback, cancel_requested=lambda: goal_handle.is_cancel_requested,
-                  reply=run.finish, on_start=run.start)
+        job = Job(
+            goal.query,
+            goal.mode or "describe",
+            "action",
+            image=goal.image if goal.image.width and goal.image.height else None,
+            on_token=run.feedback,
+            cancel_requested=lambda: goal_handle.is_cancel_requested,
+            reply=run.finish,
+            on_start=run.start,
+        )
         run.refused = self._submit(job)
         if run.refused:
             run.start()
@@ -315,7 +404,8 @@ class GroundingNode(LifecycleNode):
     # ---- outputs (on the worker thread) ------------------------------------------------------
 
     def _finish(self, outcome: Outcome) -> None:
-        """The worker's end of every job: publish its GroundingResult, then resolve its goal with it."""
+        """The worker's end of every job: publish its GroundingResult, then resolve its goal with
+        it."""
         result = None
         try:
             result = self.results.publish(outcome)
@@ -330,17 +420,26 @@ class GroundingNode(LifecycleNode):
         if publisher is None:
             return
         try:
-            publisher.publish(diagnostics.status(
-                self.get_clock().now().to_msg(), f"{self.get_fully_qualified_name()}: grounding", self._state,
-                self._params, self._worker, self._stats))
+            publisher.publish(
+                diagnostics.status(
+                    self.get_clock().now().to_msg(),
+                    f"{self.get_fully_qualified_name()}: grounding",
+                    self._state,
+                    self._params,
+                    self._worker,
+                    self._stats,
+                )
+            )
         except Exception:
-            if self.context.ok():  # after Ctrl-C a publish fails by design (and its error would be logged unread)
+            if (
+                self.context.ok()
+            ):  # after Ctrl-C a publish fails by design (and its error would be logged unread)
                 raise
 
 
 def use_node_dds_profile() -> None:
-    """Before rclpy.init: this node's Fast DDS profile (default transports, a large shared-memory segment),
-    unless the environment names its own profile file or another RMW."""
+    """Before rclpy.init: this node's Fast DDS profile (default transports, a large shared-memory
+    segment), unless the environment names its own profile file or another RMW."""
     if os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
         os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
 
@@ -351,10 +450,13 @@ def _interrupt(signum, frame) -> None:
 
 def main(args=None) -> None:
     use_node_dds_profile()
-    signal.signal(signal.SIGTERM, _interrupt)  # before rclpy.init, whose handler calls this one after its own
+    signal.signal(
+        signal.SIGTERM, _interrupt
+    )  # before rclpy.init, whose handler calls this one after its own
     rclpy.init(args=args)
     node = GroundingNode()
-    # Callbacks are short (a goal waits in the worker's queue, not on a thread); one runs with the model.
+    # Callbacks are short (a goal waits in the worker's queue, not on a thread); one runs with the
+    # model.
     executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
     try:
@@ -364,13 +466,18 @@ def main(args=None) -> None:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not interrupt the teardown
+        for signum in (
+            signal.SIGINT,
+            signal.SIGTERM,
+        ):  # a second Ctrl-C must not interrupt the teardown
             signal.signal(signum, signal.SIG_IGN)
-        # A DDS teardown can hang while holding the GIL (no Python timer runs then): faulthandler's C thread
-        # prints every thread's stack and ends the process if this exit takes longer than EXIT_TIMEOUT_S.
+        # A DDS teardown can hang while holding the GIL (no Python timer runs then): faulthandler's
+        # C thread prints every thread's stack and ends the process if this exit takes longer than
+        # EXIT_TIMEOUT_S.
         faulthandler.dump_traceback_later(EXIT_TIMEOUT_S, exit=True)
-        # Stop the worker (the running query is cancelled at its next token); the model's memory goes with the
-        # process, so the slow part of shut_down (a full garbage collection to free it) is skipped.
+        # Stop the worker (the running query is cancelled at its next token); the model's memory
+        # goes with the process, so the slow part of shut_down (a full garbage collection to free
+        # it) is skipped.
         node._stop_serving("the node is shutting down", worker_timeout_s=1.0)
         executor.shutdown(timeout_sec=0.5)
         node.destroy_node()
@@ -378,9 +485,11 @@ def main(args=None) -> None:
         context = node.context
         del node, executor
         gc.collect()  # the node's reference cycles still hold the context
-        context.destroy()  # the DDS participant leaves the graph now (else only after its lease, 20 s)
-    # Python's own teardown of torch and the model code has nothing left to release but takes seconds on a
-    # busy machine: skip it (only on this normal path; an error above still ends with its traceback).
+        # the DDS participant leaves the graph now (else only after its lease, 20 s)
+        context.destroy()
+    # Python's own teardown of torch and the model code has nothing left to release but takes
+    # seconds on a busy machine: skip it (only on this normal path; an error above still ends with
+    # its traceback).
     sys.stdout.flush()
     sys.stderr.flush()
     ctypes.CDLL(None).fflush(None)  # and what C code (the ROS logger) has buffered

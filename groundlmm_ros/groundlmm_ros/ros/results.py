@@ -1,14 +1,15 @@
 """What the node publishes for a finished query, on the worker thread: its one GroundingResult
 on `grounding` (also what its goal returns), and while subscribed the RViz overlay, markers and
 depth points; the 3D centroids come from the depth frame matching the image."""
+
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
 import numpy as np
-from groundlmm_msgs.msg import GroundingResult
 
+from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.ros import depth, messages, visualization
 from groundlmm_ros.ros.conversion import numpy_to_image
 from groundlmm_ros.ros.diagnostics import Stats
@@ -19,8 +20,15 @@ class ResultPublisher:
     """publishers: the node's outputs by name ("grounding", "overlay", "markers", "points");
     log_failure(job, reason) reports a query that failed; logger takes the depth warnings."""
 
-    def __init__(self, publishers: dict, params, depth_buffer: depth.DepthBuffer, stats: Stats, logger,
-                 log_failure: Callable[[Job, str], None]):
+    def __init__(
+        self,
+        publishers: dict,
+        params,
+        depth_buffer: depth.DepthBuffer,
+        stats: Stats,
+        logger,
+        log_failure: Callable[[Job, str], None],
+    ):
         self.publishers = publishers
         self._params = params
         self._depth = depth_buffer
@@ -37,43 +45,65 @@ class ResultPublisher:
             if not outcome.cancelled:
                 self._stats.count("errors")
             self._log_failure(job, outcome.error)
-            result = messages.failed_result(job.query, job.mode, outcome.error, header, params.model,
-                                            outcome.convert_s + outcome.engine_s)
+            result = messages.failed_result(
+                job.query,
+                job.mode,
+                outcome.error,
+                header,
+                params.model,
+                outcome.convert_s + outcome.engine_s,
+            )
             self.publishers["grounding"].publish(result)
             return result
         start = time.perf_counter()
         grounding = outcome.grounding
         points = self._points_3d(outcome)
-        centroids = [depth.centroid(p) for p in points] if points else [np.full(3, np.nan)] * len(grounding.phrases)
+        centroids = (
+            [depth.centroid(p) for p in points]
+            if points
+            else [np.full(3, np.nan)] * len(grounding.phrases)
+        )
         inference_time = outcome.convert_s + outcome.engine_s + time.perf_counter() - start
-        result = messages.grounding_result(grounding, header, params.model, inference_time, centroids,
-                                            params.mask_format)
+        result = messages.grounding_result(
+            grounding, header, params.model, inference_time, centroids, params.mask_format
+        )
         outputs = self.publishers
         outputs["grounding"].publish(result)
         if outputs["overlay"].get_subscription_count() > 0:
             canvas = visualization.overlay(np.ascontiguousarray(outcome.rgb), grounding)
             outputs["overlay"].publish(numpy_to_image(canvas, "rgb8", header))
         if outputs["markers"].get_subscription_count() > 0:
-            outputs["markers"].publish(visualization.markers(grounding, centroids, header, params.marker_lifetime_s))
+            outputs["markers"].publish(
+                visualization.markers(grounding, centroids, header, params.marker_lifetime_s)
+            )
         if points and outputs["points"].get_subscription_count() > 0:
             outputs["points"].publish(depth.pointcloud(points, header))
         self._stats.published(job.received, outcome.convert_s + time.perf_counter() - start)
         return result
 
     def _points_3d(self, outcome: Outcome) -> list[np.ndarray]:
-        """Each phrase's (N, 3) depth points in the image frame; [] (with a logged reason) without depth."""
+        """Each phrase's (N, 3) depth points in the image frame; [] (with a logged reason) without
+        depth."""
         params = self._params
         if not params.use_depth or not outcome.grounding.phrases:
             return []
         try:
-            depth_msg, info = self._depth.match(outcome.frame.header, params.depth_stamp_tolerance_s)
-            points = depth.masks_points([p.mask for p in outcome.grounding.phrases], depth_msg, info,
-                                        params.depth_unit_divisor)
+            depth_msg, info = self._depth.match(
+                outcome.frame.header, params.depth_stamp_tolerance_s
+            )
+            points = depth.masks_points(
+                [p.mask for p in outcome.grounding.phrases],
+                depth_msg,
+                info,
+                params.depth_unit_divisor,
+            )
         except depth.DepthError as error:
             self._stats.count("errors")
             self._logger.warning(f"no 3D centroids for query {outcome.job.query!r}: {error}")
             return []
         empty = [p.text for p, xyz in zip(outcome.grounding.phrases, points) if len(xyz) == 0]
         if empty:
-            self._logger.warning(f"no valid depth (0 or NaN) under the mask of {empty}: their centroids are NaN")
+            self._logger.warning(
+                f"no valid depth (0 or NaN) under the mask of {empty}: their centroids are NaN"
+            )
         return points

@@ -1,4 +1,5 @@
 """What RViz shows: the image with coloured masks, points and labels; markers at 3D centroids."""
+
 from __future__ import annotations
 
 import cv2
@@ -11,22 +12,34 @@ from visualization_msgs.msg import Marker, MarkerArray
 from groundlmm_ros.engine.types import Grounding
 
 # Distinct RGB colours, one per phrase in turn.
-PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-], dtype=np.uint8)
+PALETTE = np.array(
+    [
+        (230, 25, 75),
+        (60, 180, 75),
+        (255, 225, 25),
+        (0, 130, 200),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+        (210, 245, 60),
+        (250, 190, 212),
+    ],
+    dtype=np.uint8,
+)
 
 
 def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: rgb with each phrase's mask tinted, its point ringed and its text written."""
+    """(H, W, 3) uint8 RGB: rgb with each phrase's mask tinted, its point ringed and its text
+    written."""
     canvas = rgb.copy()
     for index, phrase in enumerate(grounding.phrases):
         # Tint within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
         x, y, width, height = phrase.bbox
-        region = canvas[y:y + height, x:x + width]  # a view into canvas
+        region = canvas[y : y + height, x : x + width]  # a view into canvas
         if region.size == 0:  # an empty mask (its bbox has no pixels): nothing to tint
             continue
-        inside = phrase.mask[y:y + height, x:x + width]
+        inside = phrase.mask[y : y + height, x : x + width]
         colour = np.broadcast_to(PALETTE[index % len(PALETTE)], region.shape).copy()
         tinted = cv2.addWeighted(region, 1 - alpha, colour, alpha, 0)
         np.copyto(region, tinted, where=inside[..., None])
@@ -35,12 +48,18 @@ def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.nda
         cv2.circle(canvas, phrase.point, 6, (255, 255, 255), 2)
         cv2.circle(canvas, phrase.point, 3, colour, -1)
         origin = (phrase.point[0] + 8, max(phrase.point[1] - 8, 12))
-        cv2.putText(canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+        cv2.putText(
+            canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA
+        )
+        cv2.putText(
+            canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA
+        )
     return canvas
 
 
-def markers(grounding: Grounding, centroids: list[np.ndarray], header: Header, lifetime_s: float) -> MarkerArray:
+def markers(
+    grounding: Grounding, centroids: list[np.ndarray], header: Header, lifetime_s: float
+) -> MarkerArray:
     """A sphere and a text label at each phrase's 3D centroid (phrases without one are skipped)."""
     lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
     array = MarkerArray()
@@ -49,11 +68,31 @@ def markers(grounding: Grounding, centroids: list[np.ndarray], header: Header, l
             continue
         r, g, b = (PALETTE[index % len(PALETTE)] / 255.0).tolist()
         position = Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2]))
-        common = dict(header=header, ns="groundlmm", action=Marker.ADD, lifetime=lifetime,
-                      pose=Pose(position=position))
-        array.markers.append(Marker(id=2 * index, type=Marker.SPHERE, scale=Vector3(x=0.05, y=0.05, z=0.05),
-                                    color=ColorRGBA(r=r, g=g, b=b, a=0.9), **common))
+        common = dict(
+            header=header,
+            ns="groundlmm",
+            action=Marker.ADD,
+            lifetime=lifetime,
+            pose=Pose(position=position),
+        )
+        array.markers.append(
+            Marker(
+                id=2 * index,
+                type=Marker.SPHERE,
+                scale=Vector3(x=0.05, y=0.05, z=0.05),
+                color=ColorRGBA(r=r, g=g, b=b, a=0.9),
+                **common,
+            )
+        )
         common["pose"] = Pose(position=Point(x=position.x, y=position.y - 0.06, z=position.z))
-        array.markers.append(Marker(id=2 * index + 1, type=Marker.TEXT_VIEW_FACING, text=phrase.text,
-                                    scale=Vector3(z=0.05), color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0), **common))
+        array.markers.append(
+            Marker(
+                id=2 * index + 1,
+                type=Marker.TEXT_VIEW_FACING,
+                text=phrase.text,
+                scale=Vector3(z=0.05),
+                color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0),
+                **common,
+            )
+        )
     return array

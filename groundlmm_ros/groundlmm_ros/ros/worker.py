@@ -6,6 +6,7 @@ thread: with a Grounding, or with the reason there is none (bad image, model
 error, cancelled, node deactivated). A job that cannot be queued is refused
 by `submit` at once with its reason and is never finished.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,7 +23,8 @@ from groundlmm_ros.engine.types import MODES, Cancelled, Grounding, InputError
 from groundlmm_ros.ros.conversion import ImageConversionError, to_rgb8
 
 # Frames more elongated than this are refused before the model runs: the models resize by one side
-# (CLIP by the shortest, SAM by the longest), so a 7000x1 frame becomes a zero-row or a gigantic image.
+# (CLIP by the shortest, SAM by the longest), so a 7000x1 frame becomes a zero-row or a gigantic
+# image.
 MAX_ASPECT_RATIO = 20
 
 
@@ -30,25 +32,25 @@ MAX_ASPECT_RATIO = 20
 class Job:
     query: str
     mode: str
-    source: str                          # "topic", "action" or "standing": who asked
-    image: object = None                 # Image/CompressedImage to ground on; None = the newest frame
+    source: str  # "topic", "action" or "standing": who asked
+    image: object = None  # Image/CompressedImage to ground on; None = the newest frame
     on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
     cancel_requested: Callable[[], bool] = lambda: False
-    reply: Callable[..., None] | None = None            # the node's: resolves an action goal after finish
-    on_start: Callable[[], None] | None = None          # called on the worker thread when its turn comes
+    reply: Callable[..., None] | None = None  # the node's: resolves an action goal after finish
+    on_start: Callable[[], None] | None = None  # called on the worker thread when its turn comes
     received: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class Outcome:
     job: Job
-    frame: object = None                 # the Image/CompressedImage grounded on (its header is the result's)
-    rgb: np.ndarray | None = None        # (H, W, 3) uint8 RGB view of frame
+    frame: object = None  # the Image/CompressedImage grounded on (its header is the result's)
+    rgb: np.ndarray | None = None  # (H, W, 3) uint8 RGB view of frame
     grounding: Grounding | None = None
-    error: str = ""                      # why grounding is None
+    error: str = ""  # why grounding is None
     cancelled: bool = False
-    convert_s: float = 0.0               # message -> rgb array
-    engine_s: float = 0.0                # engine.ground
+    convert_s: float = 0.0  # message -> rgb array
+    engine_s: float = 0.0  # engine.ground
 
 
 def query_problem(query: str, mode: str, max_length: int) -> str:
@@ -62,7 +64,9 @@ def query_problem(query: str, mode: str, max_length: int) -> str:
     # rclpy decodes invalid UTF-8 in a string field to U+FFFD instead of failing.
     if "\ufffd" in query:
         return "query is not valid UTF-8 text (it holds replacement characters U+FFFD)"
-    control = next((c for c in query if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None)
+    control = next(
+        (c for c in query if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None
+    )
     if control is not None:
         return f"query contains the control character U+{ord(control):04X}"
     return ""
@@ -72,25 +76,34 @@ class Worker:
     """Owns the engine while serving: one thread, newest frame, bounded queue, standing query.
     finish(outcome) is called once per job, on the worker thread."""
 
-    def __init__(self, engine, finish: Callable[[Outcome], None], *, queue_size: int, image_topic: str,
-                 max_image_pixels: int, max_new_tokens: int, log_error: Callable[[str], None]):
+    def __init__(
+        self,
+        engine,
+        finish: Callable[[Outcome], None],
+        *,
+        queue_size: int,
+        image_topic: str,
+        max_image_pixels: int,
+        max_new_tokens: int,
+        log_error: Callable[[str], None],
+    ):
         self._engine = engine
         self._finish = finish
         self._queue_size = queue_size
-        self._image_topic = image_topic    # the resolved name, for the "no image yet" reason
+        self._image_topic = image_topic  # the resolved name, for the "no image yet" reason
         self._max_image_pixels = max_image_pixels
         self._max_new_tokens = max_new_tokens
         self._log_error = log_error
         self._wake = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
-        self._frame = None                 # newest Image/CompressedImage
-        self._frame_version = 0            # frames put so far
+        self._frame = None  # newest Image/CompressedImage
+        self._frame_version = 0  # frames put so far
         self._frame_used = True
         self._standing: tuple[str, str, float] = ("", "describe", 0.0)  # query, mode, max_rate_hz
-        self._standing_version = 0         # frame version of the last standing run
-        self._standing_next = 0.0          # monotonic time before which no standing run starts
-        self._stopping = ""                # reason, once stop() was called
-        self.frames_unused = 0             # frames replaced by a newer one before any query used them
+        self._standing_version = 0  # frame version of the last standing run
+        self._standing_next = 0.0  # monotonic time before which no standing run starts
+        self._stopping = ""  # reason, once stop() was called
+        self.frames_unused = 0  # frames replaced by a newer one before any query used them
         self._thread = threading.Thread(target=self._loop, name="groundlmm-worker", daemon=True)
 
     def start(self) -> None:
@@ -129,9 +142,14 @@ class Worker:
             if self._stopping:
                 return f"node is not serving: {self._stopping}"
             if job.image is None and self._frame is None:
-                return f"no image has arrived yet on {self._image_topic}: publish one there, or send one with the goal"
+                return (
+                    f"no image has arrived yet on {self._image_topic}: "
+                    "publish one there, or send one with the goal"
+                )
             if len(self._queue) >= self._queue_size:
-                return f"query queue is full ({self._queue_size} waiting, parameter query_queue_size)"
+                return (
+                    f"query queue is full ({self._queue_size} waiting, parameter query_queue_size)"
+                )
             self._queue.append(job)
             self._wake.notify_all()
             return ""
@@ -158,8 +176,12 @@ class Worker:
         while (job := self._next_job()) is not None:
             try:
                 outcome = self._serve(job)
-            except Exception as error:  # a bug in the path around the model costs this query, not the worker
-                self._log_error(f"unexpected error on query {job.query!r}:\n{traceback.format_exc()}")
+            except (
+                Exception
+            ) as error:  # a bug in the path around the model costs this query, not the worker
+                self._log_error(
+                    f"unexpected error on query {job.query!r}:\n{traceback.format_exc()}"
+                )
                 outcome = Outcome(job, error=f"internal error: {type(error).__name__}: {error}")
             self._finish_job(outcome)
         with self._wake:
@@ -186,15 +208,21 @@ class Worker:
             pixels = frame.height * frame.width if hasattr(frame, "height") else 0
             if pixels > self._max_image_pixels:
                 raise ImageConversionError(
-                    f"image of {frame.width}x{frame.height} = {pixels} pixels exceeds max_image_pixels={self._max_image_pixels}")
+                    f"image of {frame.width}x{frame.height} = {pixels} pixels exceeds "
+                    f"max_image_pixels={self._max_image_pixels}"
+                )
             rgb = to_rgb8(frame)
             if rgb.shape[0] * rgb.shape[1] > self._max_image_pixels:
                 raise ImageConversionError(
-                    f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels exceeds max_image_pixels={self._max_image_pixels}")
+                    f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels exceeds "
+                    f"max_image_pixels={self._max_image_pixels}"
+                )
             height, width = rgb.shape[:2]
             if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
-                raise ImageConversionError(f"image of {width}x{height} pixels is more elongated than "
-                                           f"{MAX_ASPECT_RATIO}:1, which the models cannot resize")
+                raise ImageConversionError(
+                    f"image of {width}x{height} pixels is more elongated than "
+                    f"{MAX_ASPECT_RATIO}:1, which the models cannot resize"
+                )
         except ImageConversionError as error:
             outcome.error = f"bad image: {error}"
             return outcome
@@ -203,8 +231,13 @@ class Worker:
         start = time.perf_counter()
         try:
             outcome.grounding = self._engine.ground(
-                rgb, job.query, job.mode, on_token=job.on_token,
-                should_stop=lambda: self._should_stop(job), max_new_tokens=self._max_new_tokens)
+                rgb,
+                job.query,
+                job.mode,
+                on_token=job.on_token,
+                should_stop=lambda: self._should_stop(job),
+                max_new_tokens=self._max_new_tokens,
+            )
         except Cancelled:
             outcome.cancelled = True
             outcome.error = f"cancelled: {self._stopping}" if self._stopping else "cancelled"
