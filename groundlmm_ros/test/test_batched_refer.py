@@ -26,7 +26,7 @@ def test_batched_maps_equal_one_at_a_time(engine):
     visual = backend.encode(frame())
     answers = [backend.encode_text(e) for e in EXPRESSIONS]
     assert len({len(a) for a in answers}) > 1  # really padded
-    batched = backend.teacher_force_batch(visual, engine.refer_question, answers)
+    batched = backend.teacher_force_batch(engine.refer_question, [(visual, ids) for ids in answers])
     for ids, maps in zip(answers, batched):
         alone = backend.teacher_force(visual, engine.refer_question, ids)
         assert maps.shape == alone.shape == (len(ids), backend.grid[0] * backend.grid[1])

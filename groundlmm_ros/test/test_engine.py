@@ -160,7 +160,7 @@ def test_filters(fallback_engine):
 )
 def test_bad_images_are_refused_before_model_work(fallback_engine, monkeypatch, bad_image):
     monkeypatch.setattr(
-        fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran")
+        fallback_engine.backend, "encode_batch", lambda images: pytest.fail("the model ran")
     )
     with pytest.raises(InputError, match="image"):
         fallback_engine.ground(bad_image, QUESTION)
@@ -180,7 +180,7 @@ def test_bad_queries_are_refused_before_model_work(
     fallback_engine, monkeypatch, query, mode, limit, message
 ):
     monkeypatch.setattr(
-        fallback_engine.backend, "encode", lambda image: pytest.fail("the model ran")
+        fallback_engine.backend, "encode_batch", lambda images: pytest.fail("the model ran")
     )
     with pytest.raises(InputError, match=message):
         fallback_engine.ground(image(), query, mode, max_new_tokens=limit)

@@ -29,6 +29,10 @@ class Backend(Protocol):
     def encode(self, image: np.ndarray) -> Any:
         """(H, W, 3) uint8 RGB -> the encoded image (e.g. (N_image, hidden) visual tokens)."""
 
+    def encode_batch(self, images: list[np.ndarray]) -> list[Any]:
+        """Per image what encode gives it alone, in one batched encoder call where the model
+        allows (a stochastic encoder shares its draws across the batch)."""
+
     def grid_of(self, visual_tokens: Any) -> tuple[int, int]:
         """(rows, columns) of this encoded image's maps: generate and teacher_force give
         (T, rows * columns) maps, row-major, covering the image as the model saw it."""
@@ -56,6 +60,7 @@ class Backend(Protocol):
         """Maps (T, rows * columns) of the given answer ids in one forward pass."""
 
     def teacher_force_batch(
-        self, visual_tokens: Any, question: str, answers: list[list[int]]
+        self, question: str, sequences: list[tuple[Any, list[int]]]
     ) -> list[torch.Tensor]:
-        """Several answers in one batched pass: per answer what teacher_force gives it alone."""
+        """(encoded image, answer ids) pairs, the images the same or not, batched into as few
+        forward passes as the model allows: per pair what teacher_force gives it alone."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -57,11 +58,77 @@ class Stages:
     @contextmanager
     def __call__(self, name: str):
         start = time.perf_counter()
-        yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def done(self) -> dict[str, float]:
         return {**self.seconds, "total": time.perf_counter() - self.start}
+
+
+@dataclass
+class Request:
+    """One query of a batched step (Engine.ground_batch); the fields are ground()'s arguments."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    query: str
+    mode: str = "describe"
+    on_token: Callable[[str, int], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+    max_new_tokens: int | None = None
+
+
+def _go_on(request: Request, when: str) -> None:
+    """Raise Cancelled if the request's should_stop says so."""
+    if request.should_stop is not None and request.should_stop():
+        raise Cancelled(f"stopped {when}")
+
+
+class _Step:
+    """The requests of one ground_batch call while they run: per request its Stages, its
+    expressions' token ids (refer) and, once it has ended, its result (a Grounding or the
+    exception that ended it)."""
+
+    def __init__(self, requests: list[Request]):
+        self.requests = requests
+        self.stages = [Stages() for _ in requests]
+        self.results: list[Grounding | Exception | None] = [None] * len(requests)
+        self.answers: dict[int, list[list[int]]] = {}
+        self.embedded: int | None = None  # the request whose image the refiner holds
+
+    def live(self) -> list[int]:
+        """Requests that have not ended."""
+        return [i for i, result in enumerate(self.results) if result is None]
+
+    def each(self, indices, work: Callable[[int], None]) -> None:
+        """work(i) for each request i still on; an exception ends that request only."""
+        for i in indices:
+            if self.results[i] is None:
+                try:
+                    work(i)
+                except Exception as error:  # the request's result, not the step's
+                    self.results[i] = error
+
+    def shared(self, name: str, indices: list[int], work: Callable[[], object]):
+        """work() once for the requests `indices` (none: not run), its seconds in each one's
+        stage `name`; an exception ends all of them (-> None)."""
+        if not indices:
+            return None
+        start = time.perf_counter()
+        try:
+            return work()
+        except Exception as error:
+            for i in indices:
+                self.results[i] = error
+            return None
+        finally:
+            seconds = time.perf_counter() - start
+            for i in indices:
+                self.stages[i].add(name, seconds)
 
 
 class Engine:
@@ -152,60 +219,134 @@ class Engine:
     ) -> Grounding:
         """image: (H, W, 3) uint8 RGB. on_token(partial_answer, n_tokens) as tokens arrive;
         should_stop() between tokens raises Cancelled."""
-        self.check(image, query, mode, max_new_tokens)
-        stage = Stages()
-        if should_stop is not None and should_stop():
-            raise Cancelled("stopped before the model ran")
-        torch.manual_seed(self.seed)
-        with stage(
-            "refine_image"
-        ):  # first: on CUDA SAM embeds the frame on its own stream meanwhile
-            self.refiner.set_image(image)
-        with stage("encode"):
-            visual_tokens = self.backend.encode(image)
-        if mode == "describe":
-            limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-            answer_ids, reads, answer, phrases = self._describe(
-                visual_tokens, query.strip(), limit, on_token, should_stop, stage
-            )
-        else:
-            answer_ids, reads, answer, phrases = self._refer(visual_tokens, query, on_token, stage)
-        grid_shape = self.backend.grid_of(visual_tokens)
-        grounded = self._ground_phrases(image, phrases, reads, grid_shape, stage) if phrases else []
-        return Grounding(
-            query, mode, answer, list(answer_ids), grounded, image.shape[:2], stage.done()
+        (result,) = self.ground_batch(
+            [Request(image, query, mode, on_token, should_stop, max_new_tokens)]
         )
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def _describe(self, visual_tokens, question, max_new_tokens, on_token, should_stop, stage):
-        """The model answers greedily; every noun chunk of the answer with tokens is a phrase."""
+    def ground_batch(self, requests: list[Request]) -> list[Grounding | Exception]:
+        """One result per request, in order: its Grounding, or the exception that ended it
+        (InputError for bad input, Cancelled when its should_stop said so, any other Exception
+        from the model for that request). Never raises for one request's failure.
 
-        def tokens_arrived(ids):
-            if on_token is not None:
-                on_token(self.backend.decode(ids), len(ids))
+        The images are encoded in one batched call and every expression of every refer request
+        is teacher-forced in one batched pass; an exception there ends every request in it.
+        Then each request on its own: the refiner embeds its image, describe generates its
+        answer (with its own on_token / should_stop), its phrases are grounded."""
+        step, visual = self._start(requests)
+        refer = [i for i in step.live() if requests[i].mode == "refer"]
+        maps = step.shared("teacher_force", refer, lambda: self._teacher_force(refer, visual, step))
+        step.each(step.live(), lambda i: self._finish(step, i, visual[i], (maps or {}).get(i)))
+        return step.results
 
-        with stage("generate"):
-            ids, maps = self.backend.generate(
-                visual_tokens, question, max_new_tokens, tokens_arrived, should_stop
-            )
-        answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
-        with stage("phrases"):
-            answer, spans = token_spans(answer_ids, self.backend.decode)
-            phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
-        return answer_ids, [(maps, 0)] * len(phrases), answer, phrases
+    def _start(self, requests: list[Request]) -> tuple[_Step, dict[int, object]]:
+        """Checks every request, then encodes the images of those still on in one batched call.
+        -> the step, and per live request index its encoded image."""
+        step = _Step(requests)
 
-    def _refer(self, visual_tokens, query, on_token, stage):
-        """Each expression of the query (split at EXPRESSION_SEPARATOR), teacher-forced as the
-        answer to refer_question, is one phrase; all of them in one batched forward pass, each
-        read (and normalised) as if alone. The answer is the expressions joined by "; ", the
-        token ids theirs one after another."""
+        def admit(i):
+            request = requests[i]
+            self.check(request.image, request.query, request.mode, request.max_new_tokens)
+            if request.mode == "refer":
+                step.answers[i] = self._expressions(request.query)
+            _go_on(request, "before the model ran")
+
+        step.each(range(len(requests)), admit)
+        live = step.live()
+        if not live:
+            return step, {}
+        torch.manual_seed(self.seed)
+        # First: on CUDA SAM embeds the first frame on its own stream while the model encodes.
+        step.each(live[:1], lambda i: self._set_image(step, i))
+        live = step.live()
+        images = [requests[i].image for i in live]
+        tokens = step.shared("encode", live, lambda: self.backend.encode_batch(images))
+        return step, dict(zip(live, tokens or []))
+
+    def _set_image(self, step: _Step, i: int) -> None:
+        with step.stages[i]("refine_image"):
+            self.refiner.set_image(step.requests[i].image)
+        step.embedded = i
+
+    def _expressions(self, query: str) -> list[list[int]]:
+        """The token ids of each referring expression of a refer query."""
         expressions = [e.strip() for e in query.split(EXPRESSION_SEPARATOR) if e.strip()]
         if not expressions:
             raise InputError(f"no referring expression in {query!r}")
         token_ids = [self.backend.encode_text(e) for e in expressions]
         if not all(token_ids):
             raise InputError(f"an expression of {query!r} has no tokens")
-        with stage("teacher_force"):
-            maps = self.backend.teacher_force_batch(visual_tokens, self.refer_question, token_ids)
+        return token_ids
+
+    def _teacher_force(self, refer: list[int], visual: dict, step: _Step) -> dict[int, list]:
+        """Every expression of the refer requests `refer`, each with its own image, in one
+        batched teacher-forced pass -> per request its expressions' maps."""
+        sequences = [(visual[i], ids) for i in refer for ids in step.answers[i]]
+        maps = iter(self.backend.teacher_force_batch(self.refer_question, sequences))
+        return {i: [next(maps) for _ in step.answers[i]] for i in refer}
+
+    def _finish(self, step: _Step, i: int, visual_tokens, refer_maps) -> None:
+        """Request i from its encoded image (and its teacher-forced maps, refer) to a Grounding."""
+        request, stage = step.requests[i], step.stages[i]
+        _go_on(request, "before its answer began")
+        if step.embedded != i:  # on CUDA SAM embeds it while this request's answer is generated
+            self._set_image(step, i)
+        if request.mode == "describe":
+            answer_ids, reads, answer, phrases = self._describe(visual_tokens, request, stage)
+        else:
+            answer_ids, reads, answer, phrases = self._refer(
+                step.answers[i], refer_maps, request.on_token, stage
+            )
+        grid_shape = self.backend.grid_of(visual_tokens)
+        image = request.image
+        grounded = self._ground_phrases(image, phrases, reads, grid_shape, stage) if phrases else []
+        step.results[i] = Grounding(
+            request.query,
+            request.mode,
+            answer,
+            list(answer_ids),
+            grounded,
+            image.shape[:2],
+            stage.done(),
+        )
+
+    def _answer(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None):
+        """Greedy answer to question (within the limits) -> (its ids without the end token,
+        their maps, the answer text, each token's character span in it)."""
+
+        def tokens_arrived(ids):
+            if on_token is not None:
+                on_token(self.backend.decode(ids), len(ids))
+
+        limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+        ids, maps = self.backend.generate(
+            visual_tokens, question.strip(), limit, tokens_arrived, should_stop
+        )
+        answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
+        answer, spans = token_spans(answer_ids, self.backend.decode)
+        return answer_ids, maps, answer, spans
+
+    def _describe(self, visual_tokens, request: Request, stage: Stages):
+        """The model answers greedily; every noun chunk of the answer with tokens is a phrase."""
+        with stage("generate"):
+            answer_ids, maps, answer, spans = self._answer(
+                visual_tokens,
+                request.query,
+                request.max_new_tokens,
+                request.on_token,
+                request.should_stop,
+            )
+        with stage("phrases"):
+            phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
+        return answer_ids, [(maps, 0)] * len(phrases), answer, phrases
+
+    def _refer(self, token_ids, maps, on_token, stage):
+        """Each expression of the query (split at EXPRESSION_SEPARATOR), teacher-forced as the
+        answer to refer_question, is one phrase; all of them in one batched forward pass, each
+        read (and normalised) as if alone. The answer is the expressions joined by "; ", the
+        token ids theirs one after another."""
         with stage("phrases"):
             texts, phrases, reads, answer_ids = [], [], [], []
             for ids, expression_maps in zip(token_ids, maps):
@@ -309,16 +450,13 @@ class Engine:
         pixels) and refine the argmax point. Returns a Grounding with that one phrase: the answer
         text its tokens cover; a token index equal to len(token_ids) is the end token's map (short
         answers)."""
-        self.check(image, question, "describe", max_new_tokens)
         if not (isinstance(token_count, int) and token_count >= 1):
             raise InputError(f"token_count must be a positive integer, got {token_count!r}")
-        torch.manual_seed(self.seed)
-        self.refiner.set_image(image)  # first, as in ground()
-        visual_tokens = self.backend.encode(image)
-        limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        ids, maps = self.backend.generate(visual_tokens, question.strip(), limit)
-        answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
-        answer, spans = token_spans(answer_ids, self.backend.decode)
+        step, visual = self._start([Request(image, question, max_new_tokens=max_new_tokens)])
+        if step.results[0] is not None:
+            raise step.results[0]
+        visual_tokens = visual[0]
+        answer_ids, maps, answer, spans = self._answer(visual_tokens, question, max_new_tokens)
         grid = self._token_grid(maps, self.backend.grid_of(visual_tokens))
         tokens = list(range(min(token_count, len(grid))))
         height, width = image.shape[:2]

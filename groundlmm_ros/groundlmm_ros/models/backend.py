@@ -176,7 +176,7 @@ class LlavaStyleBackend:
         return self.preprocessing.pixel_values(image, self.image_size).to(self.device)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(1, 3, S, S) -> (N_image, hidden). The model-specific part."""
+        """(B, 3, S, S) -> (B, N_image, hidden). The model-specific part."""
         raise NotImplementedError
 
     def grid_of(self, visual_tokens) -> tuple[int, int]:
@@ -184,15 +184,19 @@ class LlavaStyleBackend:
         return self.grid
 
     @torch.inference_mode()
-    def encode(self, image: np.ndarray) -> torch.Tensor:
-        tokens = self.encode_image(self.preprocess(image))
-        expected = self.grid[0] * self.grid[1]
-        if tokens.shape[0] != expected:
+    def encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        """Every image the same size after preprocessing: one encode_image call for all."""
+        tokens = self.encode_image(torch.cat([self.preprocess(image) for image in images]))
+        expected = (len(images), self.grid[0] * self.grid[1])
+        if tuple(tokens.shape[:2]) != expected:
             raise ValueError(
-                f"encode_image gave {tokens.shape[0]} visual tokens, "
-                f"the grid {self.grid} needs {expected}"
+                f"encode_image gave visual tokens {tuple(tokens.shape)} for {len(images)} images, "
+                f"the grid {self.grid} needs {expected[1]} each"
             )
-        return tokens
+        return list(tokens)
+
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        return self.encode_batch([image])[0]
 
     # -- text --------------------------------------------------------------------
 
@@ -331,21 +335,43 @@ class LlavaStyleBackend:
     def teacher_force(self, visual_tokens, question, answer_ids):
         """One forward pass over prompt + answer[:-1]; its last len(answer) rows are the
         positions that predict answer[0..T-1] (position t-1 for token t), as in generate."""
-        return self.teacher_force_batch(visual_tokens, question, [answer_ids])[0]
+        return self.teacher_force_batch(question, [(visual_tokens, answer_ids)])[0]
 
     @torch.inference_mode()
-    def teacher_force_batch(
-        self, visual_tokens, question, answers: list[list[int]]
-    ) -> list[torch.Tensor]:
-        """Several answers to one question about one image in ONE forward pass: the sequences
-        prompt + answer[:-1] left-padded to one length (so every answer ends at the last
-        position), masked and positioned as if alone. -> per answer its maps (T_i, N_image)."""
-        answers = [list(ids) for ids in answers]
+    def teacher_force_batch(self, question, sequences) -> list[torch.Tensor]:
+        """sequences: (visual tokens, answer ids) pairs, one image each (the same image or not).
+        Each -> its maps (T_i, rows * columns), what teacher_force gives it alone. Sequences with
+        as many image tokens share ONE forward pass (every image here: the recorder reads one
+        column count per pass); prompts with their own model inputs (Qwen2.5-VL's 3D positions)
+        take one pass each."""
+        answers = [list(ids) for _, ids in sequences]
         if not answers or not all(answers):
             raise ValueError("teacher forcing needs at least one answer token per answer")
-        prompts = [self.prompt(visual_tokens, question, ids[:-1]) for ids in answers]
-        if prompts[0].lm_kwargs:  # model-specific inputs (Qwen2.5-VL's 3D positions): one pass each
+        prompts = [
+            self.prompt(visual, question, ids[:-1]) for (visual, _), ids in zip(sequences, answers)
+        ]
+        if prompts[0].lm_kwargs:
             return [self._teacher_force_alone(p, len(ids)) for p, ids in zip(prompts, answers)]
+        by_count: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_count.setdefault(p.n_image, []).append(i)
+        maps: list[torch.Tensor | None] = [None] * len(prompts)
+        for group in by_count.values():
+            for i, group_maps in zip(
+                group,
+                self._teacher_force_padded(
+                    [prompts[i] for i in group], [answers[i] for i in group]
+                ),
+            ):
+                maps[i] = group_maps
+        return maps
+
+    def _teacher_force_padded(
+        self, prompts: list[Prompt], answers: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """prompt + answer[:-1] sequences with as many image tokens in ONE forward pass:
+        left-padded to one length (so every answer ends at the last position), masked and
+        positioned as if alone, each row's image columns where its prompt has them."""
         length = max(p.embeds.shape[1] for p in prompts)
         pads = [length - p.embeds.shape[1] for p in prompts]
         hidden = prompts[0].embeds.shape[2]

@@ -96,6 +96,10 @@ class ChatTemplateBackend(LlavaStyleBackend):
         grid, columns = self.layout(inputs, n_image, image.shape[:2])
         return EncodedImage(image_ids, features, inputs, grid, columns)
 
+    def encode_batch(self, images: list[np.ndarray]) -> list[EncodedImage]:
+        """One image at a time: each has its own size and token count."""
+        return [self.encode(image) for image in images]
+
     def grid_of(self, visual_tokens: EncodedImage) -> tuple[int, int]:
         return visual_tokens.grid
 

@@ -479,5 +479,5 @@ class DiffLMMBackend(LlavaStyleBackend):
         )
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(1, 3, R, R) -> (N_image, hidden)."""
-        return self.model.encode_image(pixel_values)[0]
+        """(B, 3, R, R) -> (B, N_image, hidden)."""
+        return self.model.encode_image(pixel_values)

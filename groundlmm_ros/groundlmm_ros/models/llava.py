@@ -29,15 +29,15 @@ class LlavaBackend(LlavaStyleBackend):
         return {"text_config": RECORDING_ATTENTION}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(1, 3, S, S) -> (N_image, hidden): CLIP layer `vision_feature_layer` (-2),
+        """(B, 3, S, S) -> (B, N_image, hidden): CLIP layer `vision_feature_layer` (-2),
         CLS dropped ("default" strategy), through the projector."""
         config = self.lm.config
         features = self.lm.get_image_features(
             pixel_values=pixel_values.to(self.dtype),
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
-        ).pooler_output
-        return features[0]
+        ).pooler_output  # a list, one (N_image, hidden) per image
+        return torch.stack(features)
 
 
 def load_llava(
