@@ -4,6 +4,10 @@ describe: the model answers the query greedily; every noun phrase of the
     answer gets a heat map, a point and a mask.
 refer: the query is a referring expression, teacher-forced as the answer in
     one forward pass; the root token of its head noun phrase gives one mask.
+
+ground_batch takes several requests (e.g. one per camera) in one step: their images in one
+batched encoder call, every refer expression of them in one teacher-forced pass, then each
+request on its own; each gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -142,7 +146,9 @@ class Engine:
     max_query_chars, max_new_tokens: limits (max_new_tokens can be lowered per call).
     min_score: drop phrases whose refiner score is below it (reference demo: 0.85); None = keep all.
     nms_iou: drop a phrase whose mask overlaps a better-scoring one by IoU above it (demo: 0.75).
-    seed: torch's global seed, reset before every query so stochastic encoders repeat.
+    seed: torch's global seed, reset before every step's encoder call so stochastic encoders
+        repeat (one that draws for a batch shares its draws, as DiffLMM's does, so an image
+        gets the same tokens alone or batched).
     """
 
     def __init__(
