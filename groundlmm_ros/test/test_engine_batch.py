@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from images import random_rgb
 
-from groundlmm_ros.engine.engine import Request
-from groundlmm_ros.engine.types import Cancelled, Grounding, InputError
+from groundlmm_ros.engine.types import Cancelled, Grounding, InputError, Request
 from groundlmm_ros.models.presets import build_engine
 
 QUESTION = "Describe the image in detail."

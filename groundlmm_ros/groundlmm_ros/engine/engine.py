@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,7 +30,14 @@ from groundlmm_ros.engine.phrases import (
     token_spans,
 )
 from groundlmm_ros.engine.refiners import Refiner, nms_keep
-from groundlmm_ros.engine.types import MODES, Cancelled, GroundedPhrase, Grounding, InputError
+from groundlmm_ros.engine.types import (
+    MODES,
+    Cancelled,
+    GroundedPhrase,
+    Grounding,
+    InputError,
+    Request,
+)
 
 GCG_QUESTION = "Describe the image in detail."  # the paper's GCG prompt
 # Separates the referring expressions of one refer query ("the red mug; the blue bowl"):
@@ -72,18 +78,6 @@ class Stages:
 
     def done(self) -> dict[str, float]:
         return {**self.seconds, "total": time.perf_counter() - self.start}
-
-
-@dataclass
-class Request:
-    """One query of a batched step (Engine.ground_batch); the fields are ground()'s arguments."""
-
-    image: np.ndarray  # (H, W, 3) uint8 RGB
-    query: str
-    mode: str = "describe"
-    on_token: Callable[[str, int], None] | None = None
-    should_stop: Callable[[], bool] | None = None
-    max_new_tokens: int | None = None
 
 
 def _go_on(request: Request, when: str) -> None:

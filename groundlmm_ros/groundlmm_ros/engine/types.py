@@ -6,6 +6,7 @@ points are (x, y) = (column, row).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,3 +46,15 @@ class Grounding:
     phrases: list[GroundedPhrase]
     image_size: tuple[int, int]  # (H, W)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, plus "total"
+
+
+@dataclass
+class Request:
+    """One query of a batched step (Engine.ground_batch); the fields are ground()'s arguments."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    query: str
+    mode: str = "describe"
+    on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
+    should_stop: Callable[[], bool] | None = None  # checked between tokens: Cancelled
+    max_new_tokens: int | None = None
