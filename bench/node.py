@@ -8,8 +8,8 @@
 2. Overhead: what the node adds around the model for a 640x480 image with 10
    masks: rgb8 conversion, message building, publishing (to a subscriber in
    another process). A GroundingNode in this process runs its own result path
-   (`node.results.publish`, what the worker's finish calls) on a Grounding of 10 masks: with only
-   `grounding` subscribed (overhead_ms_*), then with depth to 3D on and every
+   (`node.results[""].publish`, what the worker's finish calls) on a Grounding of 10 masks:
+   with only `grounding` subscribed (overhead_ms_*), then with depth to 3D on and every
    output subscribed (overlay, markers, points: overhead_ms_all_outputs_*).
 The last line is JSON.
 """
@@ -40,7 +40,7 @@ from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.engine.types import GroundedPhrase, Grounding
 from groundlmm_ros.ros.conversion import numpy_to_image, to_rgb8
 from groundlmm_ros.ros.node import GroundingNode, use_node_dds_profile
-from groundlmm_ros.ros.worker import Job, Outcome
+from groundlmm_ros.ros.worker import DEFAULT_CAMERA, Job, Outcome
 
 WIDTH, HEIGHT, MASKS = 640, 480, 10
 RELIABLE = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
@@ -190,10 +190,11 @@ def node_overhead(repeats: int, subscriber_env: dict) -> dict:
         assert (
             node.trigger_configure().name == "SUCCESS" and node.trigger_activate().name == "SUCCESS"
         )
-        node._on_depth(
+        depth_buffer = node._depth[DEFAULT_CAMERA]
+        depth_buffer.add_depth(
             numpy_to_image(np.full((HEIGHT, WIDTH), 1200, np.uint16), "16UC1", depth_header)
         )
-        node._on_camera_info(
+        depth_buffer.set_info(
             CameraInfo(width=WIDTH, height=HEIGHT, k=[500.0, 0, 319.5, 0, 500.0, 239.5, 0, 0, 1])
         )
         subscriber = subprocess.Popen(
@@ -213,9 +214,10 @@ def node_overhead(repeats: int, subscriber_env: dict) -> dict:
 
 
 def _time_deliveries(node, topics, image, grounding, repeats: int) -> list[float]:
-    outputs = [
-        node.results.publishers[name] for name in ("grounding", "overlay", "markers", "points")
-    ][: len(topics)]
+    results = node.results[DEFAULT_CAMERA]
+    outputs = [results.publishers[name] for name in ("grounding", "overlay", "markers", "points")][
+        : len(topics)
+    ]
     assert wait_for(lambda: all(p.get_subscription_count() for p in outputs), 60), (
         "subscriber not matched"
     )
@@ -224,7 +226,7 @@ def _time_deliveries(node, topics, image, grounding, repeats: int) -> list[float
         start = time.perf_counter()
         rgb = to_rgb8(image)
         convert_s = time.perf_counter() - start
-        node.results.publish(
+        results.publish(
             Outcome(
                 Job("Describe the image.", "describe", "topic"),
                 frame=image,

@@ -4,9 +4,11 @@ one).
 
     python gated_node.py GATE_DIR --ros-args ...
 
-Every Engine.ground call first appends a line to GATE_DIR/started, then waits until GATE_DIR/open
-exists (or the query is cancelled: Cancelled, as the engine raises between tokens), then runs the
-real engine. While GATE_DIR/hold_configure exists, building the model waits (after creating
+Every Engine.ground_batch call (one model step) first appends a line per query to
+GATE_DIR/started and its queries, a JSON list, as a line to GATE_DIR/batches; then it waits until
+GATE_DIR/open exists, or it takes a permit (a file GATE_DIR/permit-*, one step each), or every
+query is cancelled (Cancelled, as the engine gives between tokens); then it runs the real engine.
+While GATE_DIR/hold_configure exists, building the model waits (after creating
 GATE_DIR/configuring): the test can interrupt the node in the middle of configure. Every wait ends
 after GATE_TIMEOUT_S with an error, so a test that forgets the gate fails instead of hanging.
 With GATE_DIR/hang_at_exit, stopping the node's worker (the first step of its teardown) first blocks
@@ -14,6 +16,7 @@ in a C call that holds the GIL, as a deadlocked DDS teardown does.
 """
 
 import ctypes
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,12 +49,30 @@ class GatedEngine:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def ground(self, image, query, mode="describe", *, should_stop=None, **options):
+    def _take_permit(self) -> bool:
+        for permit in sorted(self._gate.glob("permit-*")):
+            permit.unlink()
+            return True
+        return False
+
+    def ground_batch(self, requests):
         with open(self._gate / "started", "a") as f:
-            f.write(query + "\n")
-        stop = should_stop or (lambda: False)
-        wait_while(lambda: not (self._gate / "open").exists(), "ground() waited at the gate", stop)
-        return self._engine.ground(image, query, mode, should_stop=should_stop, **options)
+            f.write("".join(request.query + "\n" for request in requests))
+        with open(self._gate / "batches", "a") as f:
+            f.write(json.dumps([request.query for request in requests]) + "\n")
+
+        def all_stopped():
+            return all(request.should_stop and request.should_stop() for request in requests)
+
+        try:
+            wait_while(
+                lambda: not ((self._gate / "open").exists() or self._take_permit()),
+                "ground_batch() waited at the gate",
+                all_stopped,
+            )
+        except Cancelled as cancelled:
+            return [cancelled] * len(requests)
+        return self._engine.ground_batch(requests)
 
 
 def main() -> None:

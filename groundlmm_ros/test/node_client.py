@@ -132,6 +132,16 @@ class ClientNode:
     def destroy_publisher(self, name: str) -> None:
         self.node.destroy_publisher(self._publishers.pop(name))
 
+    def subscribe(self, name: str, msg_type, topic: str) -> None:
+        """Every message on `topic` comes to the test as ("received", (name, msg))."""
+        many = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(
+            msg_type, topic, lambda msg: self._emit("received", (name, msg)), many
+        )
+
+    def publisher_count(self, topic: str) -> int:
+        return self.node.count_publishers(self.node.resolve_topic_name(topic))
+
     def publish(self, name: str, msg) -> None:
         self._publishers[name].publish(msg)
 

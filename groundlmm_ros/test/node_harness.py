@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import os
 import pickle
 import signal
@@ -87,6 +88,7 @@ class NodeProcess:
     ):
         self._dir = tempfile.TemporaryDirectory(prefix="groundlmm_node_test_")
         self.gate = Path(self._dir.name)
+        self._permits = itertools.count()
         params_file = os.path.join(self._dir.name, "params.yaml")
         with open(params_file, "w") as f:
             yaml.safe_dump({"/**": {"ros__parameters": {**BASE_PARAMS, **params}}}, f)
@@ -128,6 +130,11 @@ class NodeProcess:
     def close_gate(self) -> None:
         (self.gate / "open").unlink(missing_ok=True)
 
+    def allow_batches(self, count: int = 1) -> None:
+        """Let `count` more model steps through the closed gate (one permit file each)."""
+        for _ in range(count):
+            (self.gate / f"permit-{next(self._permits)}").touch()
+
     def release_configure(self) -> None:
         (self.gate / "hold_configure").unlink(missing_ok=True)
 
@@ -135,6 +142,12 @@ class NodeProcess:
         """The queries the model has started on, in order."""
         path = self.gate / "started"
         return path.read_text().splitlines() if path.exists() else []
+
+    def batches(self) -> list[list[str]]:
+        """The queries of each model step, in order (whole lines: the node may be writing one)."""
+        path = self.gate / "batches"
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []
+        return [json.loads(line) for line in lines]
 
     def wait_started(self, count: int, timeout: float = 20.0) -> bool:
         return bool(wait_for(lambda: len(self.started()) >= count, timeout))
@@ -203,6 +216,7 @@ class Client:
         self.markers: list = []
         self.clouds: list = []
         self.spin_errors: list[str] = []
+        self.received: list[tuple[str, object]] = []  # (subscription name, msg): see subscribe()
         self._replies: dict[int, tuple] = {}
         self._reply_ready = threading.Condition(self.lock)
         self._call_ids = itertools.count()
@@ -353,6 +367,19 @@ class Client:
 
     def destroy_publisher(self, publisher: Publisher) -> None:
         self.call("destroy_publisher", publisher.name)
+
+    def subscribe(self, msg_type, topic: str) -> str:
+        """Subscribe (reliable, deep) in the client process; what arrives goes to `received`,
+        tagged with the name returned (the topic)."""
+        self.call("subscribe", topic, msg_type, topic)
+        return topic
+
+    def publisher_count(self, topic: str) -> int:
+        return self.call("publisher_count", topic)
+
+    def received_on(self, topic: str) -> list:
+        with self.lock:
+            return [msg for name, msg in self.received if name == topic]
 
     def publish_image(self, msg) -> None:
         """Publish a frame and wait until the node counted it."""

@@ -1,5 +1,6 @@
 """The node's Worker in-process, with an engine the test gates: the queue limit, exactly one
-finish per job, cancel (queued and running), the standing query's rate and stop. No DDS: the
+finish per job, cancel (queued and running), the standing query's rate and stop, and with several
+cameras: one batch per step with one job per camera, fair shares, per-camera queues. No DDS: the
 behaviours hold without it (the node tests show them over DDS)."""
 
 import threading
@@ -15,27 +16,36 @@ WAIT_S = 10.0  # every wait below is bounded; none of them depends on the machin
 
 
 class GatedEngine:
-    """Each ground() call says it started, then waits until the test opens the gate; it writes
-    three tokens, checking should_stop before each."""
+    """Each ground_batch() call says it started, then waits until the test opens the gate; per
+    request it writes three tokens, checking should_stop before each."""
 
     def __init__(self):
         self.gate = threading.Event()
         self.started = threading.Semaphore(0)
-        self.calls: list[str] = []
+        self.batches: list[list[str]] = []  # the queries of each call
         self.stop_seen = threading.Event()
 
-    def ground(self, rgb, query, mode, *, on_token=None, should_stop=None, max_new_tokens=None):
-        self.calls.append(query)
+    @property
+    def calls(self) -> list[str]:
+        return [query for batch in self.batches for query in batch]
+
+    def ground_batch(self, requests):
+        self.batches.append([r.query for r in requests])
         self.started.release()
         if not self.gate.wait(WAIT_S):
             raise RuntimeError("the test never opened the gate")
+        return [self._answer(r) for r in requests]
+
+    def _answer(self, request):
         for n in range(1, 4):
-            if should_stop():
+            if request.should_stop():
                 self.stop_seen.set()
-                raise Cancelled(f"stopped after {n - 1} tokens")
-            if on_token is not None:
-                on_token("word " * n, n)
-        return Grounding(query, mode, "word word word", [1, 1, 1], [], rgb.shape[:2])
+                return Cancelled(f"stopped after {n - 1} tokens")
+            if request.on_token is not None:
+                request.on_token("word " * n, n)
+        return Grounding(
+            request.query, request.mode, "word word word", [1, 1, 1], [], request.image.shape[:2]
+        )
 
 
 def frame(width=8, height=6):
@@ -68,15 +78,14 @@ class Finished:
         return self.outcomes
 
 
-@pytest.fixture
-def running():
+def serving(image_topics: dict[str, str]):
     engine, finished = GatedEngine(), Finished()
     errors = []
     worker = Worker(
         engine,
         finished,
+        image_topics=image_topics,
         queue_size=3,
-        image_topic="/camera/image",
         max_image_pixels=10_000,
         max_new_tokens=8,
         log_error=errors.append,
@@ -85,6 +94,16 @@ def running():
     yield worker, engine, finished, errors
     engine.gate.set()
     worker.stop("test over", timeout=WAIT_S)
+
+
+@pytest.fixture
+def running():
+    yield from serving({"": "/camera/image"})
+
+
+@pytest.fixture
+def two_cameras():
+    yield from serving({"head": "/lab/head/image", "wrist": "/lab/wrist/image"})
 
 
 def started(engine):
@@ -190,3 +209,58 @@ def test_elongated_and_oversized_frames_are_refused_before_the_model(running):
     assert thin.error.startswith("bad image: image of 700x1 pixels is more elongated than 20:1")
     assert "exceeds max_image_pixels=10000" in huge.error
     assert engine.calls == []
+
+
+def test_one_step_batches_one_job_of_each_camera_on_its_own_frame(two_cameras):
+    worker, engine, finished, _ = two_cameras
+    assert worker.submit(Job("q", "describe", "topic", camera="base")).startswith(
+        "no camera 'base': this node's cameras are 'head', 'wrist' (parameter cameras)"
+    )
+    assert "no image has arrived yet on /lab/wrist/image" in worker.submit(
+        Job("q", "describe", "topic", camera="wrist")
+    )
+    worker.put_frame(frame(width=8), "head")
+    worker.put_frame(frame(width=10), "wrist")
+    assert worker.submit(Job("head first", "describe", "topic", camera="head")) == ""
+    started(engine)  # running alone: nothing else was waiting
+    for k in range(3):  # while it runs: a queue per camera, each with its own limit
+        assert worker.submit(Job(f"head {k}", "describe", "topic", camera="head")) == ""
+        assert worker.submit(Job(f"wrist {k}", "refer", "topic", camera="wrist")) == ""
+    assert "query queue is full" in worker.submit(Job("late", "refer", "topic", camera="head"))
+    assert worker.queue_length == 6
+    engine.gate.set()
+    outcomes = finished.wait_for(7)
+    assert engine.batches == [["head first"]] + [[f"head {k}", f"wrist {k}"] for k in range(3)]
+    for outcome in outcomes:
+        assert outcome.grounding is not None, outcome.error
+        width = {"head": 8, "wrist": 10}[outcome.job.camera]
+        assert outcome.rgb.shape[1] == width and outcome.frame.width == width
+
+
+def test_standing_queries_of_two_cameras_share_the_model_evenly(two_cameras):
+    worker, engine, finished, _ = two_cameras
+    engine.gate.set()
+    worker.set_standing("the mug", "refer", 0.0, camera="head")
+    worker.set_standing("the cup", "describe", 0.0, camera="wrist")
+    for _ in range(5):  # each step: both cameras have a new frame
+        worker.put_frame(frame(), "head")
+        worker.put_frame(frame(), "wrist")
+        count = len(finished.outcomes)
+        finished.wait_for(count + 2)
+    cameras = [o.job.camera for o in finished.outcomes]
+    assert cameras.count("head") == cameras.count("wrist") == 5
+    assert all(o.job.source == "standing" for o in finished.outcomes)
+    # A camera with a burst of topic queries does not starve the other's standing query.
+    engine.gate.clear()
+    while engine.started.acquire(blocking=False):  # forget the steps above
+        pass
+    worker.put_frame(frame(), "head")
+    worker.put_frame(frame(), "wrist")
+    started(engine)  # the step with both standing jobs
+    count = len(engine.batches)
+    for k in range(3):
+        worker.submit(Job(f"burst {k}", "refer", "topic", camera="head"))
+    worker.put_frame(frame(), "wrist")
+    engine.gate.set()
+    finished.wait_for(10 + 2 + 1 + 3)
+    assert engine.batches[count] == ["burst 0", "the cup"]  # the wrist's next frame, same step

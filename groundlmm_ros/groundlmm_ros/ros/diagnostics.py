@@ -25,15 +25,18 @@ class Stats:
         self.overhead_ms = collections.deque(
             maxlen=100
         )  # conversion + depth + message building + publishing
+        self.results_by_camera = collections.Counter()
 
     def count(self, name: str) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def published(self, received: float, overhead_s: float) -> None:
-        """A result went out for a query received at monotonic time `received`."""
+    def published(self, camera: str, received: float, overhead_s: float) -> None:
+        """A result went out on `camera`'s topic for a query received at monotonic time
+        `received`."""
         with self.lock:
             self.results_published += 1
+            self.results_by_camera[camera] += 1
             self.latency_ms.append(1000 * (time.monotonic() - received))
             self.overhead_ms.append(1000 * overhead_s)
 
@@ -57,6 +60,11 @@ def status(stamp, name: str, state: str, params, worker, stats: Stats) -> Diagno
             "latency_ms_p50": _median(stats.latency_ms),
             "overhead_ms_p50": _median(stats.overhead_ms),
         }
+        for camera, inputs in worker.cameras.items() if worker else ():
+            if camera:  # per named camera: how it is served
+                values[f"{camera}/queue_length"] = len(inputs.queue)
+                values[f"{camera}/frames_unused"] = inputs.frames_unused
+                values[f"{camera}/results_published"] = stats.results_by_camera[camera]
     level = DiagnosticStatus.OK if state == "active" else DiagnosticStatus.WARN
     return messages.status_array(stamp, name, params.device, level, state, values)
 

@@ -107,12 +107,13 @@ def failed_result(
     )
 
 
-def rejection(query: str, mode: str, source: str, reason: str) -> DiagnosticStatus:
+def rejection(query: str, mode: str, source: str, camera: str, reason: str) -> DiagnosticStatus:
     """What `~/rejected` carries for a query that was never accepted: message = the reason."""
     values = [
         KeyValue(key="query", value=query),
         KeyValue(key="mode", value=mode),
         KeyValue(key="source", value=source),
+        KeyValue(key="camera", value=camera),
     ]
     return DiagnosticStatus(
         level=DiagnosticStatus.WARN, name="groundlmm/query", message=reason, values=values

@@ -3,10 +3,16 @@
 configure loads the model, activate starts the worker and the subscriptions,
 deactivate stops them (queued queries end in a failed result),
 cleanup frees the model. Callbacks never run the model: they fill the
-worker's newest-frame slot and bounded queue. Each accepted (queued) query
-ends in exactly one GroundingResult on `grounding` (success false + the
-reason when it failed); a query never accepted gets, with the reason, a
-DiagnosticStatus on `~/rejected`. An action goal's Ground result carries the same.
+worker's newest-frame slot and bounded queue of their camera. Each accepted
+(queued) query ends in exactly one GroundingResult on its camera's
+`grounding` (success false + the reason when it failed); a query never
+accepted gets, with the reason, a DiagnosticStatus on `~/rejected`. An action
+goal's Ground result carries the same.
+
+One model serves every camera of the `cameras` parameter: camera "head" reads
+`head/image`, `head/depth`, `head/camera_info`, `head/query` and answers on
+`head/grounding` (and `~/head/overlay`, ...); the camera named "" (the
+default) on the plain names.
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.ros import depth, diagnostics, messages
 from groundlmm_ros.ros.diagnostics import Stats
 from groundlmm_ros.ros.goals import GoalRun
-from groundlmm_ros.ros.params import DYNAMIC, check_parameters, declare_parameters, read_parameters
+from groundlmm_ros.ros.params import (
+    DYNAMIC,
+    camera_parameter,
+    check_parameters,
+    declare_camera_parameters,
+    declare_parameters,
+    parameter_camera,
+    read_parameters,
+)
 from groundlmm_ros.ros.results import ResultPublisher
 from groundlmm_ros.ros.worker import Job, Outcome, Worker, query_problem
 
@@ -52,6 +66,20 @@ SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FA
 DDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
 ACTION_SERVICE_DEPTH = 1000  # goal, result and cancel requests kept until taken
 EXIT_TIMEOUT_S = 4.0  # from SIGINT/SIGTERM to exit, at most (plus the faulthandler dump)
+# Each camera's outputs: (message type, name under the camera, node-private, history depth).
+CAMERA_OUTPUTS = {
+    "grounding": (GroundingResult, "grounding", False, 10),
+    "overlay": (Image, "overlay", True, 2),
+    "markers": (MarkerArray, "markers", True, 2),
+    "points": (PointCloud2, "points", True, 2),
+}
+
+
+def camera_topic(camera: str, name: str, private: bool = False) -> str:
+    """A camera's relative topic: `head/image` (`~/head/overlay` when private); the camera named
+    "" has the plain `image` (`~/overlay`)."""
+    topic = f"{camera}/{name}" if camera else name
+    return f"~/{topic}" if private else topic
 
 
 class GroundingNode(LifecycleNode):
@@ -63,13 +91,14 @@ class GroundingNode(LifecycleNode):
         self._params = None
         self._engine = None
         self._worker: Worker | None = None
-        self._depth = depth.DepthBuffer()
+        self._depth: dict[str, depth.DepthBuffer] = {}  # per camera, while active
         self._stats = Stats()
-        self.results: ResultPublisher | None = (
-            None  # publishes what a finished query gives, while active
-        )
+        # per camera: publishes what a finished query gives, while active
+        self.results: dict[str, ResultPublisher] = {}
         self._state = "unconfigured"
-        self._outputs = {}
+        self._outputs = {}  # the node's own outputs: "rejected", "status"
+        self._camera_outputs: dict[str, dict] = {}  # per camera, its CAMERA_OUTPUTS publishers
+        self._camera_parameters: list[str] = []  # declared at configure, undeclared at cleanup
         self._inputs = []
         self._action_server = None
         self._status_timer = None
@@ -117,14 +146,22 @@ class GroundingNode(LifecycleNode):
             )
             return FAILURE
         self._params = params
+        self._camera_parameters = declare_camera_parameters(self, params.cameras)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._outputs = {
-            "grounding": self._publisher(GroundingResult, "grounding", reliable),
             "rejected": self._publisher(DiagnosticStatus, "~/rejected", QoSProfile(depth=1000)),
-            "overlay": self._publisher(Image, "~/overlay", QoSProfile(depth=2)),
-            "markers": self._publisher(MarkerArray, "~/markers", QoSProfile(depth=2)),
-            "points": self._publisher(PointCloud2, "~/points", QoSProfile(depth=2)),
             "status": self._publisher(DiagnosticArray, "/diagnostics", reliable),
+        }
+        self._camera_outputs = {
+            camera: {
+                output: self._publisher(
+                    msg_type,
+                    camera_topic(camera, name, private),
+                    QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
+                )
+                for output, (msg_type, name, private, history) in CAMERA_OUTPUTS.items()
+            }
+            for camera in params.cameras
         }
         # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result
         # requests) would overwrite the ones not yet taken.
@@ -151,28 +188,34 @@ class GroundingNode(LifecycleNode):
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
         params = self._params
-        image_topic = "image/compressed" if params.image_transport == "compressed" else "image"
+        image = "image/compressed" if params.image_transport == "compressed" else "image"
         self._worker = Worker(
             self._engine,
             self._finish,
+            image_topics={
+                camera: self.resolve_topic_name(camera_topic(camera, image))
+                for camera in params.cameras
+            },
             queue_size=params.query_queue_size,
-            image_topic=self.resolve_topic_name(image_topic),
             max_image_pixels=params.max_image_pixels,
             max_new_tokens=params.max_new_tokens,
             log_error=self._log_worker_error,
         )
-        self._worker.set_standing(
-            *(self.get_parameter(name).value for name in DYNAMIC)
-        )  # as set now
-        self._depth = depth.DepthBuffer()
-        self.results = ResultPublisher(
-            self._outputs,
-            params,
-            self._depth,
-            self._stats,
-            self.get_logger(),
-            lambda job, reason: self._log_query_problem(job, "failed", reason),
-        )
+        self._depth = {camera: depth.DepthBuffer() for camera in params.cameras}
+        self.results = {
+            camera: ResultPublisher(
+                camera,
+                self._camera_outputs[camera],
+                params,
+                self._depth[camera],
+                self._stats,
+                self.get_logger(),
+                lambda job, reason: self._log_query_problem(job, "failed", reason),
+            )
+            for camera in params.cameras
+        }
+        for camera in params.cameras:  # the standing queries as set now
+            self._worker.set_standing(*self._standing_of(camera), camera=camera)
         self._worker.start()
         image_qos = QoSProfile(
             depth=params.image_qos_depth,
@@ -181,16 +224,28 @@ class GroundingNode(LifecycleNode):
             if params.image_qos_reliability == "reliable"
             else ReliabilityPolicy.BEST_EFFORT,
         )
-        self._subscribe(
-            CompressedImage if params.image_transport == "compressed" else Image,
-            image_topic,
-            self._on_image,
-            image_qos,
-        )
-        self._subscribe(String, "query", self._on_query, QoSProfile(depth=params.query_qos_depth))
-        if params.use_depth:
-            self._subscribe(Image, "depth", self._on_depth, image_qos)
-            self._subscribe(CameraInfo, "camera_info", self._on_camera_info, image_qos)
+        image_type = CompressedImage if params.image_transport == "compressed" else Image
+        for camera in params.cameras:
+            self._subscribe(
+                image_type, camera_topic(camera, image), self._on_image(camera), image_qos
+            )
+            self._subscribe(
+                String,
+                camera_topic(camera, "query"),
+                self._on_query(camera),
+                QoSProfile(depth=params.query_qos_depth),
+            )
+            if params.use_depth:
+                buffer = self._depth[camera]
+                self._subscribe(
+                    Image, camera_topic(camera, "depth"), self._on_depth(buffer), image_qos
+                )
+                self._subscribe(
+                    CameraInfo,
+                    camera_topic(camera, "camera_info"),
+                    self._on_camera_info(buffer),
+                    image_qos,
+                )
         self._state = "active"
         self.get_logger().info("active: serving queries")
         return super().on_activate(state)
@@ -241,8 +296,13 @@ class GroundingNode(LifecycleNode):
             self._action_server.destroy()
         for publisher in self._outputs.values():
             self.destroy_publisher(publisher)
+        for outputs in self._camera_outputs.values():
+            for publisher in outputs.values():
+                self.destroy_publisher(publisher)
+        for parameter in self._camera_parameters:
+            self.undeclare_parameter(parameter)
         self._status_timer = self._action_server = None
-        self._outputs = {}
+        self._outputs, self._camera_outputs, self._camera_parameters = {}, {}, []
         self._engine = None
         gc.collect()
         torch = sys.modules.get("torch")
@@ -257,19 +317,37 @@ class GroundingNode(LifecycleNode):
         problem = check_parameters(values)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
-        worker = self._worker
-        if worker is not None and any(name in DYNAMIC for name in values):
-            current = {name: self.get_parameter(name).value for name in DYNAMIC}
-            current.update({name: value for name, value in values.items() if name in DYNAMIC})
-            worker.set_standing(
-                current["standing_query"], current["standing_mode"], current["max_rate_hz"]
+        standing = {  # cameras whose standing query changes
+            parameter_camera(name)[0] for name in values if parameter_camera(name)[1] in DYNAMIC
+        }
+        cameras = self._params.cameras if self._state != "unconfigured" else []
+        if "" in standing and cameras and "" not in cameras:
+            return SetParametersResult(
+                successful=False,
+                reason="this node's cameras are "
+                + ", ".join(cameras)
+                + f": set one camera's standing query, e.g. {cameras[0]}.standing_query "
+                '(the plain standing_* parameters are the camera named ""\'s)',
             )
-            rate = current["max_rate_hz"]
+        worker = self._worker
+        for camera in standing if worker is not None else ():
+            query, mode, rate = self._standing_of(camera, values)
+            worker.set_standing(query, mode, rate, camera=camera)
             self.get_logger().info(
-                f"standing query {current['standing_query']!r} ({current['standing_mode']}), "
+                (f"camera {camera!r}: " if camera else "")
+                + f"standing query {query!r} ({mode}), "
                 + (f"at most {rate} Hz" if rate > 0 else "as fast as the model allows")
             )
         return SetParametersResult(successful=True)
+
+    def _standing_of(self, camera: str, changing: dict | None = None) -> tuple[str, str, float]:
+        """The camera's (standing_query, standing_mode, max_rate_hz): as set, or as `changing`
+        (the parameters being set now) makes them."""
+        changing = changing or {}
+        names = [camera_parameter(camera, name) for name in DYNAMIC]
+        return tuple(
+            changing[name] if name in changing else self.get_parameter(name).value for name in names
+        )
 
     # ---- inputs ------------------------------------------------------------------------------
 
@@ -319,23 +397,37 @@ class GroundingNode(LifecycleNode):
             event_callbacks=PublisherEventCallbacks(incompatible_qos=incompatible),
         )
 
-    def _on_image(self, msg) -> None:
-        self._stats.count("frames_received")
-        worker = self._worker
-        if worker is not None:
-            worker.put_frame(msg)
+    # Each makes one camera's subscription callback.
 
-    def _on_depth(self, msg: Image) -> None:
-        self._stats.count("depth_frames_received")
-        self._depth.add_depth(msg)
+    def _on_image(self, camera: str):
+        def on_image(msg) -> None:
+            self._stats.count("frames_received")
+            worker = self._worker
+            if worker is not None:
+                worker.put_frame(msg, camera)
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._stats.count("camera_infos_received")
-        self._depth.set_info(msg)
+        return on_image
 
-    def _on_query(self, msg: String) -> None:
-        self._stats.count("queries_received")
-        self._submit(Job(msg.data, self._params.query_mode, "topic"))
+    def _on_depth(self, buffer: depth.DepthBuffer):
+        def on_depth(msg: Image) -> None:
+            self._stats.count("depth_frames_received")
+            buffer.add_depth(msg)
+
+        return on_depth
+
+    def _on_camera_info(self, buffer: depth.DepthBuffer):
+        def on_camera_info(msg: CameraInfo) -> None:
+            self._stats.count("camera_infos_received")
+            buffer.set_info(msg)
+
+        return on_camera_info
+
+    def _on_query(self, camera: str):
+        def on_query(msg: String) -> None:
+            self._stats.count("queries_received")
+            self._submit(Job(msg.data, self._params.query_mode, "topic", camera=camera))
+
+        return on_query
 
     def _submit(self, job: Job) -> str:
         """Queue a job, or reject it with the reason (returned, '' when queued)."""
@@ -369,7 +461,9 @@ class GroundingNode(LifecycleNode):
         publisher = self._outputs.get("rejected")
         if publisher is not None:
             with self._rejected_lock:
-                publisher.publish(messages.rejection(job.query, job.mode, job.source, reason))
+                publisher.publish(
+                    messages.rejection(job.query, job.mode, job.source, job.camera, reason)
+                )
 
     # ---- the action --------------------------------------------------------------------------
 
@@ -386,6 +480,7 @@ class GroundingNode(LifecycleNode):
             goal.query,
             goal.mode or "describe",
             "action",
+            camera=goal.camera or self._params.cameras[0],
             image=goal.image if goal.image.width and goal.image.height else None,
             on_token=run.feedback,
             cancel_requested=lambda: goal_handle.is_cancel_requested,
@@ -408,7 +503,7 @@ class GroundingNode(LifecycleNode):
         it."""
         result = None
         try:
-            result = self.results.publish(outcome)
+            result = self.results[outcome.job.camera].publish(outcome)
         except Exception:  # a failed publish must not lose the goal
             self._log_worker_error(f"publishing a result failed:\n{traceback.format_exc()}")
         finally:

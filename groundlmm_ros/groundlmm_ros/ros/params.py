@@ -2,12 +2,16 @@
 
 Most are read when the node is configured (change them, then cleanup +
 configure); the standing-query ones (`DYNAMIC`) also take effect at once when
-set on a running node.
+set on a running node. Each named camera has its own standing query:
+`<camera>.standing_query`, `<camera>.standing_mode`, `<camera>.max_rate_hz`,
+declared at configure with the plain parameters' values as defaults (the
+camera named "" uses the plain ones).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import make_dataclass
 
 from rcl_interfaces.msg import ParameterDescriptor
@@ -61,6 +65,12 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "configure and activate at start-up (for labs that do not drive lifecycles)",
     ),
     # Inputs (read at configure).
+    "cameras": (
+        [""],
+        "the cameras one model serves: each name's topics are `<name>/image`, `<name>/query`, "
+        "`<name>/grounding`, ... and its standing query `<name>.standing_query`; the name "
+        '`""` is the camera on the plain names (`image`, `query`, `grounding`, ...)',
+    ),
     "image_transport": (
         "raw",
         "`raw`: sensor_msgs/Image on `image`; `compressed`: CompressedImage on `image/compressed`",
@@ -105,6 +115,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     "status_period_s": (1.0, "period of the `/diagnostics` status"),
 }
 DYNAMIC = ("standing_query", "standing_mode", "max_rate_hz")
+# A camera's name is a ROS name token: it prefixes topics and parameters.
+CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # build_engine options that are node parameters: one knob each, never set through engine_options.
 OWN_PARAMETER = {
     "max_new_tokens": "max_new_tokens",
@@ -132,10 +144,43 @@ NodeParams = make_dataclass(
 )
 
 
+def camera_parameter(camera: str, name: str) -> str:
+    """The parameter `name` (one of DYNAMIC) of one camera: `head.standing_query`; the camera
+    named "" has the plain one."""
+    return f"{camera}.{name}" if camera else name
+
+
+def parameter_camera(parameter: str) -> tuple[str, str]:
+    """camera_parameter's inverse for the DYNAMIC names: (camera, name); other names
+    ("", themselves)."""
+    camera, _, name = parameter.rpartition(".")
+    return (camera, name) if name in DYNAMIC else ("", parameter)
+
+
+def declare_camera_parameters(node, cameras: list[str]) -> list[str]:
+    """Declare the named cameras' standing-query parameters not yet declared, defaulting to the
+    plain ones' values now (a value given at launch wins); returns the names declared."""
+    declared = []
+    for camera in cameras:
+        for name in DYNAMIC if camera else ():
+            parameter = camera_parameter(camera, name)
+            if not node.has_parameter(parameter):
+                description = f"{PARAMETERS[name][1]}, of camera {camera!r}"
+                node.declare_parameter(
+                    parameter,
+                    node.get_parameter(name).value,
+                    ParameterDescriptor(description=description),
+                )
+                declared.append(parameter)
+    return declared
+
+
 def markdown_table() -> str:
     """README's parameter table: one row per parameter, in PARAMETERS order."""
 
     def shown(value):
+        if isinstance(value, list):
+            return "`[" + ", ".join(json.dumps(item) for item in value) + "]`"
         if isinstance(value, bool):
             return f"`{str(value).lower()}`"
         return (
@@ -165,49 +210,74 @@ def read_parameters(node) -> NodeParams:
     return params
 
 
+CHOICES = {
+    "image_transport": IMAGE_TRANSPORTS,
+    "image_qos_reliability": RELIABILITIES,
+    "query_mode": MODES,
+    "standing_mode": MODES,
+    "mask_format": MASK_FORMATS,
+}
+POSITIVE = (
+    "image_qos_depth",
+    "query_qos_depth",
+    "query_queue_size",
+    "depth_unit_divisor",
+    "max_image_pixels",
+    "max_query_length",
+    "max_new_tokens",
+    "marker_lifetime_s",
+    "status_period_s",
+)
+NOT_NEGATIVE = ("depth_stamp_tolerance_s", "max_rate_hz")
+
+
 def check_parameters(values: dict) -> str:
     """Why these parameter values are unusable ('' if they are fine); checks only the names
-    present."""
-    choices = {
-        "image_transport": IMAGE_TRANSPORTS,
-        "image_qos_reliability": RELIABILITIES,
-        "query_mode": MODES,
-        "standing_mode": MODES,
-        "mask_format": MASK_FORMATS,
-    }
-    for name, allowed in choices.items():
-        if name in values and values[name] not in allowed:
-            return f"parameter {name}={values[name]!r}: expected one of {', '.join(allowed)}"
-    positive = (
-        "image_qos_depth",
-        "query_qos_depth",
-        "query_queue_size",
-        "depth_unit_divisor",
-        "max_image_pixels",
-        "max_query_length",
-        "max_new_tokens",
-        "marker_lifetime_s",
-        "status_period_s",
-    )
-    for name in positive:
-        if name in values and not values[name] > 0:
-            return f"parameter {name}={values[name]!r}: must be > 0"
-    for name in ("depth_stamp_tolerance_s", "max_rate_hz"):
-        if name in values and not values[name] >= 0:
-            return f"parameter {name}={values[name]!r}: must be >= 0"
-    if "engine_options" in values:
+    present (a camera's `head.standing_mode` as `standing_mode`)."""
+    for parameter, value in values.items():
+        problem = _check_parameter(parameter_camera(parameter)[1], value)
+        if problem:
+            return f"parameter {parameter}{problem}"
+    return ""
+
+
+def _check_parameter(name: str, value) -> str:
+    """What is wrong with one value, after its parameter's name ('' if nothing)."""
+    if name in CHOICES and value not in CHOICES[name]:
+        return f"={value!r}: expected one of {', '.join(CHOICES[name])}"
+    if name in POSITIVE and not value > 0:
+        return f"={value!r}: must be > 0"
+    if name in NOT_NEGATIVE and not value >= 0:
+        return f"={value!r}: must be >= 0"
+    if name == "cameras":
+        return _cameras_problem(list(value))
+    if name == "engine_options":
         try:
-            options = json.loads(values["engine_options"])
+            options = json.loads(value)
         except json.JSONDecodeError as error:
-            return f"parameter engine_options is not JSON: {error}"
+            return f" is not JSON: {error}"
         if not isinstance(options, dict):
-            return f"parameter engine_options={values['engine_options']!r}: must be a JSON object"
+            return f"={value!r}: must be a JSON object"
         own = sorted(set(options) & set(OWN_PARAMETER))
         if own:
             return (
-                f"parameter engine_options sets {', '.join(own)}: use the node parameter "
+                f" sets {', '.join(own)}: use the node parameter "
                 f"{', '.join(OWN_PARAMETER[k] for k in own)} instead"
             )
+    return ""
+
+
+def _cameras_problem(cameras: list[str]) -> str:
+    if not cameras:
+        return '=[]: name at least one camera ("" is the camera on the plain topic names)'
+    bad = [name for name in cameras if name and not CAMERA_NAME.fullmatch(name)]
+    if bad:
+        return (
+            f"={cameras!r}: {bad[0]!r} is not a camera name (a letter, then letters, digits "
+            'or _; or "" for the plain topic names)'
+        )
+    if len(set(cameras)) < len(cameras):
+        return f"={cameras!r}: a camera is named twice"
     return ""
 
 

@@ -17,11 +17,13 @@ from groundlmm_ros.ros.worker import Job, Outcome
 
 
 class ResultPublisher:
-    """publishers: the node's outputs by name ("grounding", "overlay", "markers", "points");
-    log_failure(job, reason) reports a query that failed; logger takes the depth warnings."""
+    """One camera's: publishers, its outputs by name ("grounding", "overlay", "markers",
+    "points"); depth_buffer, its depth frames; log_failure(job, reason) reports a query that
+    failed; logger takes the depth warnings."""
 
     def __init__(
         self,
+        camera: str,
         publishers: dict,
         params,
         depth_buffer: depth.DepthBuffer,
@@ -29,6 +31,7 @@ class ResultPublisher:
         logger,
         log_failure: Callable[[Job, str], None],
     ):
+        self.camera = camera
         self.publishers = publishers
         self._params = params
         self._depth = depth_buffer
@@ -78,7 +81,9 @@ class ResultPublisher:
             )
         if points and outputs["points"].get_subscription_count() > 0:
             outputs["points"].publish(depth.pointcloud(points, header))
-        self._stats.published(job.received, outcome.convert_s + time.perf_counter() - start)
+        self._stats.published(
+            self.camera, job.received, outcome.convert_s + time.perf_counter() - start
+        )
         return result
 
     def _points_3d(self, outcome: Outcome) -> list[np.ndarray]:

@@ -1,15 +1,22 @@
-"""The one thread that runs the engine, the newest-frame slot and the bounded query queue.
+"""The one thread that runs the engine for every camera: per camera a newest-frame slot, a
+bounded query queue and a standing query.
 
 ROS callbacks only call `put_frame` and `submit` (cheap, never the model).
 Every submitted job gets exactly one `finish(outcome)` call, on the worker
 thread: with a Grounding, or with the reason there is none (bad image, model
 error, cancelled, node deactivated). A job that cannot be queued is refused
 by `submit` at once with its reason and is never finished.
+
+Fair by construction: each step takes at most one job from every camera that has one (its next
+queued query, else its standing query when due) and grounds them together in one
+`Engine.ground_batch`, so no camera waits for another camera's queue, and the model's
+batched stages (the image encoder, the teacher-forced pass) serve all of them at once.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
 import traceback
@@ -19,13 +26,15 @@ from typing import Callable
 
 import numpy as np
 
-from groundlmm_ros.engine.types import MODES, Cancelled, Grounding, InputError
+from groundlmm_ros.engine.types import MODES, Cancelled, Grounding, InputError, Request
 from groundlmm_ros.ros.conversion import ImageConversionError, to_rgb8
 
 # Frames more elongated than this are refused before the model runs: the models resize by one side
 # (CLIP by the shortest, SAM by the longest), so a 7000x1 frame becomes a zero-row or a gigantic
 # image.
 MAX_ASPECT_RATIO = 20
+# The one camera of a node without named cameras: its topics are the plain `image`, `query`, ...
+DEFAULT_CAMERA = ""
 
 
 @dataclass
@@ -33,6 +42,7 @@ class Job:
     query: str
     mode: str
     source: str  # "topic", "action" or "standing": who asked
+    camera: str = DEFAULT_CAMERA  # whose frame it grounds on and whose topics get its result
     image: object = None  # Image/CompressedImage to ground on; None = the newest frame
     on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
     cancel_requested: Callable[[], bool] = lambda: False
@@ -72,17 +82,63 @@ def query_problem(query: str, mode: str, max_length: int) -> str:
     return ""
 
 
+class CameraInputs:
+    """One camera's side of the worker (guarded by the worker's lock): the newest frame, the
+    queries waiting for it, its standing query."""
+
+    def __init__(self, name: str, image_topic: str):
+        self.name = name
+        self.image_topic = image_topic  # the resolved name, for the "no image yet" reason
+        self.queue: collections.deque[Job] = collections.deque()
+        self.frame = None  # newest Image/CompressedImage
+        self.frame_version = 0  # frames put so far
+        self.frame_used = True
+        self.frames_unused = 0  # frames replaced by a newer one before any query used them
+        self.standing: tuple[str, str, float] = ("", "describe", 0.0)  # query, mode, max_rate_hz
+        self.standing_version = 0  # frame version of the last standing run
+        self.standing_next = 0.0  # monotonic time before which no standing run starts
+
+    def put_frame(self, msg) -> None:
+        if not self.frame_used:
+            self.frames_unused += 1
+        self.frame, self.frame_used = msg, False
+        self.frame_version += 1
+
+    def set_standing(self, query: str, mode: str, max_rate_hz: float) -> None:
+        self.standing = (query, mode, max_rate_hz)
+        self.standing_next = 0.0
+
+    def _standing_pending(self) -> bool:
+        return bool(self.standing[0]) and self.frame_version > self.standing_version
+
+    def take(self, now: float) -> Job | None:
+        """Its next queued job, else its standing job when due (once per new frame)."""
+        if self.queue:
+            return self.queue.popleft()
+        query, mode, rate = self.standing
+        if self._standing_pending() and now >= self.standing_next:
+            self.standing_version = self.frame_version
+            self.standing_next = now + (1.0 / rate if rate > 0 else 0.0)
+            return Job(query, mode, "standing", camera=self.name)
+        return None
+
+    def due_in(self, now: float) -> float | None:
+        """Seconds until its standing job is due; None when nothing is pending."""
+        return self.standing_next - now if self._standing_pending() else None
+
+
 class Worker:
-    """Owns the engine while serving: one thread, newest frame, bounded queue, standing query.
-    finish(outcome) is called once per job, on the worker thread."""
+    """Owns the engine while serving: one thread; per camera the newest frame, a bounded queue
+    and a standing query. finish(outcome) is called once per job, on the worker thread.
+    image_topics: camera name -> its resolved image topic (the order is the cameras' order)."""
 
     def __init__(
         self,
         engine,
         finish: Callable[[Outcome], None],
         *,
+        image_topics: dict[str, str],
         queue_size: int,
-        image_topic: str,
         max_image_pixels: int,
         max_new_tokens: int,
         log_error: Callable[[str], None],
@@ -90,27 +146,19 @@ class Worker:
         self._engine = engine
         self._finish = finish
         self._queue_size = queue_size
-        self._image_topic = image_topic  # the resolved name, for the "no image yet" reason
         self._max_image_pixels = max_image_pixels
         self._max_new_tokens = max_new_tokens
         self._log_error = log_error
         self._wake = threading.Condition()
-        self._queue: collections.deque[Job] = collections.deque()
-        self._frame = None  # newest Image/CompressedImage
-        self._frame_version = 0  # frames put so far
-        self._frame_used = True
-        self._standing: tuple[str, str, float] = ("", "describe", 0.0)  # query, mode, max_rate_hz
-        self._standing_version = 0  # frame version of the last standing run
-        self._standing_next = 0.0  # monotonic time before which no standing run starts
+        self.cameras = {name: CameraInputs(name, topic) for name, topic in image_topics.items()}
         self._stopping = ""  # reason, once stop() was called
-        self.frames_unused = 0  # frames replaced by a newer one before any query used them
         self._thread = threading.Thread(target=self._loop, name="groundlmm-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, reason: str, timeout: float) -> None:
-        """Cancel the running job at its next token, finish queued ones with `reason`, join."""
+        """Cancel the running jobs at their next token, finish queued ones with `reason`, join."""
         with self._wake:
             self._stopping = reason
             self._wake.notify_all()
@@ -120,20 +168,22 @@ class Worker:
 
     @property
     def queue_length(self) -> int:
-        return len(self._queue)
+        return sum(len(camera.queue) for camera in self.cameras.values())
 
-    def put_frame(self, msg) -> None:
+    @property
+    def frames_unused(self) -> int:
+        return sum(camera.frames_unused for camera in self.cameras.values())
+
+    def put_frame(self, msg, camera: str = DEFAULT_CAMERA) -> None:
         with self._wake:
-            if not self._frame_used:
-                self.frames_unused += 1
-            self._frame, self._frame_used = msg, False
-            self._frame_version += 1
+            self.cameras[camera].put_frame(msg)
             self._wake.notify_all()
 
-    def set_standing(self, query: str, mode: str, max_rate_hz: float) -> None:
+    def set_standing(
+        self, query: str, mode: str, max_rate_hz: float, camera: str = DEFAULT_CAMERA
+    ) -> None:
         with self._wake:
-            self._standing = (query, mode, max_rate_hz)
-            self._standing_next = 0.0
+            self.cameras[camera].set_standing(query, mode, max_rate_hz)
             self._wake.notify_all()
 
     def submit(self, job: Job) -> str:
@@ -141,64 +191,105 @@ class Worker:
         with self._wake:
             if self._stopping:
                 return f"node is not serving: {self._stopping}"
-            if job.image is None and self._frame is None:
+            camera = self.cameras.get(job.camera)
+            if camera is None:
                 return (
-                    f"no image has arrived yet on {self._image_topic}: "
+                    f"no camera {job.camera!r}: this node's cameras are "
+                    f"{', '.join(repr(name) for name in self.cameras)} (parameter cameras)"
+                )
+            if job.image is None and camera.frame is None:
+                return (
+                    f"no image has arrived yet on {camera.image_topic}: "
                     "publish one there, or send one with the goal"
                 )
-            if len(self._queue) >= self._queue_size:
+            if len(camera.queue) >= self._queue_size:
                 return (
                     f"query queue is full ({self._queue_size} waiting, parameter query_queue_size)"
                 )
-            self._queue.append(job)
+            camera.queue.append(job)
             self._wake.notify_all()
             return ""
 
-    def _next_job(self) -> Job | None:
-        """The next queued job, else a due standing job; waits; None once stopping."""
+    def _next_jobs(self) -> list[Job] | None:
+        """One job from each camera that has one (see CameraInputs.take); waits; None once
+        stopping."""
         with self._wake:
             while not self._stopping:
-                if self._queue:
-                    return self._queue.popleft()
-                query, mode, rate = self._standing
                 now = time.monotonic()
-                if query and self._frame_version > self._standing_version:
-                    if now >= self._standing_next:
-                        self._standing_version = self._frame_version
-                        self._standing_next = now + (1.0 / rate if rate > 0 else 0.0)
-                        return Job(query, mode, "standing")
-                    self._wake.wait(self._standing_next - now)
-                else:
-                    self._wake.wait()
+                jobs = [job for camera in self.cameras.values() if (job := camera.take(now))]
+                if jobs:
+                    return jobs
+                waits = [camera.due_in(now) for camera in self.cameras.values()]
+                waits = [w for w in waits if w is not None]
+                self._wake.wait(min(waits) if waits else None)
             return None
 
     def _loop(self) -> None:
-        while (job := self._next_job()) is not None:
+        while (jobs := self._next_jobs()) is not None:
             try:
-                outcome = self._serve(job)
+                outcomes = self._serve(jobs)
             except (
                 Exception
-            ) as error:  # a bug in the path around the model costs this query, not the worker
+            ) as error:  # a bug in the path around the model costs these queries, not the worker
                 self._log_error(
-                    f"unexpected error on query {job.query!r}:\n{traceback.format_exc()}"
+                    f"unexpected error on queries {[job.query for job in jobs]!r}:\n"
+                    f"{traceback.format_exc()}"
                 )
-                outcome = Outcome(job, error=f"internal error: {type(error).__name__}: {error}")
-            self._finish_job(outcome)
+                reason = f"internal error: {type(error).__name__}: {error}"
+                outcomes = [Outcome(job, error=reason) for job in jobs]
+            for outcome in outcomes:
+                self._finish_job(outcome)
         with self._wake:
-            queued, self._queue = list(self._queue), collections.deque()
+            queued = [job for camera in self.cameras.values() for job in camera.queue]
+            for camera in self.cameras.values():
+                camera.queue.clear()
         for job in queued:
             self._finish_job(Outcome(job, error=f"not run: {self._stopping}"))
 
     def _should_stop(self, job: Job) -> bool:
         return bool(self._stopping) or job.cancel_requested()
 
-    def _serve(self, job: Job) -> Outcome:
+    def _serve(self, jobs: list[Job]) -> list[Outcome]:
+        """The jobs' outcomes, in order; those with a usable frame grounded in one batch."""
+        outcomes = [self._prepare(job) for job in jobs]
+        ready = [outcome for outcome in outcomes if outcome.rgb is not None]
+        if not ready:
+            return outcomes
+        requests = [
+            Request(
+                outcome.rgb,
+                outcome.job.query,
+                outcome.job.mode,
+                on_token=outcome.job.on_token,
+                should_stop=functools.partial(self._should_stop, outcome.job),
+                max_new_tokens=self._max_new_tokens,
+            )
+            for outcome in ready
+        ]
+        start = time.perf_counter()
+        try:
+            results = self._engine.ground_batch(requests)
+        except Exception as error:  # the model must never take the node down
+            results = [error] * len(ready)
+        engine_s = time.perf_counter() - start  # every job of the batch waited this long for it
+        for outcome, result in zip(ready, results, strict=True):
+            outcome.engine_s = engine_s
+            if isinstance(result, Grounding):
+                outcome.grounding = result
+            else:
+                self._failed(outcome, result)
+        return outcomes
+
+    def _prepare(self, job: Job) -> Outcome:
+        """The job's turn has come: its frame, converted and checked (outcome.rgb), or the reason
+        it cannot run (outcome.error)."""
         if job.on_start is not None:
             job.on_start()
         with self._wake:
-            frame = job.image if job.image is not None else self._frame
+            camera = self.cameras[job.camera]
+            frame = job.image if job.image is not None else camera.frame
             if job.image is None:
-                self._frame_used = True
+                camera.frame_used = True
         outcome = Outcome(job, frame=frame)
         if job.cancel_requested():  # cancelled while it waited in the queue: never run
             outcome.cancelled, outcome.error = True, "cancelled"
@@ -228,26 +319,20 @@ class Worker:
             return outcome
         outcome.rgb = rgb
         outcome.convert_s = time.perf_counter() - start
-        start = time.perf_counter()
-        try:
-            outcome.grounding = self._engine.ground(
-                rgb,
-                job.query,
-                job.mode,
-                on_token=job.on_token,
-                should_stop=lambda: self._should_stop(job),
-                max_new_tokens=self._max_new_tokens,
-            )
-        except Cancelled:
+        return outcome
+
+    def _failed(self, outcome: Outcome, error: Exception) -> None:
+        """Why the engine gave this job no grounding, as its outcome says it."""
+        job = outcome.job
+        if isinstance(error, Cancelled):
             outcome.cancelled = True
             outcome.error = f"cancelled: {self._stopping}" if self._stopping else "cancelled"
-        except InputError as error:
+        elif isinstance(error, InputError):
             outcome.error = f"input refused by the engine: {error}"
-        except Exception as error:  # the model must never take the node down
-            self._log_error(f"model error on query {job.query!r}:\n{traceback.format_exc()}")
+        else:
+            trace = "".join(traceback.format_exception(error))
+            self._log_error(f"model error on query {job.query!r}:\n{trace}")
             outcome.error = f"model error: {type(error).__name__}: {error}"
-        outcome.engine_s = time.perf_counter() - start
-        return outcome
 
     def _finish_job(self, outcome: Outcome) -> None:
         try:
