@@ -112,7 +112,7 @@ print(json.dumps({
         "model",
         "inference_time",
     ]
-    assert found["goal_fields"] == ["query", "mode", "image"]
+    assert found["goal_fields"] == ["query", "mode", "image", "camera"]
     assert found["msgs_share"] == str(install / "groundlmm_msgs" / "share" / "groundlmm_msgs")
     assert found["ros_share"] == str(install / "groundlmm_ros" / "share" / "groundlmm_ros")
     # --symlink-install: the Python package is the source tree, so edits are live.

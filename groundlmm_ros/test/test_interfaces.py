@@ -62,7 +62,7 @@ def camera_image():
 
 
 def goal():
-    return Ground.Goal(query="the red mug", mode="refer", image=camera_image())
+    return Ground.Goal(query="the red mug", mode="refer", image=camera_image(), camera="wrist")
 
 
 def result():
