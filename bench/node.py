@@ -17,6 +17,7 @@ The last line is JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -25,9 +26,11 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import rclpy
+import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.parameter import Parameter
@@ -81,26 +84,47 @@ def wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-def end_to_end(queries: int) -> dict:
-    """Query -> result latency through a groundlmm_node process, ms."""
+@contextlib.contextmanager
+def node_process(parameters: dict):
+    """groundlmm_node with these parameters in its own process while the body runs (SIGINT at
+    the end); if the body fails, the node's log goes to stderr."""
     with tempfile.TemporaryDirectory() as tmp:
         params = os.path.join(tmp, "params.yaml")
         with open(params, "w") as f:
-            f.write(
-                "/**:\n  ros__parameters:\n    model: tiny-random\n    query_mode: refer\n"
-                "    image_qos_reliability: reliable\n"
+            yaml.safe_dump({"/**": {"ros__parameters": parameters}}, f)
+        with open(os.path.join(tmp, "node.log"), "w") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "groundlmm_ros.ros.node",
+                    "--ros-args",
+                    "--params-file",
+                    params,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
-        log = open(os.path.join(tmp, "node.log"), "w")
-        node_process = subprocess.Popen(
-            [sys.executable, "-m", "groundlmm_ros.ros.node", "--ros-args", "--params-file", params],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            return _time_queries(queries)
-        finally:
-            node_process.send_signal(signal.SIGINT)
-            node_process.wait(30)
+            try:
+                yield process
+            except BaseException:
+                log.flush()
+                print(Path(log.name).read_text()[-3000:], file=sys.stderr)
+                raise
+            finally:
+                process.send_signal(signal.SIGINT)
+                process.wait(30)
+
+
+def end_to_end(queries: int) -> dict:
+    """Query -> result latency through a groundlmm_node process, ms."""
+    parameters = {
+        "model": "tiny-random",
+        "query_mode": "refer",
+        "image_qos_reliability": "reliable",
+    }
+    with node_process(parameters):
+        return _time_queries(queries)
 
 
 def _time_queries(queries: int) -> dict:
