@@ -4,8 +4,7 @@ the tiny random LLaVA and DiffLMM and the shipped demo model."""
 
 import pytest
 import torch
-from images import random_rgb
-from test_engine_batch import count_lm_passes
+from test_engine_batch import count_lm_passes, images
 
 from groundlmm_ros.engine.types import Cancelled
 from groundlmm_ros.models.presets import build_engine
@@ -24,29 +23,20 @@ LIMITS = [40, 30, 40, 12]
 MAP_ATOL = 1e-6
 
 
-def frames():
-    return [
-        random_rgb(48, 80, 1),
-        random_rgb(60, 44, 2),
-        random_rgb(40, 40, 3),
-        random_rgb(30, 90, 4),
-    ]
-
-
 @pytest.fixture(scope="module", params=["tiny-random", "tiny-difflmm-random", "demo"])
 def backend(request):
     backend = build_engine(request.param, refiner="threshold").backend
     if request.param != "demo":  # the demo model ends its answers itself
         # Random weights seldom emit their end token: here the fourth token of the first
         # prompt's answer ends answers, so some rows end at it and others at their limits.
-        visual = backend.encode(frames()[0])
+        visual = backend.encode(images()[0])
         backend.end_ids = {backend.generate(visual, QUESTIONS[0], 4, stop_at_end=False)[0][3]}
     return backend
 
 
 @pytest.fixture(scope="module")
 def prompts(backend):
-    return list(zip(backend.encode_batch(frames()), QUESTIONS))
+    return list(zip(backend.encode_batch(images()), QUESTIONS))
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +103,7 @@ def test_a_rows_own_failure_ends_only_that_row(backend, prompts, alone):
 
 def test_a_batch_of_one_is_generate_and_static_decoding_batches_dynamically():
     static = build_engine("tiny-random", refiner="threshold", decoding="static").backend
-    visual = static.encode_batch(frames()[:2])
+    visual = static.encode_batch(images()[:2])
     pairs = list(zip(visual, QUESTIONS))
     expected = [static.generate(v, q, 9, stop_at_end=False) for v, q in pairs]
     assert len(static._decoders) == 1  # generate alone took the fixed-shape decoder
