@@ -1,6 +1,7 @@
 """Engine.ground_batch: several requests (one per camera) in one step. The images go through one
-batched encoder call, every refer expression through one teacher-forced pass, and each request
-gets what it gets alone; a request's own failure ends only that request."""
+batched encoder call, every refer expression through one teacher-forced pass, the describe
+answers decode together (one pass per token), and each request gets what it gets alone; a
+request's own failure ends only that request."""
 
 import numpy as np
 import pytest
@@ -146,6 +147,45 @@ def test_the_encoder_and_the_refer_pass_run_once_for_three_images(model, monkeyp
     assert passes == [4]  # one teacher-forced pass, all four expressions
 
 
+@pytest.mark.parametrize("engine_name", ["demo", "difflmm"])
+def test_describe_answers_decode_together_as_each_alone(engine_name, request):
+    engine = request.getfixturevalue(engine_name)
+    queries = (QUESTION, "What is here?", "Name the shapes and their colours.", QUESTION)
+    limits = (None, 5, 9, 3)
+    streamed = [[] for _ in queries]
+    requests = [
+        Request(frame, query, on_token=lambda text, n, seen=seen: seen.append((text, n)))
+        for frame, query, seen in zip(images(), queries, streamed)
+    ]
+    for r, limit in zip(requests, limits):
+        r.max_new_tokens = limit
+    passes, handle = count_lm_passes(engine.backend.lm)
+    try:
+        batched = engine.ground_batch(requests)
+    finally:
+        handle.remove()
+    assert [type(r) for r in batched] == [Grounding] * len(requests)
+    assert any(r.phrases for r in batched), "some answer has phrases to compare"
+    # Each row's generated tokens: its answer plus the end token, unless it stopped at its limit.
+    generated = [
+        n if n == min(r.max_new_tokens or engine.max_new_tokens, engine.max_new_tokens) else n + 1
+        for n, r in ((len(result.token_ids), r) for result, r in zip(batched, requests))
+    ]
+    # One prefill and (longest - 1) steps, all four rows in each.
+    assert passes == [4] * max(generated)
+    assert len({r.timings["generate"] for r in batched}) == 1  # one shared stage
+    for result, r, seen in zip(batched, requests, streamed):
+        alone_seen = []
+        alone = engine.ground(
+            r.image,
+            r.query,
+            max_new_tokens=r.max_new_tokens,
+            on_token=lambda text, n: alone_seen.append((text, n)),
+        )
+        assert_same(result, alone)
+        assert seen == alone_seen  # each request streams its own answer as it would alone
+
+
 def test_a_requests_own_failure_ends_only_that_request(difflmm, monkeypatch):
     frames = images()
     pixels = count_calls(monkeypatch, difflmm.backend.model, "encode_image")
@@ -216,6 +256,14 @@ def test_a_shared_stage_failure_ends_every_request_in_it(difflmm, monkeypatch):
     assert results[:3] == [out_of_memory] * 3 and isinstance(results[3], InputError)
     with pytest.raises(RuntimeError, match="out of memory"):
         difflmm.ground(frames[0], QUESTION)
+    monkeypatch.undo()
+    # Two describe requests share the decoding passes: a failed one ends both.
+    handle = lm.register_forward_pre_hook(fail_the_batched_pass, with_kwargs=True)
+    try:
+        results = difflmm.ground_batch([Request(frame, QUESTION) for frame in frames[:2]])
+    finally:
+        handle.remove()
+    assert results == [out_of_memory] * 2
 
 
 def test_nothing_to_do(difflmm):
@@ -223,13 +271,15 @@ def test_nothing_to_do(difflmm):
 
 
 @pytest.mark.parametrize(
-    "model, refer_passes",
+    "model, refer_passes, describe_batch",
     [
-        ("tiny-qwen2.5-vl-random", [1, 1, 1]),  # its own 3D positions per prompt: one pass each
-        ("tiny-llava-next-random", [2, 1]),  # one pass per image-token count: two share theirs
+        # Its own 3D positions per prompt: one pass each, and each answer decodes alone.
+        ("tiny-qwen2.5-vl-random", [1, 1, 1], 1),
+        # One pass per image-token count: the two frames of one size share theirs.
+        ("tiny-llava-next-random", [2, 1], 2),
     ],
 )
-def test_chat_template_backends_batch_as_alone(model, refer_passes):
+def test_chat_template_backends_batch_as_alone(model, refer_passes, describe_batch):
     """Images with their own token counts, encoded one at a time; then as LLaVA-style ones."""
     engine = build_engine(model, seed=2)
     requests = mixed_requests(("the red mug on the left", "a dog", "a cat"))
@@ -247,3 +297,12 @@ def test_chat_template_backends_batch_as_alone(model, refer_passes):
         handle.remove()
     assert all(isinstance(r, Grounding) for r in results)
     assert passes == refer_passes
+    describe = [Request(f, QUESTION, max_new_tokens=4) for f in same_size[:2]]
+    passes, handle = count_lm_passes(engine.backend.lm)
+    try:
+        results = engine.ground_batch(describe)
+    finally:
+        handle.remove()
+    assert set(passes) == {describe_batch}
+    for result, r in zip(results, describe):
+        assert_same(result, engine.ground(r.image, r.query, max_new_tokens=4))

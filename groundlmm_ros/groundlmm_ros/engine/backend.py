@@ -50,6 +50,21 @@ class Backend(Protocol):
         (T, rows * columns). stop_at_end=False always makes max_new_tokens tokens (benchmarks of
         random models)."""
 
+    def generate_batch(
+        self,
+        prompts: list[tuple[Any, str]],
+        max_new_tokens: list[int],
+        on_token: list[Callable[[list[int]], None] | None],
+        should_stop: list[Callable[[], bool] | None],
+        stop_at_end: bool = True,
+    ) -> list[tuple[list[int], torch.Tensor] | Exception]:
+        """Per (encoded image, question), with its own limit, on_token and should_stop, what
+        generate gives it alone, or the exception that ended it (Cancelled, what its on_token
+        raised; a failed forward pass ends every prompt in that pass). Prompts are decoded in as
+        few passes per step as the model allows (on a memory-bound GPU a step of B rows costs
+        about one): LLaVA-style backends decode prompts with as many image tokens together,
+        prompts with their own LM inputs (Qwen2.5-VL's positions) one at a time."""
+
     def warm_up(self, question: str, max_new_tokens: int) -> None:
         """Prepare whatever a first answer to `question` would otherwise build (fixed-shape
         decoders)."""

@@ -6,8 +6,9 @@ refer: the query is a referring expression, teacher-forced as the answer in
     one forward pass; the root token of its head noun phrase gives one mask.
 
 ground_batch takes several requests (e.g. one per camera) in one step: their images in one
-batched encoder call, every refer expression of them in one teacher-forced pass, then each
-request on its own; each gets what it would get alone.
+batched encoder call, every refer expression of them in one teacher-forced pass, every describe
+answer of them decoded together, then each request's phrases on their own; each gets what it
+would get alone.
 """
 
 from __future__ import annotations
@@ -231,14 +232,22 @@ class Engine:
         (InputError for bad input, Cancelled when its should_stop said so, any other Exception
         from the model for that request). Never raises for one request's failure.
 
-        The images are encoded in one batched call and every expression of every refer request
-        is teacher-forced in one batched pass; an exception there ends every request in it.
-        Then each request on its own: the refiner embeds its image, describe generates its
-        answer (with its own on_token / should_stop), its phrases are grounded."""
+        The images are encoded in one batched call, every expression of every refer request
+        is teacher-forced in one batched pass, and the describe answers are decoded together
+        (backend.generate_batch: one forward pass per token for all of them where the model
+        allows), each with its own limit, on_token and should_stop; an exception of a shared
+        pass ends every request in it. Then each request on its own: the refiner embeds its
+        image, its phrases are grounded."""
         step, visual = self._start(requests)
         refer = [i for i in step.live() if requests[i].mode == "refer"]
         maps = step.shared("teacher_force", refer, lambda: self._teacher_force(refer, visual, step))
-        step.each(step.live(), lambda i: self._finish(step, i, visual[i], (maps or {}).get(i)))
+        step.each(step.live(), lambda i: _go_on(requests[i], "before its answer began"))
+        describe = [i for i in step.live() if requests[i].mode == "describe"]
+        answers = step.shared("generate", describe, lambda: self._generate(describe, visual, step))
+        step.each(
+            step.live(),
+            lambda i: self._finish(step, i, visual[i], (maps or {}).get(i), (answers or {}).get(i)),
+        )
         return step.results
 
     def _start(self, requests: list[Request]) -> tuple[_Step, dict[int, object]]:
@@ -258,7 +267,8 @@ class Engine:
         if not live:
             return step, {}
         torch.manual_seed(self.seed)
-        # First: on CUDA SAM embeds the first frame on its own stream while the model encodes.
+        # First: on CUDA SAM embeds the first frame on its own stream while the model encodes and
+        # decodes; the others' frames overlap their own phrase work (_finish).
         step.each(live[:1], lambda i: self._set_image(step, i))
         live = step.live()
         images = [requests[i].image for i in live]
@@ -287,14 +297,23 @@ class Engine:
         maps = iter(self.backend.teacher_force_batch(self.refer_question, sequences))
         return {i: [next(maps) for _ in step.answers[i]] for i in refer}
 
-    def _finish(self, step: _Step, i: int, visual_tokens, refer_maps) -> None:
-        """Request i from its encoded image (and its teacher-forced maps, refer) to a Grounding."""
+    def _generate(self, describe: list[int], visual: dict, step: _Step) -> dict[int, tuple]:
+        """The describe requests `describe`, each with its own image, answered together -> per
+        request its answer (_answers); a request whose answer failed ends with its exception."""
+        answers = self._answers([(visual[i], step.requests[i]) for i in describe])
+        for i, answer in zip(describe, answers):
+            if isinstance(answer, Exception):
+                step.results[i] = answer
+        return dict(zip(describe, answers))
+
+    def _finish(self, step: _Step, i: int, visual_tokens, refer_maps, answered) -> None:
+        """Request i from its encoded image and its teacher-forced maps (refer) or its answer
+        (describe) to a Grounding."""
         request, stage = step.requests[i], step.stages[i]
-        _go_on(request, "before its answer began")
-        if step.embedded != i:  # on CUDA SAM embeds it while this request's answer is generated
+        if step.embedded != i:  # on CUDA SAM embeds it while the CPU finds this answer's phrases
             self._set_image(step, i)
         if request.mode == "describe":
-            answer_ids, reads, answer, phrases = self._describe(visual_tokens, request, stage)
+            answer_ids, reads, answer, phrases = self._describe(answered, stage)
         else:
             answer_ids, reads, answer, phrases = self._refer(
                 step.answers[i], refer_maps, request.on_token, stage
@@ -312,32 +331,39 @@ class Engine:
             stage.done(),
         )
 
-    def _answer(self, visual_tokens, question, max_new_tokens, on_token=None, should_stop=None):
-        """Greedy answer to question (within the limits) -> (its ids without the end token,
-        their maps, the answer text, each token's character span in it)."""
+    def _answers(self, jobs: list[tuple[object, Request]]) -> list[tuple | Exception]:
+        """(encoded image, request) pairs -> per request its greedy answer to its query, within
+        its limits and with its own on_token / should_stop, all decoded together: (its ids
+        without the end token, their maps, the answer text, each token's character span in
+        it), or the exception that ended it."""
 
-        def tokens_arrived(ids):
-            if on_token is not None:
-                on_token(self.backend.decode(ids), len(ids))
+        def streamer(on_token):
+            if on_token is None:
+                return None
+            return lambda ids: on_token(self.backend.decode(ids), len(ids))
 
-        limit = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        ids, maps = self.backend.generate(
-            visual_tokens, question.strip(), limit, tokens_arrived, should_stop
+        generated = self.backend.generate_batch(
+            [(visual, request.query.strip()) for visual, request in jobs],
+            [
+                min(request.max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+                for _, request in jobs
+            ],
+            [streamer(request.on_token) for _, request in jobs],
+            [request.should_stop for _, request in jobs],
         )
-        answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
-        answer, spans = token_spans(answer_ids, self.backend.decode)
-        return answer_ids, maps, answer, spans
+        answers = []
+        for outcome in generated:
+            if isinstance(outcome, Exception):
+                answers.append(outcome)
+                continue
+            ids, maps = outcome
+            answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
+            answers.append((answer_ids, maps, *token_spans(answer_ids, self.backend.decode)))
+        return answers
 
-    def _describe(self, visual_tokens, request: Request, stage: Stages):
-        """The model answers greedily; every noun chunk of the answer with tokens is a phrase."""
-        with stage("generate"):
-            answer_ids, maps, answer, spans = self._answer(
-                visual_tokens,
-                request.query,
-                request.max_new_tokens,
-                request.on_token,
-                request.should_stop,
-            )
+    def _describe(self, answered: tuple, stage: Stages):
+        """Every noun chunk of the generated answer with tokens is a phrase."""
+        answer_ids, maps, answer, spans = answered
         with stage("phrases"):
             phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
         return answer_ids, [(maps, 0)] * len(phrases), answer, phrases
@@ -452,11 +478,15 @@ class Engine:
         answers)."""
         if not (isinstance(token_count, int) and token_count >= 1):
             raise InputError(f"token_count must be a positive integer, got {token_count!r}")
-        step, visual = self._start([Request(image, question, max_new_tokens=max_new_tokens)])
+        request = Request(image, question, max_new_tokens=max_new_tokens)
+        step, visual = self._start([request])
         if step.results[0] is not None:
             raise step.results[0]
         visual_tokens = visual[0]
-        answer_ids, maps, answer, spans = self._answer(visual_tokens, question, max_new_tokens)
+        (answered,) = self._answers([(visual_tokens, request)])
+        if isinstance(answered, Exception):
+            raise answered
+        answer_ids, maps, answer, spans = answered
         grid = self._token_grid(maps, self.backend.grid_of(visual_tokens))
         tokens = list(range(min(token_count, len(grid))))
         height, width = image.shape[:2]

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
-from groundlmm_ros.engine.types import Cancelled
-from groundlmm_ros.models.static_decode import StaticDecoder, cache_length
+from groundlmm_ros.models.static_decode import StaticDecoder, cache_length, take_token
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,11 @@ class LlavaStyleBackend:
         recorded by the forward pass that predicts it (its input ends with token t-1).
         decoding "dynamic": a DynamicCache and a list of map rows; "static" / "graphs": fixed
         shapes (models/static_decode.py), the same tokens and maps."""
-        prompt = self.prompt(visual_tokens, question)
+        return self._generate_alone(
+            self.prompt(visual_tokens, question), max_new_tokens, on_token, should_stop, stop_at_end
+        )
+
+    def _generate_alone(self, prompt: Prompt, max_new_tokens, on_token, should_stop, stop_at_end):
         if self.decoding != "dynamic":
             decoder = self._static_decoder(
                 prompt.embeds.shape[1] + max_new_tokens, prompt.image_start, prompt.n_image
@@ -277,24 +281,123 @@ class LlavaStyleBackend:
             out = self.lm(
                 inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1, **prompt.lm_kwargs
             )
-            while True:
-                next_id = int(out.logits[0, -1].argmax())
-                ids.append(next_id)
-                if on_token is not None:
-                    on_token(ids)
-                if (stop_at_end and next_id in self.end_ids) or len(ids) >= max_new_tokens:
-                    break
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"stopped after {len(ids)} tokens")
+            while not take_token(
+                ids,
+                int(out.logits[0, -1].argmax()),
+                max_new_tokens,
+                on_token,
+                should_stop,
+                self.end_ids,
+                stop_at_end,
+            ):
                 position = prompt.embeds.shape[1] + len(ids) - 1
                 out = self.lm(
-                    inputs_embeds=self.embed([next_id]).unsqueeze(0),
+                    inputs_embeds=self.embed([ids[-1]]).unsqueeze(0),
                     cache=out.cache,
                     use_cache=True,
                     logits_to_keep=1,
                     **self.step_kwargs(prompt, position),
                 )
         return ids, self.on_grid(prompt, recorder.maps()[0])
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, prompts, max_new_tokens, on_token, should_stop, stop_at_end=True
+    ) -> list[tuple[list[int], torch.Tensor] | Exception]:
+        """Per (visual tokens, question) what generate gives it alone with its own limit,
+        on_token and should_stop, or the exception that ended it: Cancelled, what its on_token
+        raised, or a failed forward pass (which ends every row of that pass).
+
+        Prompts that can share forward passes (_passes: as many image tokens, no prompt-specific
+        LM inputs) decode together, one pass per step for all of them (_generate_padded); the
+        others, and a batch of one, one at a time as generate does (static decoding included)."""
+        if not len(prompts) == len(max_new_tokens) == len(on_token) == len(should_stop):
+            raise ValueError("generate_batch needs one limit, on_token and should_stop per prompt")
+        results: list = [None] * len(prompts)
+        built: dict[int, Prompt] = {}
+        for i, (visual, question) in enumerate(prompts):
+            try:
+                built[i] = self.prompt(visual, question)
+            except Exception as error:  # e.g. a question the template refuses: this row's
+                results[i] = error
+        for group in self._passes(built):
+            try:
+                if len(group) == 1:
+                    (i,) = group
+                    results[i] = self._generate_alone(
+                        built[i], max_new_tokens[i], on_token[i], should_stop[i], stop_at_end
+                    )
+                else:
+                    # Also under static decoding: a memory-bound GPU step reads the weights once
+                    # for all rows, and one fixed-shape decoder per batch layout is not worth it.
+                    outcomes = self._generate_padded(
+                        [built[i] for i in group],
+                        [max_new_tokens[i] for i in group],
+                        [on_token[i] for i in group],
+                        [should_stop[i] for i in group],
+                        stop_at_end,
+                    )
+                    for i, outcome in zip(group, outcomes):
+                        results[i] = outcome
+            except Exception as error:  # this pass's rows end; other passes go on
+                for i in group:
+                    results[i] = error
+        return results
+
+    def _generate_padded(self, prompts, max_new_tokens, on_token, should_stop, stop_at_end):
+        """Prompts with as many image tokens decoded together on a DynamicCache: left-padded to
+        one length, masked and positioned as if alone, the mask one column longer per step. A
+        row ends at its own end token or limit, or with its own exception; an ended row's
+        tokens still go in (the batch keeps its shape) but are no longer taken. -> per row (its
+        ids, its maps) or its exception."""
+        embeds, mask, pads = self._left_padded(prompts)
+        recorder = Recorder(
+            [pad + p.image_start for p, pad in zip(prompts, pads)], prompts[0].n_image, rows=1
+        )
+        ids: list[list[int]] = [[] for _ in prompts]
+        ended: list[bool | Exception] = [False] * len(prompts)  # True: complete
+        with recorder:
+            out = self.lm(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # as if unpadded
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            while True:
+                next_ids = out.logits[:, -1].argmax(-1)  # (B,)
+                for row, next_id in enumerate(next_ids.tolist()):
+                    if ended[row] is False:
+                        try:
+                            ended[row] = take_token(
+                                ids[row],
+                                next_id,
+                                max_new_tokens[row],
+                                on_token[row],
+                                should_stop[row],
+                                self.end_ids,
+                                stop_at_end,
+                            )
+                        except Exception as error:  # this row's result, not the batch's
+                            ended[row] = error
+                if all(end is not False for end in ended):
+                    break
+                mask = F.pad(mask, (0, 1), value=1)
+                out = self.lm(
+                    inputs_embeds=self.lm.get_input_embeddings()(next_ids[:, None]),
+                    attention_mask=mask,
+                    position_ids=mask.sum(-1, keepdim=True) - 1,
+                    cache=out.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        maps = recorder.maps()  # (B, longest answer, n_image)
+        return [
+            end
+            if isinstance(end, Exception)
+            else (row_ids, self.on_grid(p, maps[row, : len(row_ids)]))
+            for row, (p, row_ids, end) in enumerate(zip(prompts, ids, ended))
+        ]
 
     def _static_decoder(self, tokens: int, image_start: int, n_image: int) -> StaticDecoder:
         """The decoder of the cache bucket that holds `tokens` positions, built on first use. A
@@ -350,28 +453,33 @@ class LlavaStyleBackend:
         prompts = [
             self.prompt(visual, question, ids[:-1]) for (visual, _), ids in zip(sequences, answers)
         ]
-        if prompts[0].lm_kwargs:
-            return [self._teacher_force_alone(p, len(ids)) for p, ids in zip(prompts, answers)]
-        by_count: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_count.setdefault(p.n_image, []).append(i)
         maps: list[torch.Tensor | None] = [None] * len(prompts)
-        for group in by_count.values():
-            for i, group_maps in zip(
-                group,
-                self._teacher_force_padded(
+        for group in self._passes(dict(enumerate(prompts))):
+            if prompts[group[0]].lm_kwargs:  # a group of one
+                group_maps = [self._teacher_force_alone(prompts[i], len(answers[i])) for i in group]
+            else:
+                group_maps = self._teacher_force_padded(
                     [prompts[i] for i in group], [answers[i] for i in group]
-                ),
-            ):
-                maps[i] = group_maps
+                )
+            for i, one in zip(group, group_maps):
+                maps[i] = one
         return maps
 
-    def _teacher_force_padded(
-        self, prompts: list[Prompt], answers: list[list[int]]
-    ) -> list[torch.Tensor]:
-        """prompt + answer[:-1] sequences with as many image tokens in ONE forward pass:
-        left-padded to one length (so every answer ends at the last position), masked and
-        positioned as if alone, each row's image columns where its prompt has them."""
+    @staticmethod
+    def _passes(prompts: dict[int, Prompt]) -> list[list[int]]:
+        """Which prompts (by index) can share one forward pass: those with as many image tokens
+        (the recorder reads one column count per pass). Prompts with their own LM inputs
+        (Qwen2.5-VL's 3D positions, which padding would have to shift) take one pass each."""
+        if any(p.lm_kwargs for p in prompts.values()):
+            return [[i] for i in prompts]
+        by_count: dict[int, list[int]] = {}
+        for i, p in prompts.items():
+            by_count.setdefault(p.n_image, []).append(i)
+        return list(by_count.values())
+
+    def _left_padded(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Prompt embeddings left-padded to one length -> (embeds (B, L, hidden), attention
+        mask (B, L), each row's padding)."""
         length = max(p.embeds.shape[1] for p in prompts)
         pads = [length - p.embeds.shape[1] for p in prompts]
         hidden = prompts[0].embeds.shape[2]
@@ -380,10 +488,17 @@ class LlavaStyleBackend:
                 torch.cat([prompts[0].embeds.new_zeros(1, pad, hidden), p.embeds], dim=1)
                 for p, pad in zip(prompts, pads)
             ]
-        )  # (B, L, hidden)
-        mask = torch.tensor(
-            [[0] * pad + [1] * (length - pad) for pad in pads], device=self.device
-        )  # (B, L)
+        )
+        mask = torch.tensor([[0] * pad + [1] * (length - pad) for pad in pads], device=self.device)
+        return embeds, mask, pads
+
+    def _teacher_force_padded(
+        self, prompts: list[Prompt], answers: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """prompt + answer[:-1] sequences with as many image tokens in ONE forward pass:
+        left-padded to one length (so every answer ends at the last position), masked and
+        positioned as if alone, each row's image columns where its prompt has them."""
+        embeds, mask, pads = self._left_padded(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded
         rows = max(map(len, answers))
         recorder = Recorder(

@@ -35,6 +35,28 @@ def cache_length(tokens: int) -> int:
     return -(-tokens // CACHE_BUCKET) * CACHE_BUCKET
 
 
+def take_token(
+    ids: list[int],
+    next_id: int,
+    limit: int,
+    on_token: Callable[[list[int]], None] | None,
+    should_stop: Callable[[], bool] | None,
+    end_ids: set[int],
+    stop_at_end: bool,
+) -> bool:
+    """Greedy decoding's rule for each new token, for every decoder: next_id joins ids and is
+    streamed (on_token(ids)); -> True when the answer is complete (an end token with
+    stop_at_end, or `limit` tokens); raises Cancelled when should_stop() then says so."""
+    ids.append(next_id)
+    if on_token is not None:
+        on_token(ids)
+    if (stop_at_end and next_id in end_ids) or len(ids) >= limit:
+        return True
+    if should_stop is not None and should_stop():
+        raise Cancelled(f"stopped after {len(ids)} tokens")
+    return False
+
+
 class StaticDecoder:
     """Fixed-shape greedy decoding of `lm` (a transformers causal LM on inputs_embeds whose
     attention is the recording SDPA) for prompts whose image tokens sit at `image_start`."""
@@ -117,15 +139,10 @@ class StaticDecoder:
             recorder.advance()
             self.token.copy_(out.logits[:, -1:].argmax(-1))
             self.position.fill_(prompt_length)
-            while True:
-                next_id = int(self.token)  # the one host sync per token
-                ids.append(next_id)
-                if on_token is not None:
-                    on_token(ids)
-                if (stop_at_end and next_id in end_ids) or len(ids) >= max_new_tokens:
-                    break
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"stopped after {len(ids)} tokens")
+            # int(self.token): the one host sync per token
+            while not take_token(
+                ids, int(self.token), max_new_tokens, on_token, should_stop, end_ids, stop_at_end
+            ):
                 if self.graph is not None:
                     self.graph.replay()
                 else:
