@@ -2,15 +2,15 @@
 bytes of a result with full and with cropped masks.
 
     python bench/cameras.py [--model demo] [--device cpu] [--cameras 1 2 4] [--seconds 30]
-                            [--mode refer]
+                            [--mode refer] [--fps 30]
 
 1. Node: for each camera count N, groundlmm_node in its own process with cameras cam0..cam{N-1},
-   each with a standing query (`--mode`, no rate limit: once per new frame). This process keeps
-   every camera loaded: it publishes a camera's next 640x480 frame as soon as that camera's
-   result arrives (one frame in flight per camera, so the model, not a frame rate, sets the
-   pace) and, after a warm-up, counts each camera's results for `--seconds`: results/s (all
-   cameras together), each camera's share, latency p50/p95 (frame stamp -> its result received
-   here: the frame's wait for its step included), and results/s over one camera's.
+   each with a standing query (`--mode`, no rate limit: once per new frame). This process
+   publishes a 640x480 frame on every camera at `--fps` (as cameras do, whatever the model's
+   pace: faster than the model, so every camera has a new frame at every step) and, after a
+   warm-up, counts each camera's results for `--seconds`: results/s (all cameras together),
+   each camera's share, latency p50/p95 (frame stamp -> its result received here: the frame's
+   wait for its step included), and results/s over one camera's.
 2. Engine: in this process, one step of N requests (one image each) through
    Engine.ground_batch at once vs the same N one at a time: what batching itself gives here.
 3. Bytes: the serialized GroundingResult of a 640x480 result with 10 masks, mask_format `full`
@@ -110,8 +110,6 @@ def _load(cameras: list[str], args) -> dict:
         elif counting.is_set():
             stamp = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
             arrivals[camera].append(time.time() - stamp)
-        if not stop.is_set():
-            publish_frame(camera)  # the camera's next frame: it is never without one
 
     for camera in cameras:
         client.create_subscription(
@@ -128,13 +126,20 @@ def _load(cameras: list[str], args) -> dict:
     while not all(p.get_subscription_count() for p in publishers.values()):
         assert time.monotonic() < deadline, "groundlmm_node did not come up"
         time.sleep(0.1)
-    for camera in cameras:
-        publish_frame(camera)
+
+    def publish_frames() -> None:
+        while not stop.wait(1.0 / args.fps):
+            for camera in cameras:
+                publish_frame(camera)
+
+    camera_thread = threading.Thread(target=publish_frames, daemon=True)
+    camera_thread.start()
     time.sleep(WARM_UP_S)
     counting.set()
     time.sleep(args.seconds)
     counting.clear()
     stop.set()
+    camera_thread.join()
     executor.shutdown()
     client.destroy_node()
     assert not failures, f"results failed: {failures[:3]}"
@@ -201,11 +206,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--mode", choices=sorted(QUERIES), default="refer")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--fps", type=float, default=30.0, help="frames per second per camera")
     parser.add_argument("--repeats", type=int, default=5, help="engine steps timed per count")
     args = parser.parse_args()
     os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 200))
     rclpy.init()
-    figures = {"model": args.model, "device": args.device, "mode": args.mode}
+    figures = {"model": args.model, "device": args.device, "mode": args.mode, "fps": args.fps}
     for count in args.cameras:
         figures[f"node_{count}_cameras"] = node_figures(count, args)
         print(f"{count} cameras: {figures[f'node_{count}_cameras']}", file=sys.stderr)
