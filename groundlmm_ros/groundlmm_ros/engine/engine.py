@@ -13,9 +13,7 @@ would get alone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,9 +29,9 @@ from groundlmm_ros.engine.phrases import (
     token_spans,
 )
 from groundlmm_ros.engine.refiners import Refiner, nms_keep
+from groundlmm_ros.engine.step import Stages, Step, go_on
 from groundlmm_ros.engine.types import (
     MODES,
-    Cancelled,
     GroundedPhrase,
     Grounding,
     InputError,
@@ -57,77 +55,6 @@ def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
         int(columns.max() - columns.min() + 1),
         int(rows.max() - rows.min() + 1),
     )
-
-
-class Stages:
-    """Seconds per named stage of one query (`with stage("encode"): ...`), plus "total"."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(name, time.perf_counter() - start)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def done(self) -> dict[str, float]:
-        return {**self.seconds, "total": time.perf_counter() - self.start}
-
-
-def _go_on(request: Request, when: str) -> None:
-    """Raise Cancelled if the request's should_stop says so."""
-    if request.should_stop is not None and request.should_stop():
-        raise Cancelled(f"stopped {when}")
-
-
-class _Step:
-    """The requests of one ground_batch call while they run: per request its Stages, its
-    expressions' token ids (refer) and, once it has ended, its result (a Grounding or the
-    exception that ended it)."""
-
-    def __init__(self, requests: list[Request]):
-        self.requests = requests
-        self.stages = [Stages() for _ in requests]
-        self.results: list[Grounding | Exception | None] = [None] * len(requests)
-        self.answers: dict[int, list[list[int]]] = {}
-        self.embedded: int | None = None  # the request whose image the refiner holds
-
-    def live(self) -> list[int]:
-        """Requests that have not ended."""
-        return [i for i, result in enumerate(self.results) if result is None]
-
-    def each(self, indices, work: Callable[[int], None]) -> None:
-        """work(i) for each request i still on; an exception ends that request only."""
-        for i in indices:
-            if self.results[i] is None:
-                try:
-                    work(i)
-                except Exception as error:  # the request's result, not the step's
-                    self.results[i] = error
-
-    def shared(self, name: str, indices: list[int], work: Callable[[], object]):
-        """work() once for the requests `indices` (none: not run), its seconds in each one's
-        stage `name`; an exception ends all of them (-> None)."""
-        if not indices:
-            return None
-        start = time.perf_counter()
-        try:
-            return work()
-        except Exception as error:
-            for i in indices:
-                self.results[i] = error
-            return None
-        finally:
-            seconds = time.perf_counter() - start
-            for i in indices:
-                self.stages[i].add(name, seconds)
 
 
 class Engine:
@@ -241,7 +168,7 @@ class Engine:
         step, visual = self._start(requests)
         refer = [i for i in step.live() if requests[i].mode == "refer"]
         maps = step.shared("teacher_force", refer, lambda: self._teacher_force(refer, visual, step))
-        step.each(step.live(), lambda i: _go_on(requests[i], "before its answer began"))
+        step.each(step.live(), lambda i: go_on(requests[i], "before its answer began"))
         describe = [i for i in step.live() if requests[i].mode == "describe"]
         answers = step.shared("generate", describe, lambda: self._generate(describe, visual, step))
         step.each(
@@ -250,17 +177,17 @@ class Engine:
         )
         return step.results
 
-    def _start(self, requests: list[Request]) -> tuple[_Step, dict[int, object]]:
+    def _start(self, requests: list[Request]) -> tuple[Step, dict[int, object]]:
         """Checks every request, then encodes the images of those still on in one batched call.
         -> the step, and per live request index its encoded image."""
-        step = _Step(requests)
+        step = Step(requests)
 
         def admit(i):
             request = requests[i]
             self.check(request.image, request.query, request.mode, request.max_new_tokens)
             if request.mode == "refer":
                 step.answers[i] = self._expressions(request.query)
-            _go_on(request, "before the model ran")
+            go_on(request, "before the model ran")
 
         step.each(range(len(requests)), admit)
         live = step.live()
@@ -275,7 +202,7 @@ class Engine:
         tokens = step.shared("encode", live, lambda: self.backend.encode_batch(images))
         return step, dict(zip(live, tokens or []))
 
-    def _set_image(self, step: _Step, i: int) -> None:
+    def _set_image(self, step: Step, i: int) -> None:
         with step.stages[i]("refine_image"):
             self.refiner.set_image(step.requests[i].image)
         step.embedded = i
@@ -290,14 +217,14 @@ class Engine:
             raise InputError(f"an expression of {query!r} has no tokens")
         return token_ids
 
-    def _teacher_force(self, refer: list[int], visual: dict, step: _Step) -> dict[int, list]:
+    def _teacher_force(self, refer: list[int], visual: dict, step: Step) -> dict[int, list]:
         """Every expression of the refer requests `refer`, each with its own image, in one
         batched teacher-forced pass -> per request its expressions' maps."""
         sequences = [(visual[i], ids) for i in refer for ids in step.answers[i]]
         maps = iter(self.backend.teacher_force_batch(self.refer_question, sequences))
         return {i: [next(maps) for _ in step.answers[i]] for i in refer}
 
-    def _generate(self, describe: list[int], visual: dict, step: _Step) -> dict[int, tuple]:
+    def _generate(self, describe: list[int], visual: dict, step: Step) -> dict[int, tuple]:
         """The describe requests `describe`, each with its own image, answered together -> per
         request its answer (_answers); a request whose answer failed ends with its exception."""
         answers = self._answers([(visual[i], step.requests[i]) for i in describe])
@@ -306,7 +233,7 @@ class Engine:
                 step.results[i] = answer
         return dict(zip(describe, answers))
 
-    def _finish(self, step: _Step, i: int, visual_tokens, refer_maps, answered) -> None:
+    def _finish(self, step: Step, i: int, visual_tokens, refer_maps, answered) -> None:
         """Request i from its encoded image and its teacher-forced maps (refer) or its answer
         (describe) to a Grounding."""
         request, stage = step.requests[i], step.stages[i]
