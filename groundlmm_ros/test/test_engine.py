@@ -279,3 +279,10 @@ def test_pad_to_square_centres_the_image(height, width, top, left):
     pixels = to_pixel_values(square, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert pixels.shape == (1, 3, 32, 32) and pixels.dtype == torch.float32
     assert pixels.min() >= -1.0 and pixels.max() <= 1.0
+
+
+def test_a_question_holding_the_image_placeholder_is_refused_clearly(fallback_engine):
+    # The LLaVA prompt is split at "<image>"; a second one in the question cannot be placed.
+    with pytest.raises(InputError, match="contains '<image>', which the prompt keeps for the"):
+        fallback_engine.ground(image(), "What is <image> here?", "describe")
+    assert fallback_engine.ground(image(), "What is here?", "describe", max_new_tokens=2).answer

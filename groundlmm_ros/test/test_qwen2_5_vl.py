@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 import vlm_checks
+from images import random_rgb
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
+from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.models.qwen2_5_vl import (
     TINY_MAX_PIXELS,
@@ -151,3 +153,9 @@ def test_groundlmm_eval_takes_the_preset(capsys):
     main(["eval", "--model", "tiny-qwen2.5-vl-random", "--scenes", "2", "--threads", "1"])
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["model"] == "tiny-qwen2.5-vl-random" and metrics["scenes"] == 2
+
+
+def test_a_question_holding_the_image_token_is_refused_clearly():
+    engine = build_engine("tiny-qwen2.5-vl-random", refiner="threshold")
+    with pytest.raises(InputError, match="contains the model's image token '<\\|image_pad\\|>'"):
+        engine.ground(random_rgb(40, 56, 0), "What is <|image_pad|>?", "describe")

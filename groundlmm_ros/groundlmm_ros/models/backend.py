@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
+from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.static_decode import StaticDecoder, cache_length, take_token
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,10 @@ class LlavaStyleBackend:
     def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids before and after "<image>", the way LLaVA's tokenizer_image_token
         does it: each chunk tokenized on its own, the BOS kept only on the first."""
+        if IMAGE_PLACEHOLDER in question:
+            raise InputError(
+                f"the question contains {IMAGE_PLACEHOLDER!r}, which the prompt keeps for the image"
+            )
         before, after = llava_v1_prompt(question, self.conversation).split(IMAGE_PLACEHOLDER)
         ids_before = self.tokenizer(before).input_ids
         ids_after = self.tokenizer(after).input_ids

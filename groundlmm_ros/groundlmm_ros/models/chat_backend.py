@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
+from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.backend import LlavaStyleBackend, Prompt
 
 
@@ -117,6 +118,12 @@ class ChatTemplateBackend(LlavaStyleBackend):
     def prompt_token_ids(self, visual_tokens: EncodedImage, question: str) -> list[int]:
         """The chat text tokenized as the processor tokenizes it, its one placeholder expanded."""
         ids = self.tokenizer(self.chat_text(question)).input_ids
+        if self.image_token_id in self.tokenizer(question, add_special_tokens=False).input_ids:
+            raise InputError(
+                "the question contains the model's image token "
+                f"{self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}, which the prompt "
+                "keeps for the image"
+            )
         if ids.count(self.image_token_id) != 1:
             raise ValueError(
                 f"the chat template gave {ids.count(self.image_token_id)} image placeholders, not 1"
