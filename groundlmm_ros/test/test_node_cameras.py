@@ -1,7 +1,8 @@
 """One node, two cameras (`cameras: [left, right]`), over real DDS: each camera's queries answered
 on its own topic with its own frame's header, the action goal naming its camera, per-camera
-standing queries, fair shares when one camera floods the model, and a batched step (both
-cameras' jobs at once) giving what each job gives alone.
+standing queries, fair shares when one camera floods the model, a batched step (both
+cameras' jobs at once) giving what each job gives alone, and after a reconfigure to
+`mask_format: cropped` masks that decode to the pixels the full ones had.
 
 The node is gated (gated_node.py): a test lets model steps through one permit at a time, so every
 step's jobs are known in advance instead of depending on the machine's speed.
@@ -10,12 +11,21 @@ step's jobs are known in advance instead of depending on the machine's speed.
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
-from node_harness import Client, NodeProcess, is_rejection, rgb_image, wait_for
+from lifecycle_msgs.msg import Transition
+from node_harness import (
+    Client,
+    NodeProcess,
+    is_rejection,
+    rgb_image,
+    stamped_header,
+    wait_for,
+)
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
 
 from groundlmm_msgs.action import Ground
 from groundlmm_msgs.msg import GroundingResult
+from groundlmm_ros.ros.conversion import numpy_to_image
 from groundlmm_ros.ros.messages import phrase_mask
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ros]
@@ -30,7 +40,13 @@ FRAMES = {  # each camera's frame: its own size, stamp and frame_id
 @pytest.fixture(scope="module")
 def node():
     process = NodeProcess(
-        {"cameras": list(CAMERAS), "query_mode": "refer", "query_queue_size": 10}, gated=True
+        {
+            "cameras": list(CAMERAS),
+            "query_mode": "refer",
+            "query_queue_size": 10,
+            "refiner": "colour",
+        },
+        gated=True,
     )
     process.open_gate()
     yield process
@@ -56,9 +72,15 @@ class Cameras:
             and all(self.client.publisher_count(f"{c}/grounding") > 0 for c in CAMERAS)
         )
 
-    def frame(self, camera: str, **changes) -> Image:
-        """Publish the camera's frame; once the node counted it, return it."""
-        msg = rgb_image(**{**FRAMES[camera], **changes})
+    def frame(self, camera: str, pixels: np.ndarray | None = None, **changes) -> Image:
+        """Publish the camera's frame (its random one, or `pixels`); once the node counted it,
+        return it."""
+        spec = {**FRAMES[camera], **changes}
+        msg = (
+            rgb_image(**spec)
+            if pixels is None
+            else numpy_to_image(pixels, "rgb8", stamped_header(spec["stamp_s"], spec["frame_id"]))
+        )
         seen = int(self.client.status.get("frames_received", "0"))
         self.images[camera].publish(msg)
         assert self.client.wait_status("frames_received", seen + 1), "frame not counted"
@@ -226,3 +248,40 @@ def test_a_batched_step_gives_what_each_job_gives_alone(node, cameras):
     for record in records:
         assert record["status"] == GoalStatus.STATUS_SUCCEEDED, record["result"].message
         same_grounding(record["result"].result, alone_described["result"].result, size)
+
+
+def test_after_a_reconfigure_to_cropped_masks_each_decodes_to_the_full_pixels(node, cameras):
+    client = cameras.client
+    size = (FRAMES["left"]["height"], FRAMES["left"]["width"])
+    # Four colour quadrants: the colour refiner's region (and so its bbox) is one of them.
+    quadrants = np.zeros((*size, 3), np.uint8)
+    quadrants[:32, :48], quadrants[:32, 48:] = (200, 30, 30), (30, 200, 30)
+    quadrants[32:, :48], quadrants[32:, 48:] = (30, 30, 200), (200, 200, 30)
+
+    def grounded_once_more() -> GroundingResult:
+        count = len([r for r in cameras.results("left") if r.query == "the blue bowl"])
+        cameras.frame("left", quadrants)
+        cameras.query("left", "the blue bowl")
+        assert wait_for(
+            lambda: len([r for r in cameras.results("left") if r.query == "the blue bowl"]) > count,
+            30.0,
+        ), node.output()
+        return [r for r in cameras.results("left") if r.query == "the blue bowl"][-1]
+
+    full = grounded_once_more()
+    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP):
+        assert client.change_state(transition), transition
+    assert all(r.successful for r in client.set_parameters(mask_format="cropped"))
+    for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+        assert client.change_state(transition), transition
+    assert wait_for(cameras.ready, 60.0, period=0.1), node.output()
+    # the cameras' own parameters were declared again at configure
+    assert all(r.successful for r in client.set_parameters(**{"left.max_rate_hz": 2.0}))
+    cropped = grounded_once_more()
+    assert full.success and cropped.success, (full.message, cropped.message)
+    (full_phrase,), (cropped_phrase,) = full.phrases, cropped.phrases
+    box = cropped_phrase.bbox
+    assert box == full_phrase.bbox and 0 < box.width * box.height < size[0] * size[1]
+    assert (cropped_phrase.mask.width, cropped_phrase.mask.height) == (box.width, box.height)
+    assert (full_phrase.mask.width, full_phrase.mask.height) == (size[1], size[0])
+    assert np.array_equal(phrase_mask(cropped_phrase, size), phrase_mask(full_phrase, size))
