@@ -35,14 +35,14 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
 from groundlmm_msgs.action import Ground
 from groundlmm_msgs.msg import GroundingResult
-from groundlmm_ros.ros import depth, diagnostics, messages
+from groundlmm_ros.ros import depth, diagnostics, messages, qos_warnings
 from groundlmm_ros.ros.diagnostics import Stats
 from groundlmm_ros.ros.goals import GoalRun
 from groundlmm_ros.ros.params import (
@@ -56,11 +56,6 @@ from groundlmm_ros.ros.params import (
 )
 from groundlmm_ros.ros.results import ResultPublisher
 from groundlmm_ros.ros.worker import Job, Outcome, Worker, query_problem
-
-try:  # Iron and newer
-    from rclpy.event_handler import PublisherEventCallbacks, SubscriptionEventCallbacks
-except ImportError:  # Humble
-    from rclpy.qos_event import PublisherEventCallbacks, SubscriptionEventCallbacks
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 DDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
@@ -149,12 +144,15 @@ class GroundingNode(LifecycleNode):
         self._camera_parameters = declare_camera_parameters(self, params.cameras)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._outputs = {
-            "rejected": self._publisher(DiagnosticStatus, "~/rejected", QoSProfile(depth=1000)),
-            "status": self._publisher(DiagnosticArray, "/diagnostics", reliable),
+            "rejected": qos_warnings.publisher(
+                self, DiagnosticStatus, "~/rejected", QoSProfile(depth=1000)
+            ),
+            "status": qos_warnings.publisher(self, DiagnosticArray, "/diagnostics", reliable),
         }
         self._camera_outputs = {
             camera: {
-                output: self._publisher(
+                output: qos_warnings.publisher(
+                    self,
                     msg_type,
                     camera_topic(camera, name, private),
                     QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
@@ -352,49 +350,8 @@ class GroundingNode(LifecycleNode):
     # ---- inputs ------------------------------------------------------------------------------
 
     def _subscribe(self, msg_type, topic: str, callback, qos: QoSProfile) -> None:
-        def incompatible(event) -> None:
-            policy = qos_policy_name_from_kind(event.last_policy_kind)
-            hint = {
-                "RELIABILITY": "set the parameter image_qos_reliability:=best_effort "
-                "(or publish reliably)"
-                if msg_type is not String
-                else "publish queries with RELIABLE reliability",
-                "DURABILITY": "publish with VOLATILE or TRANSIENT_LOCAL durability",
-            }.get(policy, "make the publisher's QoS match")
-            self.get_logger().warning(
-                f"a publisher on {self.resolve_topic_name(topic)} offers QoS incompatible with "
-                "this subscription "
-                f"(policy {policy}; this node asks "
-                f"reliability={qos.reliability.name.lower()}): nothing is "
-                f"received from it; {hint}"
-            )
-
         self._inputs.append(
-            self.create_subscription(
-                msg_type,
-                topic,
-                callback,
-                qos,
-                callback_group=self._group,
-                event_callbacks=SubscriptionEventCallbacks(incompatible_qos=incompatible),
-            )
-        )
-
-    def _publisher(self, msg_type, topic: str, qos: QoSProfile):
-        def incompatible(event) -> None:
-            self.get_logger().warning(
-                f"a subscriber of {self.resolve_topic_name(topic)} asks for QoS "
-                "this node does not offer "
-                f"(policy {qos_policy_name_from_kind(event.last_policy_kind)}): "
-                "it receives nothing; "
-                "subscribe with reliability best_effort or reliable and durability volatile"
-            )
-
-        return self.create_publisher(
-            msg_type,
-            topic,
-            qos,
-            event_callbacks=PublisherEventCallbacks(incompatible_qos=incompatible),
+            qos_warnings.subscription(self, msg_type, topic, callback, qos, self._group)
         )
 
     # Each makes one camera's subscription callback.
