@@ -87,7 +87,10 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "history depth of the `query` subscription (reliable): deep, so a burst of queries "
         "waits in DDS instead of being overwritten",
     ),
-    "query_queue_size": (10, "queries waiting for the model; beyond it they are rejected"),
+    "query_queue_size": (
+        10,
+        "queries waiting for the model, per camera; beyond it they are rejected",
+    ),
     "use_depth": (False, "subscribe to `depth` + `camera_info` and fill the phrases' 3D centroids"),
     "depth_unit_divisor": (1000.0, "16UC1 depth value / divisor = metres (1000: millimetres)"),
     "depth_stamp_tolerance_s": (
