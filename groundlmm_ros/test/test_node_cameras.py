@@ -5,7 +5,9 @@ cameras' jobs at once) giving what each job gives alone, and after a reconfigure
 `mask_format: cropped` masks that decode to the pixels the full ones had.
 
 The node is gated (gated_node.py): a test lets model steps through one permit at a time, so every
-step's jobs are known in advance instead of depending on the machine's speed.
+step's jobs are known in advance instead of depending on the machine's speed. One node serves the
+whole module; the tests run in file order and build on each other (the flooding test uses the
+standing query the test before it sets).
 """
 
 import numpy as np
