@@ -174,9 +174,9 @@ def test_released_layout_loads_and_matches_the_model_it_was_written_from(release
     torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-6)
 
 
-def test_released_backend_from_directories_and_uncached_ids(released):
-    root = released[0]
-    backend = released_difflmm_backend(
+def backend_from_directories(root):
+    """The released layout's four directories under root, loaded as a backend."""
+    return released_difflmm_backend(
         "cpu",
         torch.float32,
         adapter=root / "adapter",
@@ -184,6 +184,10 @@ def test_released_backend_from_directories_and_uncached_ids(released):
         sd=root / "sd",
         clip=root / "clip",
     )
+
+
+def test_released_backend_from_directories_and_uncached_ids(released):
+    backend = backend_from_directories(released[0])
     assert isinstance(backend, DiffLMMBackend) and backend.grid == (8, 8)
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model.* locally cached"):
         released_difflmm_backend("cpu", torch.float32, adapter="no-such-org/no-such-model")
@@ -194,15 +198,7 @@ def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(releas
     and OpenAI CLIP's mean/std (the reference's mean=std=0.5 keywords are not the class's, so
     they change nothing): pad to square with int(255 * mean) = (122, 116, 104), then the
     processor."""
-    root = released[0]
-    backend = released_difflmm_backend(
-        "cpu",
-        torch.float32,
-        adapter=root / "adapter",
-        base=root / "base",
-        sd=root / "sd",
-        clip=root / "clip",
-    )
+    backend = backend_from_directories(released[0])
     size = backend.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)
     assert backend.preprocessing.pad_color == (122, 116, 104)

@@ -2,12 +2,10 @@
 grounds: the real engine, model to mask, on held-out scenes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_runs import run_cli
 
 from groundlmm_ros.engine.types import GroundedPhrase, Grounding
 from groundlmm_ros.evaluation import (
@@ -84,13 +82,8 @@ def test_held_out_scenes_are_fixed():
 def test_shipped_demo_model_grounds_on_held_out_scenes():
     """`groundlmm eval` on 100 held-out scenes with the weight-free colour fallback refiner."""
     assert (demo_model_dir() / "model.safetensors").is_file(), "the shipped demo model is missing"
-    out = subprocess.run(
-        [sys.executable, "-m", "groundlmm_ros.cli", "eval", "--scenes", "100", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=os.environ.copy(),
-    )
+    out = run_cli("eval", "--scenes", "100", "--threads", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     print(out.stdout)
     assert metrics["scenes"] == 100

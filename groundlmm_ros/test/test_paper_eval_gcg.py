@@ -3,13 +3,11 @@ predictions with hand-computed recall / mIoU / AP50, the phrase similarity of a 
 BERT against mean pooling written out, and `groundlmm eval-gcg` end to end on tiny-random."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -225,16 +223,6 @@ def test_phrase_similarity_is_mean_pooled_cosine(tmp_path):
     assert similarity("a red dog", "the man") == pytest.approx(expected, abs=1e-6)
     assert similarity("The Dog", "the dog") == pytest.approx(1.0, abs=1e-6)  # uncased
     assert abs(expected) < 0.999  # the two phrases are told apart
-
-
-def run_cli(*args, timeout=240):
-    return subprocess.run(
-        [sys.executable, "-m", "groundlmm_ros.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 @pytest.mark.timeout(300)

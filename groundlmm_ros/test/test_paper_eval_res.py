@@ -7,12 +7,11 @@ import collections
 import json
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch.nn.functional as F
+from cli_runs import run_cli
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -217,16 +216,6 @@ def test_recipe_refuses_bad_input(engine):
         engine.ground_answer_span(image, "Describe it.", 0)
     with pytest.raises(InputError, match="query is empty"):
         engine.ground_answer_span(image, " ", 8)
-
-
-def run_cli(*args, timeout=240):
-    return subprocess.run(
-        [sys.executable, "-m", "groundlmm_ros.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=os.environ.copy(),
-    )
 
 
 @pytest.mark.timeout(300)

@@ -2,13 +2,11 @@
 and what it writes is a model directory the engine loads and runs in both modes."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runs import run_cli
 from diffusers import DDIMScheduler
 
 from groundlmm_ros.engine.engine import GCG_QUESTION
@@ -59,12 +57,7 @@ def test_train_command_on_a_tiny_budget(tmp_path):
     ]
 
     def train(out):
-        run = subprocess.run(
-            [sys.executable, "-m", "groundlmm_ros.cli", "train", "--output", str(out), *budget],
-            capture_output=True,
-            text=True,
-            env=os.environ.copy(),
-        )
+        run = run_cli("train", "--output", str(out), *budget)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
         return run
 

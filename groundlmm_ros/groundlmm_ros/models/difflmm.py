@@ -143,6 +143,12 @@ class DiffLMMConfig:
         return cls(**fields)
 
 
+# Stable Diffusion v1.5's UNet layout (the tiny test model keeps it at toy widths): three
+# cross-attention blocks and a plain one down, mirrored up.
+SD_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+SD_UP_BLOCKS = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+
+
 def difflmm_7b_config(seed: int = 0) -> DiffLMMConfig:
     """The released DiffLMM's shapes: SD v1.5 UNet and VAE, CLIP ViT-L/14-336, Vicuna-7B v1.5.
     Used to build it with random weights (benchmarks); the checkpoint loader reads the real
@@ -156,18 +162,8 @@ def difflmm_7b_config(seed: int = 0) -> DiffLMMConfig:
         block_out_channels=[320, 640, 1280, 1280],
         attention_head_dim=8,
         cross_attention_dim=768,
-        down_block_types=[
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ],
-        up_block_types=[
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ],
+        down_block_types=list(SD_DOWN_BLOCKS),
+        up_block_types=list(SD_UP_BLOCKS),
         norm_num_groups=32,
         norm_eps=1e-5,
         flip_sin_to_cos=True,

@@ -65,85 +65,58 @@ def demo_model_dir() -> Path:
         return source
 
 
+def hub(loader, repo_id: str, **settings) -> Preset:
+    """A model from the local Hugging Face cache (offline): loader(repo_id, device=, dtype=)."""
+    return Preset(
+        lambda device, dtype, seed: loader(repo_id, device=device, dtype=dtype), settings=settings
+    )
+
+
+def tiny_random(backend) -> Preset:
+    """A tiny random model built in code + tiny random SAM (tests, CI, the node without
+    weights): short answers."""
+    return Preset(backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24})
+
+
 PRESETS: dict[str, Preset] = {
     # The shipped demo model: a miniature DiffLMM trained here on synthetic scenes with captions
     # only (groundlmm_ros/model/MODEL_CARD.md); its directory records its own settings.
     "demo": Preset(directory=demo_model_dir, settings={"max_new_tokens": 40}),
     # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
-    "tiny-random": Preset(
-        tiny.tiny_llava_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
-    ),
+    "tiny-random": tiny_random(tiny.tiny_llava_backend),
     # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline); the paper's
     # settings.
-    "llava-1.5-7b": Preset(
-        lambda device, dtype, seed: load_llava(
-            "llava-hf/llava-1.5-7b-hf", device=device, dtype=dtype
-        )
-    ),
+    "llava-1.5-7b": hub(load_llava, "llava-hf/llava-1.5-7b-hf"),
     # Tiny random DiffLMM (same code as the 7B one) + tiny random SAM: tests, CI.
-    "tiny-difflmm-random": Preset(
-        tiny.tiny_difflmm_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
-    ),
+    "tiny-difflmm-random": tiny_random(tiny.tiny_difflmm_backend),
     # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP),
     # with the paper's settings; other directories:
     # released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
     # Tiny random Qwen2.5-VL (same code as the real ones) + tiny random SAM: tests, CI, the node.
-    "tiny-qwen2.5-vl-random": Preset(
-        tiny_qwen2_5_vl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
-    ),
+    "tiny-qwen2.5-vl-random": tiny_random(tiny_qwen2_5_vl_backend),
     # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024
     # new tokens as the reference's aas/more_models/qwen2_5vl.py.
-    "qwen2.5-vl-3b": Preset(
-        lambda device, dtype, seed: load_qwen2_5_vl(
-            "Qwen/Qwen2.5-VL-3B-Instruct", device=device, dtype=dtype
-        ),
-        settings={"max_new_tokens": 1024},
-    ),
-    "qwen2.5-vl-7b": Preset(
-        lambda device, dtype, seed: load_qwen2_5_vl(
-            "Qwen/Qwen2.5-VL-7B-Instruct", device=device, dtype=dtype
-        ),
-        settings={"max_new_tokens": 1024},
-    ),
+    "qwen2.5-vl-3b": hub(load_qwen2_5_vl, "Qwen/Qwen2.5-VL-3B-Instruct", max_new_tokens=1024),
+    "qwen2.5-vl-7b": hub(load_qwen2_5_vl, "Qwen/Qwen2.5-VL-7B-Instruct", max_new_tokens=1024),
     # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
-    "tiny-llava-next-random": Preset(
-        tiny_llava_next_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
-    ),
+    "tiny-llava-next-random": tiny_random(tiny_llava_next_backend),
     # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution
     # map and up to 1024 new tokens as the reference's aas/more_models/llava_next.py
     # (load_llava_next(use_base_patches=True): the base tile's 24 x 24 instead).
-    "llava-next-mistral-7b": Preset(
-        lambda device, dtype, seed: load_llava_next(
-            "llava-hf/llava-v1.6-mistral-7b-hf", device=device, dtype=dtype
-        ),
-        settings={"max_new_tokens": 1024},
+    "llava-next-mistral-7b": hub(
+        load_llava_next, "llava-hf/llava-v1.6-mistral-7b-hf", max_new_tokens=1024
     ),
-    "llava-next-vicuna-7b": Preset(
-        lambda device, dtype, seed: load_llava_next(
-            "llava-hf/llava-v1.6-vicuna-7b-hf", device=device, dtype=dtype
-        ),
-        settings={"max_new_tokens": 1024},
+    "llava-next-vicuna-7b": hub(
+        load_llava_next, "llava-hf/llava-v1.6-vicuna-7b-hf", max_new_tokens=1024
     ),
     # Tiny random InternVL + tiny random SAM: tests, CI.
-    "tiny-internvl-random": Preset(
-        tiny_internvl_backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24}
-    ),
+    "tiny-internvl-random": tiny_random(tiny_internvl_backend),
     # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline):
     # 3 to 9 tiles, the tiles' map and up to 1024 new tokens as the reference's
     # aas/more_models/internvl2_5.py.
-    "internvl3-2b": Preset(
-        lambda device, dtype, seed: load_internvl(
-            "OpenGVLab/InternVL3-2B-hf", device=device, dtype=dtype
-        ),
-        settings={"max_new_tokens": 1024},
-    ),
-    "internvl3-8b": Preset(
-        lambda device, dtype, seed: load_internvl(
-            "OpenGVLab/InternVL3-8B-hf", device=device, dtype=dtype
-        ),
-        settings={"max_new_tokens": 1024},
-    ),
+    "internvl3-2b": hub(load_internvl, "OpenGVLab/InternVL3-2B-hf", max_new_tokens=1024),
+    "internvl3-8b": hub(load_internvl, "OpenGVLab/InternVL3-8B-hf", max_new_tokens=1024),
 }
 
 # Model directories by config.json "model_type".

@@ -27,6 +27,8 @@ from transformers import (
 )
 
 from groundlmm_ros.models.difflmm import (
+    SD_DOWN_BLOCKS,
+    SD_UP_BLOCKS,
     DiffLMMBackend,
     DiffLMMConfig,
     build_difflmm,
@@ -176,18 +178,8 @@ def tiny_difflmm_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
         attention_head_dim=4,
         cross_attention_dim=16,
         norm_num_groups=8,
-        down_block_types=[
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ],
-        up_block_types=[
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ],
+        down_block_types=list(SD_DOWN_BLOCKS),
+        up_block_types=list(SD_UP_BLOCKS),
     )
     vae = dict(
         in_channels=3,
