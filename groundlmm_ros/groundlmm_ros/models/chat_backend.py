@@ -118,7 +118,7 @@ class ChatTemplateBackend(LlavaStyleBackend):
     def prompt_token_ids(self, visual_tokens: EncodedImage, question: str) -> list[int]:
         """The chat text tokenized as the processor tokenizes it, its one placeholder expanded."""
         ids = self.tokenizer(self.chat_text(question)).input_ids
-        if self.image_token_id in self.tokenizer(question, add_special_tokens=False).input_ids:
+        if ids.count(self.image_token_id) > 1:  # the template places one: the others are the user's
             raise InputError(
                 "the question contains the model's image token "
                 f"{self.tokenizer.convert_ids_to_tokens(self.image_token_id)!r}, which the prompt "

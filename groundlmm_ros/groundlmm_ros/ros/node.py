@@ -316,7 +316,7 @@ class GroundingNode(LifecycleNode):
         if problem:
             return SetParametersResult(successful=False, reason=problem)
         standing = {  # cameras whose standing query changes
-            parameter_camera(name)[0] for name in values if parameter_camera(name)[1] in DYNAMIC
+            camera for camera, name in map(parameter_camera, values) if name in DYNAMIC
         }
         cameras = self._params.cameras if self._state != "unconfigured" else []
         if "" in standing and cameras and "" not in cameras:
