@@ -6,7 +6,7 @@ export AMENT_PREFIX_PATH := $(abspath $(VENV))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint test-jazzy repeat-node-tests bench clean
+.PHONY: setup demo test test-fast lint docs test-jazzy repeat-node-tests bench clean
 
 setup:
 	@scripts/setup.sh $(VENV)
@@ -25,6 +25,10 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+
+# Rewrite the generated docs (model and parameter tables, params.yaml) from their one home.
+docs: setup
+	$(PY) scripts/generate_docs.py
 
 # The node tests N times in a row: passes, failures and hangs (scripts/repeat_node_tests.sh).
 N ?= 30

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from groundlmm_ros.ros.params import PARAMETERS, NodeParams, check_parameters, markdown_table
+from groundlmm_ros.ros.params import PARAMETERS, NodeParams, check_parameters
 
 PACKAGE = Path(__file__).resolve().parents[1]
 LAUNCH_FILE = PACKAGE / "launch" / "groundlmm.launch.py"
@@ -85,16 +85,6 @@ def test_params_yaml_sets_every_parameter_to_its_default():
         default = PARAMETERS[name][0]
         assert type(value) is type(default) and value == default, name
     assert check_parameters(values) == ""
-
-
-def test_readme_parameter_table_is_the_generated_one():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    begin, end = readme.index("<!-- parameters:begin"), readme.index("<!-- parameters:end -->")
-    table = readme[readme.index("\n", begin) + 1 : end].strip()
-    assert table == markdown_table(), (
-        "README's parameter table is stale: python -m groundlmm_ros.ros.params"
-    )
-    assert len(table.splitlines()) == len(PARAMETERS) + 2
 
 
 def test_node_params_have_one_field_per_parameter_and_limits_have_one_knob():

@@ -31,6 +31,7 @@ from groundlmm_ros.engine.phrases import (
 from groundlmm_ros.engine.refiners import Refiner, nms_keep
 from groundlmm_ros.engine.step import Stages, Step, go_on
 from groundlmm_ros.engine.types import (
+    MAX_NEW_TOKENS,
     MODES,
     GroundedPhrase,
     Grounding,
@@ -84,7 +85,7 @@ class Engine:
         normalise: bool = True,
         refer_question: str = GCG_QUESTION,
         max_query_chars: int = 1000,
-        max_new_tokens: int = 512,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         min_score: float | None = None,
         nms_iou: float | None = None,
         seed: int = 0,

@@ -21,7 +21,14 @@ from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
-from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
+from groundlmm_ros.models.difflmm_checkpoint import (
+    RELEASED_ADAPTER,
+    RELEASED_BASE,
+    RELEASED_CLIP,
+    RELEASED_SD,
+    load_difflmm_backend,
+    released_difflmm_backend,
+)
 from groundlmm_ros.models.internvl import load_internvl, tiny_internvl_backend
 from groundlmm_ros.models.llava import load_llava
 from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
@@ -36,18 +43,18 @@ RECORDED_SETTINGS = ("normalise", "combine", "conversation")
 
 @dataclass
 class Preset:
-    """A model by name. `settings`: what the model carries that differs from the paper's
-    defaults (Engine options, and "conversation", its prompt template)."""
+    """A model by name. `settings`: what the model carries that differs from the defaults
+    (Engine options, such as its answer length, and "conversation", its prompt template).
+    `about` and `needs` (what it needs on disk) are its row of docs/models.md."""
 
-    backend: Callable[[str, torch.dtype, int], object] | None = (
-        None  # (device, dtype, seed) -> backend
-    )
-    directory: Callable[[], object] | None = (
-        None  # or: the model is this directory (its loader, its settings)
-    )
-    sam: Callable[[int], object] | None = (
-        None  # seed -> segment_anything Sam, when the preset ships one
-    )
+    about: str
+    needs: str = "nothing"
+    # (device, dtype, seed) -> backend
+    backend: Callable[[str, torch.dtype, int], object] | None = None
+    # or: the model is this directory (its loader and its recorded settings)
+    directory: Callable[[], object] | None = None
+    # seed -> segment_anything Sam, when the preset ships one
+    sam: Callable[[int], object] | None = None
     settings: dict = field(default_factory=dict)
 
 
@@ -65,58 +72,101 @@ def demo_model_dir() -> Path:
         return source
 
 
-def hub(loader, repo_id: str, **settings) -> Preset:
+def hub(about: str, loader, repo_id: str, **settings) -> Preset:
     """A model from the local Hugging Face cache (offline): loader(repo_id, device=, dtype=)."""
     return Preset(
-        lambda device, dtype, seed: loader(repo_id, device=device, dtype=dtype), settings=settings
+        about,
+        f"`{repo_id}` in the Hugging Face cache",
+        lambda device, dtype, seed: loader(repo_id, device=device, dtype=dtype),
+        settings=settings,
     )
 
 
-def tiny_random(backend) -> Preset:
+def tiny_random(family: str, backend) -> Preset:
     """A tiny random model built in code + tiny random SAM (tests, CI, the node without
     weights): short answers."""
-    return Preset(backend, sam=tiny.tiny_sam, settings={"max_new_tokens": 24})
+    return Preset(
+        f"random tiny {family} + tiny SAM, built in code: tests, CI",
+        backend=backend,
+        sam=tiny.tiny_sam,
+        settings={"max_new_tokens": 24},
+    )
 
+
+# The paper generates its answers with up to 512 new tokens; the reference's scripts for the
+# other families (aas/more_models/) with up to 1024.
+PAPER_ANSWER_TOKENS = 512
+REFERENCE_ANSWER_TOKENS = 1024
+RELEASED_DIFFLMM = (RELEASED_ADAPTER, RELEASED_BASE, RELEASED_SD[0], RELEASED_CLIP)
 
 PRESETS: dict[str, Preset] = {
-    # The shipped demo model: a miniature DiffLMM trained here on synthetic scenes with captions
-    # only (groundlmm_ros/model/MODEL_CARD.md); its directory records its own settings.
-    "demo": Preset(directory=demo_model_dir, settings={"max_new_tokens": 40}),
-    # Tiny random LLaVA + tiny random SAM: tests, CI, the node without weights.
-    "tiny-random": tiny_random(tiny.tiny_llava_backend),
-    # The paper's LLaVA-1.5 baseline from the local Hugging Face cache (offline); the paper's
-    # settings.
-    "llava-1.5-7b": hub(load_llava, "llava-hf/llava-1.5-7b-hf"),
-    # Tiny random DiffLMM (same code as the 7B one) + tiny random SAM: tests, CI.
-    "tiny-difflmm-random": tiny_random(tiny.tiny_difflmm_backend),
-    # The released DiffLMM-7B from the local Hugging Face cache (adapter, Vicuna, SD v1.5, CLIP),
-    # with the paper's settings; other directories:
-    # released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
-    "difflmm-7b": Preset(released_difflmm_backend),
-    # Tiny random Qwen2.5-VL (same code as the real ones) + tiny random SAM: tests, CI, the node.
-    "tiny-qwen2.5-vl-random": tiny_random(tiny_qwen2_5_vl_backend),
-    # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024
-    # new tokens as the reference's aas/more_models/qwen2_5vl.py.
-    "qwen2.5-vl-3b": hub(load_qwen2_5_vl, "Qwen/Qwen2.5-VL-3B-Instruct", max_new_tokens=1024),
-    "qwen2.5-vl-7b": hub(load_qwen2_5_vl, "Qwen/Qwen2.5-VL-7B-Instruct", max_new_tokens=1024),
-    # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
-    "tiny-llava-next-random": tiny_random(tiny_llava_next_backend),
-    # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution
-    # map and up to 1024 new tokens as the reference's aas/more_models/llava_next.py
+    "demo": Preset(
+        "the shipped miniature DiffLMM, trained on synthetic scenes with captions only "
+        "(`groundlmm_ros/model/MODEL_CARD.md`)",
+        "nothing (in the repository)",
+        directory=demo_model_dir,
+        settings={"max_new_tokens": 40},
+    ),
+    "tiny-random": tiny_random("LLaVA", tiny.tiny_llava_backend),
+    "llava-1.5-7b": hub(
+        "LLaVA-1.5-7B, the paper's baseline",
+        load_llava,
+        "llava-hf/llava-1.5-7b-hf",
+        max_new_tokens=PAPER_ANSWER_TOKENS,
+    ),
+    # Same code as the 7B one.
+    "tiny-difflmm-random": tiny_random("DiffLMM", tiny.tiny_difflmm_backend),
+    # Other directories: released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
+    "difflmm-7b": Preset(
+        "the released DiffLMM-7B",
+        "in the Hugging Face cache: " + ", ".join(f"`{r}`" for r in RELEASED_DIFFLMM),
+        released_difflmm_backend,
+        settings={"max_new_tokens": PAPER_ANSWER_TOKENS},
+    ),
+    "tiny-qwen2.5-vl-random": tiny_random("Qwen2.5-VL", tiny_qwen2_5_vl_backend),
+    # max_pixels 1008 * 1008 as the reference's aas/more_models/qwen2_5vl.py.
+    "qwen2.5-vl-3b": hub(
+        "Qwen2.5-VL-3B-Instruct",
+        load_qwen2_5_vl,
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        max_new_tokens=REFERENCE_ANSWER_TOKENS,
+    ),
+    "qwen2.5-vl-7b": hub(
+        "Qwen2.5-VL-7B-Instruct",
+        load_qwen2_5_vl,
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        max_new_tokens=REFERENCE_ANSWER_TOKENS,
+    ),
+    "tiny-llava-next-random": tiny_random("LLaVA-NeXT", tiny_llava_next_backend),
+    # The unpadded high-resolution map as the reference's aas/more_models/llava_next.py
     # (load_llava_next(use_base_patches=True): the base tile's 24 x 24 instead).
     "llava-next-mistral-7b": hub(
-        load_llava_next, "llava-hf/llava-v1.6-mistral-7b-hf", max_new_tokens=1024
+        "LLaVA-NeXT (1.6) Mistral 7B",
+        load_llava_next,
+        "llava-hf/llava-v1.6-mistral-7b-hf",
+        max_new_tokens=REFERENCE_ANSWER_TOKENS,
     ),
     "llava-next-vicuna-7b": hub(
-        load_llava_next, "llava-hf/llava-v1.6-vicuna-7b-hf", max_new_tokens=1024
+        "LLaVA-NeXT (1.6) Vicuna 7B",
+        load_llava_next,
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        max_new_tokens=REFERENCE_ANSWER_TOKENS,
     ),
-    # Tiny random InternVL + tiny random SAM: tests, CI.
-    "tiny-internvl-random": tiny_random(tiny_internvl_backend),
-    # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline):
-    # 3 to 9 tiles, the tiles' map and up to 1024 new tokens as the reference's
+    "tiny-internvl-random": tiny_random("InternVL", tiny_internvl_backend),
+    # transformers' native InternVL: 3 to 9 tiles and the tiles' map as the reference's
     # aas/more_models/internvl2_5.py.
-    "internvl3-2b": hub(load_internvl, "OpenGVLab/InternVL3-2B-hf", max_new_tokens=1024),
-    "internvl3-8b": hub(load_internvl, "OpenGVLab/InternVL3-8B-hf", max_new_tokens=1024),
+    "internvl3-2b": hub(
+        "InternVL3 2B",
+        load_internvl,
+        "OpenGVLab/InternVL3-2B-hf",
+        max_new_tokens=REFERENCE_ANSWER_TOKENS,
+    ),
+    "internvl3-8b": hub(
+        "InternVL3 8B",
+        load_internvl,
+        "OpenGVLab/InternVL3-8B-hf",
+        max_new_tokens=REFERENCE_ANSWER_TOKENS,
+    ),
 }
 
 # Model directories by config.json "model_type".
@@ -146,9 +196,13 @@ def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object,
         raise ValueError(
             f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})"
         )
+    return LOADERS[model_type](path, device=device, dtype=dtype), recorded_settings(config)
+
+
+def recorded_settings(config: dict) -> dict:
+    """The settings a model directory's config.json records (extra.training)."""
     training = config.get("extra", {}).get("training", {})
-    recorded = {name: training[name] for name in RECORDED_SETTINGS if name in training}
-    return LOADERS[model_type](path, device=device, dtype=dtype), recorded
+    return {name: training[name] for name in RECORDED_SETTINGS if name in training}
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

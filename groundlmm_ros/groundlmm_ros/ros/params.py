@@ -16,21 +16,39 @@ from dataclasses import make_dataclass
 
 from rcl_interfaces.msg import ParameterDescriptor
 
-from groundlmm_ros.engine.types import MODES
+from groundlmm_ros.engine.types import MAX_NEW_TOKENS, MODES
 from groundlmm_ros.ros.messages import MASK_FORMATS
 
+# models/presets.py's PRESETS by name, written here by scripts/generate_docs.py (this module
+# must not import torch); test_docs.py fails while it is stale.
+PRESET_NAMES = (
+    "demo",
+    "tiny-random",
+    "llava-1.5-7b",
+    "tiny-difflmm-random",
+    "difflmm-7b",
+    "tiny-qwen2.5-vl-random",
+    "qwen2.5-vl-3b",
+    "qwen2.5-vl-7b",
+    "tiny-llava-next-random",
+    "llava-next-mistral-7b",
+    "llava-next-vicuna-7b",
+    "tiny-internvl-random",
+    "internvl3-2b",
+    "internvl3-8b",
+)
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
 
 # name: (default, description). The one home of every parameter: the default's type is the
-# parameter's type, NodeParams is built from it, config/params.yaml must hold these defaults
-# and README's table is this table (markdown_table(); test/test_node_launch.py checks both).
+# parameter's type, NodeParams is built from it, and config/params.yaml and docs/node.md's table
+# are generated from it (scripts/generate_docs.py; test_docs.py fails while they are stale).
 PARAMETERS: dict[str, tuple[object, str]] = {
     # The model (read at configure).
     "model": (
         "demo",
-        "preset (`demo`: the shipped miniature DiffLMM; `tiny-random`, `tiny-difflmm-random`, "
-        "`llava-1.5-7b`, `difflmm-7b`) or a model directory",
+        "preset (" + ", ".join(f"`{name}`" for name in PRESET_NAMES) + "; docs/models.md) "
+        "or a model directory",
     ),
     "device": ("cpu", "torch device: `cpu`, `cuda`, `cuda:1`, ..."),
     "dtype": (
@@ -100,7 +118,10 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     # Limits (read at configure).
     "max_image_pixels": (3840 * 2160, "larger images are rejected"),
     "max_query_length": (500, "longer queries (characters) are rejected"),
-    "max_new_tokens": (64, "most answer tokens generated per query (the paper: 512)"),
+    "max_new_tokens": (
+        MAX_NEW_TOKENS,
+        "most answer tokens generated per query; replaces the model's own length (the paper: 512)",
+    ),
     # Standing query (dynamic).
     "standing_query": (
         "",
@@ -179,7 +200,7 @@ def declare_camera_parameters(node, cameras: list[str]) -> list[str]:
 
 
 def markdown_table() -> str:
-    """README's parameter table: one row per parameter, in PARAMETERS order."""
+    """docs/node.md's parameter table: one row per parameter, in PARAMETERS order."""
 
     def shown(value):
         if isinstance(value, list):
@@ -282,7 +303,3 @@ def _cameras_problem(cameras: list[str]) -> str:
     if len(set(cameras)) < len(cameras):
         return f"={cameras!r}: a camera is named twice"
     return ""
-
-
-if __name__ == "__main__":
-    print(markdown_table())
