@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import yaml
 
 from groundlmm_ros.cli import build_parser
 from groundlmm_ros.demo import UPSCALE
@@ -19,10 +20,21 @@ from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.types import MAX_NEW_TOKENS
 from groundlmm_ros.evaluation import held_out_scenes
 from groundlmm_ros.models.presets import PRESETS, build_engine
-from groundlmm_ros.ros.params import PARAMETERS, PRESET_NAMES, markdown_table
+from groundlmm_ros.ros.params import (
+    PARAMETERS,
+    PRESET_NAMES,
+    camera_parameter,
+    check_parameters,
+    markdown_table,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "RESULTS.md"]
+DOCS = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "bench" / "RESULTS.md",
+    REPO / "groundlmm_ros" / "model" / "MODEL_CARD.md",
+]
 
 
 def generator():
@@ -136,3 +148,22 @@ def test_the_queries_the_demo_model_understands_give_the_answers_shown(demo_scen
     for query, mode, answer, phrases in rows:
         result = engine.ground(frame, query, mode)
         assert (result.answer, [p.text for p in result.phrases]) == (answer, phrases.split("; "))
+
+
+def test_the_many_cameras_example_is_a_valid_parameter_file_its_commands_use():
+    node_doc = (REPO / "docs" / "node.md").read_text()
+    section = node_doc[node_doc.index("## Many cameras") : node_doc.index("## Parameters")]
+    params_yaml, commands = re.findall(r"```(?:yaml|bash)\n(.*?)```", section, re.S)[:2]
+    values = yaml.safe_load(params_yaml)["/**"]["ros__parameters"]
+    cameras = values.pop("cameras")
+    flat = {
+        camera_parameter(camera, name): value
+        for camera in cameras
+        for name, value in values.pop(camera, {}).items()
+    }
+    assert set(values) | {name.split(".")[1] for name in flat} <= set(PARAMETERS)
+    assert check_parameters({"cameras": cameras, **values, **flat}) == ""
+    used = set(re.findall(r"(?:-r |/)(\w+)/(?:image|query)\b", commands))
+    used |= set(re.findall(r"camera: (\w+)", commands))
+    used |= set(re.findall(r" (\w+)\.standing_query", commands))
+    assert used and used <= set(cameras), used
