@@ -64,6 +64,9 @@ def test_the_model_parameter_names_every_preset_and_the_tables_show_them():
 def test_one_default_answer_length():
     engine_default = inspect.signature(Engine).parameters["max_new_tokens"].default
     assert engine_default == PARAMETERS["max_new_tokens"][0] == MAX_NEW_TOKENS
+    # The prose that names the default names this one.
+    assert f"`max_new_tokens: {MAX_NEW_TOKENS}`" in (REPO / "docs" / "models.md").read_text()
+    assert f"answer length**: {MAX_NEW_TOKENS} tokens" in (REPO / "docs" / "method.md").read_text()
 
 
 def code_blocks(text: str) -> list[str]:
