@@ -52,7 +52,8 @@ def test_the_readmes_robot_commands_are_the_tested_ones():
 @pytest.fixture(scope="module")
 def node():
     command = shlex.split(command_starting(".venv/bin/groundlmm_node"))
-    command[0] = str(Path(sys.prefix) / "bin" / "groundlmm_node")  # the venv running these tests
+    # The venv running these tests.
+    command[0] = str(Path(sys.prefix) / "bin" / "groundlmm_node")
     process = NodeProcess({}, command=command, cwd=REPO, env=DEFAULT_ENV)
     yield process
     process.close()
