@@ -111,8 +111,10 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     # Outputs (read at configure).
     "mask_format": (
         "full",
-        "masks in GroundedPhrase: `full` (the image's size) or `cropped` (only the bbox, "
-        "which gives the offset: far fewer bytes on a robot's network)",
+        "masks in GroundedPhrase: `full` (mono8, the image's size), `cropped` (mono8, only the "
+        "bbox, which gives the offset: far fewer bytes on a robot's network) or `png` (the full "
+        "mask as a PNG file: the fewest bytes; use it with `ros2 action send_goal`, which "
+        "prints every byte on a line of its own)",
     ),
     "marker_lifetime_s": (1.0, "lifetime of the RViz markers"),
     "status_period_s": (1.0, "period of the `/diagnostics` status"),
