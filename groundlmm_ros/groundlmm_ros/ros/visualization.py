@@ -29,20 +29,33 @@ PALETTE = np.array(
 )
 
 
-def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: rgb with each phrase's mask tinted, its point ringed and its text
-    written."""
+def overlay(rgb: np.ndarray, grounding: Grounding, lighten: float = 0.3) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: rgb with each phrase's mask lightened and outlined in its palette
+    colour, its point ringed and its text written.
+
+    The mask is lightened towards white, not tinted with its colour: mixing with white keeps
+    every pixel's hue, so a blue object stays blue (a 50 % red tint turned it purple); the
+    outline says which phrase it is.
+    """
     canvas = rgb.copy()
     for index, phrase in enumerate(grounding.phrases):
-        # Tint within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
+        # Within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
         x, y, width, height = phrase.bbox
         region = canvas[y : y + height, x : x + width]  # a view into canvas
-        if region.size == 0:  # an empty mask (its bbox has no pixels): nothing to tint
+        if region.size == 0:  # an empty mask (its bbox has no pixels): nothing to draw
             continue
-        inside = phrase.mask[y : y + height, x : x + width]
-        colour = np.broadcast_to(PALETTE[index % len(PALETTE)], region.shape).copy()
-        tinted = cv2.addWeighted(region, 1 - alpha, colour, alpha, 0)
-        np.copyto(region, tinted, where=inside[..., None])
+        inside = np.ascontiguousarray(phrase.mask[y : y + height, x : x + width], np.uint8)
+        white = np.full_like(region, 255)
+        np.copyto(
+            region,
+            cv2.addWeighted(region, 1 - lighten, white, lighten, 0),
+            where=inside[..., None] > 0,
+        )
+        outline, _ = cv2.findContours(
+            inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y)
+        )
+        colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
+        cv2.drawContours(canvas, outline, -1, colour, 2)
     for index, phrase in enumerate(grounding.phrases):
         colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
         cv2.circle(canvas, phrase.point, 6, (255, 255, 255), 2)
