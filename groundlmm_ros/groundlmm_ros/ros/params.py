@@ -76,9 +76,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "`raw`: sensor_msgs/Image on `image`; `compressed`: CompressedImage on `image/compressed`",
     ),
     "image_qos_reliability": (
-        "best_effort",
-        "reliability of the image, depth and camera_info subscriptions: "
-        "`best_effort` (receives from both kinds of publisher) or `reliable`",
+        "reliable",
+        "reliability of the image, depth and camera_info subscriptions: `reliable` (every frame "
+        "of a reliable publisher, as camera drivers publish by default, some ms later; nothing "
+        "from a best-effort one) or `best_effort` (both kinds, but most camera-sized frames of a "
+        "publisher on Fast DDS's default profile are lost: bench/transport.py)",
     ),
     "image_qos_depth": (5, "history depth of the image, depth and camera_info subscriptions"),
     "query_mode": ("describe", "mode of queries on the `query` topic: `describe` or `refer`"),
