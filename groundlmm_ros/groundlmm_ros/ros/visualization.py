@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import cv2
 import numpy as np
+import yaml
 from builtin_interfaces.msg import Duration
 from geometry_msgs.msg import Point, Pose, Vector3
 from std_msgs.msg import ColorRGBA, Header
@@ -109,3 +112,27 @@ def markers(
             )
         )
     return array
+
+
+def rviz_config(template: str, node: str, cameras: list[str], fixed_frame: str) -> str:
+    """RViz's config (YAML) for the groundlmm_node named `node` (fully qualified, e.g.
+    `/robot/groundlmm_node`): the template's displays of the node's outputs (overlay, markers,
+    points) once per camera on that camera's topics, and `fixed_frame` (the camera's optical
+    frame) as the fixed frame. The template (config/groundlmm.rviz) is the config of a node
+    without namespace and with the plain camera; its topics name the outputs."""
+    config = yaml.safe_load(template)
+    manager = config["Visualization Manager"]
+    displays = []
+    for display in manager["Displays"]:
+        if "Topic" not in display:
+            displays.append(display)
+            continue
+        output = display["Topic"]["Value"].rpartition("/")[2]
+        for camera in cameras:
+            shown = copy.deepcopy(display)
+            shown["Topic"]["Value"] = "/".join([node, camera, output] if camera else [node, output])
+            shown["Name"] = f"{display['Name']} ({camera})" if camera else display["Name"]
+            displays.append(shown)
+    manager["Displays"] = displays
+    manager["Global Options"]["Fixed Frame"] = fixed_frame
+    return yaml.safe_dump(config, sort_keys=False)
