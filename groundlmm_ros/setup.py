@@ -10,7 +10,8 @@ setup(
     packages=find_packages(exclude=["test"]),
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
-        ("share/" + package_name, ["package.xml"]),
+        # package.xml, and the node's Fast DDS profile for other processes (ros/dds.py)
+        ("share/" + package_name, ["package.xml", package_name + "/ros/fastdds_profile.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*")),
         ("share/" + package_name + "/config", glob("config/*")),
         ("share/" + package_name + "/model", glob("model/*")),
@@ -33,6 +34,7 @@ setup(
         "opencv-python-headless>=4.8",
         "rosbags-image>=0.9",
         "Pillow>=10",
+        "PyYAML>=6",  # the RViz config the launch file writes
         "huggingface-hub>=0.30",
         "tokenizers>=0.20",
         "pycocotools>=2.0.7",  # groundlmm eval-gcg / eval-res

@@ -157,3 +157,50 @@ def test_ros2_launch_finds_the_installed_share_files(workspace):
             assert (share / folder / source.name).resolve() == source.resolve(), (
                 f"{folder}/{source.name} not installed"
             )
+
+
+def test_the_node_profile_is_installed_for_other_processes(workspace):
+    found = in_sourced_shell(
+        workspace,
+        """
+import json
+from groundlmm_ros.ros.dds import installed_profile
+print(json.dumps({"profile": str(installed_profile())}))
+""",
+    )
+    share = workspace / "install" / "groundlmm_ros" / "share" / "groundlmm_ros"
+    assert found["profile"] == str(share / "fastdds_profile.xml")
+    node_profile = REPO / "groundlmm_ros" / "groundlmm_ros" / "ros" / "fastdds_profile.xml"
+    assert Path(found["profile"]).resolve() == node_profile
+
+
+def test_the_launch_file_offers_the_installed_profile_to_what_it_starts_after(workspace):
+    # Performed, nothing started: the launch file's first action (before the node) sets
+    # FASTDDS_DEFAULT_PROFILES_FILE for the processes the launch starts from then on.
+    pytest.importorskip("launch_ros", reason="ROS 2 launch_ros is not installed (not on PyPI)")
+    found = in_sourced_shell(
+        workspace,
+        """
+import json, os
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchContext
+from launch.launch_description_sources import get_launch_description_from_python_launch_file
+os.environ.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
+share = get_package_share_directory("groundlmm_ros")
+description = get_launch_description_from_python_launch_file(share + "/launch/groundlmm.launch.py")
+context = LaunchContext()
+for argument in description.get_launch_arguments():
+    context.launch_configurations[argument.name] = ""
+context.launch_configurations.update(use_rviz="false", camera_dds_profile="true")
+first, node = description.entities[-1].execute(context)
+first.execute(context)
+print(json.dumps({"first": type(first).__name__, "node": type(node).__name__,
+                  "variable": os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE")}))
+""",
+    )
+    share = workspace / "install" / "groundlmm_ros" / "share" / "groundlmm_ros"
+    assert found == {
+        "first": "SetEnvironmentVariable",
+        "node": "Node",
+        "variable": str(share / "fastdds_profile.xml"),
+    }

@@ -1,4 +1,5 @@
-"""Every groundlmm_msgs interface survives CDR serialization unchanged.
+"""Every groundlmm_msgs interface survives CDR serialization unchanged, and documents its fields
+where `ros2 interface show` and the generated interfaces show them.
 
 Each message is filled with values that differ from its defaults in every
 field (checked, so a field added later and forgotten here fails the test),
@@ -6,12 +7,14 @@ serialized with rclpy.serialization and deserialized into an equal message.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
 from geometry_msgs.msg import Point
 from rclpy.serialization import deserialize_message, serialize_message
+from rosidl_adapter.parser import parse_action_string, parse_message_string
 from sensor_msgs.msg import RegionOfInterest
 from std_msgs.msg import Header
 from unique_identifier_msgs.msg import UUID
@@ -126,3 +129,38 @@ def test_nan_centroid_means_no_depth():
         math.isnan(value)
         for value in (received.centroid.x, received.centroid.y, received.centroid.z)
     )
+
+
+INTERFACE_FILES = sorted((Path(__file__).resolve().parents[2] / "groundlmm_msgs").glob("*/*.*"))
+
+
+@pytest.mark.parametrize("path", INTERFACE_FILES, ids=lambda path: path.name)
+def test_every_comment_is_a_line_of_its_own(path):
+    # `ros2 interface show` parses each line of a nested message alone (GroundedPhrase inside
+    # GroundingResult) and cuts a trailing comment to a bare "#": a comment line it prints or
+    # drops whole, an indented or empty one it prints as a stray "#".
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line == "---":
+            continue
+        spec = parse_message_string("groundlmm_msgs", path.stem, line)
+        elements = spec.fields + spec.constants
+        where = f"{path.name}:{number}: {line!r}"
+        if elements:
+            assert not elements[0].annotations.get("comment"), f"trailing comment: {where}"
+        else:
+            assert spec.annotations["comment"], f"not a comment line of its own: {where}"
+
+
+@pytest.mark.parametrize("path", INTERFACE_FILES, ids=lambda path: path.name)
+def test_every_field_has_its_comment_in_the_generated_interface(path):
+    # rosidl_adapter's parse is what generates the IDL: a field's comment there is the one
+    # above it.
+    if path.suffix == ".action":
+        action = parse_action_string("groundlmm_msgs", path.stem, path.read_text())
+        specs = [action.goal, action.result, action.feedback]
+    else:
+        specs = [parse_message_string("groundlmm_msgs", path.stem, path.read_text())]
+    for spec in specs:
+        for field in spec.fields:
+            assert field.annotations.get("comment"), f"{path.name}: {field.name} has no comment"

@@ -50,7 +50,9 @@ def test_launch_file_loads_with_ros_launch_and_declares_its_arguments():
 
 
 def _node_actions(**arguments):
-    """What the launch file starts for these arguments (performed, nothing started)."""
+    """What the launch file starts for these arguments (performed, nothing started); the
+    booleans false unless given (camera_dds_profile:=true needs the package installed:
+    test_colcon_workspace.py)."""
     sources = _ros_launch()
     from launch import LaunchContext
 
@@ -58,7 +60,8 @@ def _node_actions(**arguments):
     context = LaunchContext()
     for argument in description.get_launch_arguments():
         context.launch_configurations[argument.name] = arguments.get(argument.name, "")
-    context.launch_configurations["use_rviz"] = arguments.get("use_rviz", "false")
+    for boolean in ("use_rviz", "camera_dds_profile"):
+        context.launch_configurations[boolean] = arguments.get(boolean, "false")
     opaque = description.entities[-1]
     return opaque.execute(context)
 
@@ -74,6 +77,14 @@ def test_launch_boolean_arguments_are_checked_before_anything_starts():
             _node_actions(use_rviz="true")
     else:
         assert len(_node_actions(use_rviz="true")) == 2
+
+
+def test_a_profile_the_environment_names_is_left_to_the_camera_drivers(monkeypatch):
+    monkeypatch.setenv("FASTDDS_DEFAULT_PROFILES_FILE", "/lab/own_profile.xml")
+    (node,) = _node_actions(camera_dds_profile="true")
+    assert type(node).__name__ == "Node"
+    with pytest.raises(ValueError, match="camera_dds_profile:='yes': expected true or false"):
+        _node_actions(camera_dds_profile="yes")
 
 
 def test_params_yaml_sets_every_parameter_to_its_default():

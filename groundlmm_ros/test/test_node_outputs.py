@@ -1,5 +1,8 @@
 """The node's outputs built in process: GroundingResult fields, the overlay, markers."""
 
+from dataclasses import replace
+
+import cv2
 import numpy as np
 from std_msgs.msg import Header
 
@@ -71,15 +74,35 @@ def test_grounding_result_carries_every_phrase_field():
     assert np.isclose(first.centroid.z, 0.9) and np.isnan(second.centroid.x)
 
 
-def test_overlay_tints_masks_and_leaves_the_background():
+def test_overlay_lightens_masks_outlines_them_and_leaves_the_background():
     rgb = np.full((40, 60, 3), 100, np.uint8)
     canvas = visualization.overlay(rgb, grounding())
     assert canvas.shape == rgb.shape and canvas.dtype == np.uint8
-    # half image, half the phrase's colour (away from the point and label drawn at (20, 10))
-    assert np.allclose(
-        canvas[14, 11], (rgb[14, 11].astype(int) + visualization.PALETTE[0]) / 2, atol=1
-    )
+    # inside, between the outline and the point's ring at (20, 10): lightened grey
+    assert np.allclose(canvas[11, 12], 100 + 0.3 * (255 - 100), atol=1)
+    # the mask's edge in the phrase's colour; outside every mask, the image as it was
+    assert (canvas[5, 27] == visualization.PALETTE[0]).all()
+    assert (canvas[24, 54] == visualization.PALETTE[1]).all()
     assert (canvas[38, 2] == rgb[38, 2]).all()
+
+
+def test_overlay_keeps_a_masked_object_in_its_own_colour():
+    # A blue mug under any phrase's mask stays blue (a 50 % tint with the first phrase's red
+    # turned it purple); the phrase's colour is in the outline.
+    blue = np.array([20, 40, 200], np.uint8)
+    rgb = np.full((40, 60, 3), 100, np.uint8)
+    rgb[5:15, 10:30] = blue
+    mug = replace(grounding().phrases[0], point=(55, 35))
+    for index, colour in enumerate(visualization.PALETTE):
+        empty = replace(mug, mask=np.zeros((40, 60), bool), bbox=(0, 0, 0, 0))
+        phrases = [empty] * index + [mug]
+        canvas = visualization.overlay(rgb, replace(grounding(), phrases=phrases))
+        inside = canvas[8:12, 13:27].reshape(-1, 3)
+        hue = cv2.cvtColor(inside[None], cv2.COLOR_RGB2HSV)[0, :, 0].astype(int)
+        blue_hue = int(cv2.cvtColor(blue[None, None], cv2.COLOR_RGB2HSV)[0, 0, 0])
+        assert np.abs(hue - blue_hue).max() <= 2, f"phrase {index}: hue {hue.max()}"
+        assert (inside[:, 2] > inside[:, :2].max(axis=1) + 100).all()
+        assert (canvas[5, 22] == colour).all()
 
 
 def test_overlay_of_an_empty_mask_tints_nothing():

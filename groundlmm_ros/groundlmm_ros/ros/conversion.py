@@ -192,10 +192,36 @@ def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = Non
     )
 
 
-def mask_to_image(mask: np.ndarray, header: Header) -> Image:
-    """A (H, W) bool mask as a mono8 Image: 0 background, 255 foreground."""
+def _mask_pixels(mask: np.ndarray) -> np.ndarray:
+    """A (H, W) bool mask as mono8 pixels: 0 background, 255 foreground."""
     if mask.dtype != np.bool_ or mask.ndim != 2:
         raise ImageConversionError(
             f"mask must be a (H, W) bool array, got shape {mask.shape} and dtype {mask.dtype}"
         )
-    return numpy_to_image(mask.astype(np.uint8) * np.uint8(255), "mono8", header)
+    return mask.astype(np.uint8) * np.uint8(255)
+
+
+def mask_to_image(mask: np.ndarray, header: Header) -> Image:
+    """A (H, W) bool mask as a mono8 Image: 0 background, 255 foreground."""
+    return numpy_to_image(_mask_pixels(mask), "mono8", header)
+
+
+def mask_to_png(mask: np.ndarray, header: Header) -> Image:
+    """A (H, W) bool mask as an Image of encoding "png": data is a PNG file of the mono8 mask
+    (lossless; a few KB where the mono8 Image has H * W bytes), height and width the mask's,
+    step 0 (the data has no rows)."""
+    _, png = cv2.imencode(".png", _mask_pixels(mask))
+    height, width = mask.shape
+    return Image(header=header, height=height, width=width, encoding="png", data=png.tobytes())
+
+
+def png_to_mask(msg: Image) -> np.ndarray:
+    """(H, W) bool: the mask in an Image of encoding "png" (mask_to_png's)."""
+    pixels = cv2.imdecode(np.frombuffer(msg.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None or pixels.dtype != np.uint8 or pixels.shape != (msg.height, msg.width):
+        found = "no image" if pixels is None else f"{pixels.dtype} of shape {pixels.shape}"
+        raise ImageConversionError(
+            f"png mask data ({len(msg.data)} bytes) decodes to {found}, expected an 8-bit grey "
+            f"image of {msg.height} x {msg.width}"
+        )
+    return pixels == 255

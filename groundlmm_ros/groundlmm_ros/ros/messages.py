@@ -10,11 +10,12 @@ from std_msgs.msg import Header
 
 from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from groundlmm_ros.engine.types import Grounding
-from groundlmm_ros.ros.conversion import image_to_numpy, mask_to_image
+from groundlmm_ros.ros.conversion import image_to_numpy, mask_to_image, mask_to_png, png_to_mask
 
-# How a GroundedPhrase carries its mask: "full", the source image's size; "cropped", only its
-# bbox (the bbox gives the offset), far fewer bytes over a robot's network.
-MASK_FORMATS = ("full", "cropped")
+# How a GroundedPhrase carries its mask (GroundedPhrase.msg says how to read each): "full",
+# mono8 of the source image's size; "cropped", mono8 of its bbox (the bbox gives the offset);
+# "png", the full mask as a PNG file: far fewer bytes over a robot's network and in a terminal.
+MASK_FORMATS = ("full", "cropped", "png")
 
 
 def mask_message(
@@ -25,6 +26,8 @@ def mask_message(
         raise ValueError(
             f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r}"
         )
+    if mask_format == "png":
+        return mask_to_png(mask, header)
     if mask_format == "cropped":
         x, y, width, height = bbox
         if not width or not height:  # an empty mask: an empty image
@@ -34,10 +37,13 @@ def mask_message(
 
 
 def phrase_mask(phrase: GroundedPhrase, image_size: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool: a GroundedPhrase's mask on its (H, W) source image, in either format."""
+    """(H, W) bool: a GroundedPhrase's mask on its (H, W) source image, in any MASK_FORMATS."""
     if not phrase.mask.height or not phrase.mask.width:  # cropped, empty
         return np.zeros(image_size, bool)
-    pixels = image_to_numpy(phrase.mask) == 255
+    if phrase.mask.encoding == "png":
+        pixels = png_to_mask(phrase.mask)
+    else:
+        pixels = image_to_numpy(phrase.mask) == 255
     if pixels.shape == tuple(image_size):
         return pixels
     box = phrase.bbox

@@ -94,9 +94,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "`raw`: sensor_msgs/Image on `image`; `compressed`: CompressedImage on `image/compressed`",
     ),
     "image_qos_reliability": (
-        "best_effort",
-        "reliability of the image, depth and camera_info subscriptions: "
-        "`best_effort` (receives from both kinds of publisher) or `reliable`",
+        "reliable",
+        "reliability of the image, depth and camera_info subscriptions: `reliable` (every frame "
+        "of a reliable publisher, as camera drivers publish by default, some ms later; nothing "
+        "from a best-effort one) or `best_effort` (both kinds, but most camera-sized frames of a "
+        "publisher on Fast DDS's default profile are lost: bench/transport.py)",
     ),
     "image_qos_depth": (5, "history depth of the image, depth and camera_info subscriptions"),
     "query_mode": ("describe", "mode of queries on the `query` topic: `describe` or `refer`"),
@@ -132,8 +134,10 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     # Outputs (read at configure).
     "mask_format": (
         "full",
-        "masks in GroundedPhrase: `full` (the image's size) or `cropped` (only the bbox, "
-        "which gives the offset: far fewer bytes on a robot's network)",
+        "masks in GroundedPhrase: `full` (mono8, the image's size), `cropped` (mono8, only the "
+        "bbox, which gives the offset: far fewer bytes on a robot's network) or `png` (the full "
+        "mask as a PNG file: the fewest bytes; use it with `ros2 action send_goal`, which "
+        "prints every byte on a line of its own)",
     ),
     "marker_lifetime_s": (1.0, "lifetime of the RViz markers"),
     "status_period_s": (1.0, "period of the `/diagnostics` status"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import cv2
 import numpy as np
+import yaml
 from builtin_interfaces.msg import Duration
 from geometry_msgs.msg import Point, Pose, Vector3
 from std_msgs.msg import ColorRGBA, Header
@@ -29,20 +32,33 @@ PALETTE = np.array(
 )
 
 
-def overlay(rgb: np.ndarray, grounding: Grounding, alpha: float = 0.5) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: rgb with each phrase's mask tinted, its point ringed and its text
-    written."""
+def overlay(rgb: np.ndarray, grounding: Grounding, lighten: float = 0.3) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: rgb with each phrase's mask lightened and outlined in its palette
+    colour, its point ringed and its text written.
+
+    The mask is lightened towards white, not tinted with its colour: mixing with white keeps
+    every pixel's hue, so a blue object stays blue (a 50 % red tint turned it purple); the
+    outline says which phrase it is.
+    """
     canvas = rgb.copy()
     for index, phrase in enumerate(grounding.phrases):
-        # Tint within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
+        # Within the mask's bbox only (object-sized masks: a fraction of whole-image passes).
         x, y, width, height = phrase.bbox
         region = canvas[y : y + height, x : x + width]  # a view into canvas
-        if region.size == 0:  # an empty mask (its bbox has no pixels): nothing to tint
+        if region.size == 0:  # an empty mask (its bbox has no pixels): nothing to draw
             continue
-        inside = phrase.mask[y : y + height, x : x + width]
-        colour = np.broadcast_to(PALETTE[index % len(PALETTE)], region.shape).copy()
-        tinted = cv2.addWeighted(region, 1 - alpha, colour, alpha, 0)
-        np.copyto(region, tinted, where=inside[..., None])
+        inside = np.ascontiguousarray(phrase.mask[y : y + height, x : x + width], np.uint8)
+        white = np.full_like(region, 255)
+        np.copyto(
+            region,
+            cv2.addWeighted(region, 1 - lighten, white, lighten, 0),
+            where=inside[..., None] > 0,
+        )
+        outline, _ = cv2.findContours(
+            inside, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x, y)
+        )
+        colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
+        cv2.drawContours(canvas, outline, -1, colour, 2)
     for index, phrase in enumerate(grounding.phrases):
         colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
         cv2.circle(canvas, phrase.point, 6, (255, 255, 255), 2)
@@ -96,3 +112,27 @@ def markers(
             )
         )
     return array
+
+
+def rviz_config(template: str, node: str, cameras: list[str], fixed_frame: str) -> str:
+    """RViz's config (YAML) for the groundlmm_node named `node` (fully qualified, e.g.
+    `/robot/groundlmm_node`): the template's displays of the node's outputs (overlay, markers,
+    points) once per camera on that camera's topics, and `fixed_frame` (the camera's optical
+    frame) as the fixed frame. The template (config/groundlmm.rviz) is the config of a node
+    without namespace and with the plain camera; its topics name the outputs."""
+    config = yaml.safe_load(template)
+    manager = config["Visualization Manager"]
+    displays = []
+    for display in manager["Displays"]:
+        if "Topic" not in display:
+            displays.append(display)
+            continue
+        output = display["Topic"]["Value"].rpartition("/")[2]
+        for camera in cameras:
+            shown = copy.deepcopy(display)
+            shown["Topic"]["Value"] = "/".join([node, camera, output] if camera else [node, output])
+            shown["Name"] = f"{display['Name']} ({camera})" if camera else display["Name"]
+            displays.append(shown)
+    manager["Displays"] = displays
+    manager["Global Options"]["Fixed Frame"] = fixed_frame
+    return yaml.safe_dump(config, sort_keys=False)
