@@ -184,7 +184,9 @@ def test_recipe_merges_the_first_8_token_maps_by_max(engine, max_new_tokens):
     bicubic to the padded square, centre crop, max over the first 8, argmax -> SAM point prompt."""
     image = np.random.RandomState(3).randint(0, 256, (24, 40, 3), dtype=np.uint8)
     question = res.RES_TEMPLATE.format("the red cup")
-    result = engine.ground_answer_span(image, question, 8, "max", max_new_tokens=max_new_tokens)
+    result = res.ground_answer_span(
+        engine, image, question, 8, "max", max_new_tokens=max_new_tokens
+    )
     ids, maps = engine.backend.generate(engine.backend.encode(image), question, max_new_tokens)
     attentions = maps.float().reshape(len(ids), *engine.backend.grid)
     attentions = attentions - attentions.mean(dim=0)
@@ -213,9 +215,9 @@ def test_recipe_merges_the_first_8_token_maps_by_max(engine, max_new_tokens):
 def test_recipe_refuses_bad_input(engine):
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="token_count"):
-        engine.ground_answer_span(image, "Describe it.", 0)
+        res.ground_answer_span(engine, image, "Describe it.", 0)
     with pytest.raises(InputError, match="query is empty"):
-        engine.ground_answer_span(image, " ", 8)
+        res.ground_answer_span(engine, image, " ", 8)
 
 
 @pytest.mark.timeout(300)
