@@ -151,9 +151,8 @@ def test_samples_are_every_sentence_of_the_split(tmp_path):
 
 def test_bad_files_are_refused(tmp_path):
     refs, instances = write_dataset(tmp_path)
-    with open(
-        tmp_path / "evil.p", "wb"
-    ) as f:  # anything but plain data would run code when unpickled
+    # Anything but plain data would run code when unpickled.
+    with open(tmp_path / "evil.p", "wb") as f:
         pickle.dump([collections.OrderedDict(a=1)], f, protocol=2)
     with pytest.raises(ValueError, match="only plain data"):
         res.load_refs(str(tmp_path / "evil.p"))
@@ -271,9 +270,8 @@ def test_eval_res_end_to_end_on_tiny_random(tmp_path, mode):
     assert metrics["giou"] == pytest.approx(np.mean(intersections / unions))
     assert 0.0 <= metrics["ciou"] <= 1.0 and 0.0 <= metrics["giou"] <= 1.0
     if mode == "refer":
-        assert [r["answer"] for r in saved] == [
-            r["sent"] for r in saved
-        ]  # refer mode teacher-forces it
+        # Refer mode teacher-forces it.
+        assert [r["answer"] for r in saved] == [r["sent"] for r in saved]
 
 
 def test_eval_res_missing_image_fails_before_the_model_loads(tmp_path):
@@ -282,6 +280,7 @@ def test_eval_res_missing_image_fails_before_the_model_loads(tmp_path):
     with pytest.raises(
         SystemExit, match=r"1 image\(s\) missing .* e.g. COCO_train2014_000000000002.png"
     ):
+        # Never built: the image check comes first.
         main(
             [
                 "eval-res",
@@ -294,4 +293,4 @@ def test_eval_res_missing_image_fails_before_the_model_loads(tmp_path):
                 "--model",
                 "no-such-model",
             ]
-        )  # never built: the image check comes first
+        )
