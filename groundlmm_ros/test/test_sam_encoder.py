@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from images import random_rgb
+from torch._dynamo.utils import counters
 
 from groundlmm_ros.engine.refiners import SamRefiner, mask_iou
 from groundlmm_ros.models.tiny import tiny_sam
@@ -100,6 +101,14 @@ def test_frames_embedded_together_give_what_each_gives_alone():
             np.testing.assert_array_equal(a, b)
 
 
+def test_warm_up_runs_nothing_uncompiled_on_the_cpu():
+    refiner = SamRefiner(tiny_sam(0))
+    calls = []
+    refiner.predictor.model.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    refiner.warm_up(4)
+    assert calls == []
+
+
 def test_a_frame_is_embedded_once():
     refiner = SamRefiner(tiny_sam(0))
     calls = []
@@ -123,11 +132,17 @@ def test_a_frame_is_embedded_once():
     shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler"
 )
 def test_compiled_encoder_gives_the_eager_masks():
+    """warm_up builds the graphs of one and two frames; queries then compile nothing."""
     eager, compiled = SamRefiner(tiny_sam(0)), SamRefiner(tiny_sam(0), compile=True)
+    graphs = counters["stats"]["unique_graphs"]
     compiled.warm_up(2)
+    assert counters["stats"]["unique_graphs"] == graphs + 2
     frames = [frame(0), frame(1)]
     for refiner in (eager, compiled):
         refiner.set_images(frames)
+    compiled.set_images([frame(2)])
+    compiled.set_images(frames)
+    assert counters["stats"]["unique_graphs"] == graphs + 2
     for k in range(len(frames)):
         torch.testing.assert_close(features(compiled, k), features(eager, k), rtol=0, atol=1e-5)
         no_maps = [None] * len(POINTS)

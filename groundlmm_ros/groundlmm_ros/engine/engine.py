@@ -169,7 +169,7 @@ class Engine:
         allows), each with its own limit, on_token and should_stop; an exception of a shared
         pass ends every request in it. Then the refiner embeds the frames of those still on in
         one call, and each request's phrases are grounded on their own."""
-        step, visual = self._start(requests)
+        step, visual = self._check_and_encode(requests)
         refer = [i for i in step.live() if requests[i].mode == "refer"]
         maps = step.shared("teacher_force", refer, lambda: self._teacher_force(refer, visual, step))
         step.each(step.live(), lambda i: raise_if_stopped(requests[i], "before its answer began"))
@@ -190,7 +190,7 @@ class Engine:
         """The greedy answer to a question about the image, as describe mode makes it, without
         its phrases: for recipes that read its maps themselves (paper_eval/res.py)."""
         request = Request(image, question, max_new_tokens=max_new_tokens)
-        step, visual = self._start([request])
+        step, visual = self._check_and_encode([request])
         if step.results[0] is not None:
             raise step.results[0]
         (answer,) = self._answers([(visual[0], request)])
@@ -198,7 +198,7 @@ class Engine:
             raise answer
         return answer
 
-    def _start(self, requests: list[Request]) -> tuple[Step, dict[int, object]]:
+    def _check_and_encode(self, requests: list[Request]) -> tuple[Step, dict[int, object]]:
         """Checks every request, then encodes the images of those still on in one batched call.
         -> the step, and per live request index its encoded image."""
         step = Step(requests)

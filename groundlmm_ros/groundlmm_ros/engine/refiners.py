@@ -80,6 +80,7 @@ class SamRefiner:
         self.box_threshold = box_threshold
         cuda = sam.device.type == "cuda"
         self.encoder_dtype = encoder_dtype or (torch.bfloat16 if cuda else torch.float32)
+        self.compiled = compile
         self.encoder = (
             torch.compile(sam.image_encoder, dynamic=False) if compile else sam.image_encoder
         )
@@ -89,8 +90,11 @@ class SamRefiner:
         self._embeddings: list[SamEmbedding] = []
 
     def warm_up(self, frames: int = 1) -> None:
-        """Runs the image encoder once for each number of frames up to `frames` (a compiled
-        encoder builds its graphs now, not on the first query)."""
+        """Runs the image encoder once for each number of frames up to `frames`: a compiled
+        encoder builds its graphs now, and CUDA loads its kernels, not on the first query.
+        Uncompiled on the CPU there is nothing to build, so nothing runs."""
+        if not self.compiled and self.predictor.device.type != "cuda":
+            return
         side = self.predictor.model.image_encoder.img_size
         for count in range(1, frames + 1):
             self._embed([np.zeros((side, side, 3), np.uint8)] * count)
