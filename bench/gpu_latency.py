@@ -123,12 +123,12 @@ class NoTimer(StageTimer):
 
 
 def heat_maps(backend, maps: torch.Tensor, phrases: list[list[int]], image_size):
-    """Engine.ground's heat-map step: normalise, combine per phrase (the default), un-pad,
-    argmax."""
-    grid = heatmap.normalise(maps.float().cpu().reshape(-1, *backend.grid))
+    """Engine.ground's heat-map step on the maps' device: normalise, combine per phrase (the
+    default), un-pad, argmax; then the heat maps to the CPU for SAM and the messages."""
+    grid = heatmap.normalise(maps.float().reshape(-1, *backend.grid))
     combined = torch.stack([heatmap.combine(grid, tokens) for tokens in phrases])
     heat = heatmap.upsample(combined, image_size, "pad")
-    return heat, [heatmap.argmax_point(h) for h in heat]
+    return list(heat.cpu().numpy()), [heatmap.argmax_point(h) for h in heat]
 
 
 def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
@@ -163,7 +163,7 @@ def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
         with timer("sam_image"):
             refiner.set_images([image])
     with timer("sam_decode"):
-        refiner.refine(0, list(heat.cpu().numpy()), points)
+        refiner.refine(0, heat, points)
     timer.sync()
     return len(answer_ids)
 
