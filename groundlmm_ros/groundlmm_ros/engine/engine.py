@@ -258,26 +258,8 @@ class Engine:
             )
         grounded = []
         if phrases:
-            heatmaps, points = self._heatmaps(request.image, answer, phrases, segments, stage)
-            with stage("refine"):
-                refined = self.refiner.refine(step.embedded.index(i), heatmaps, points)
-            grounded = self._filter(
-                [
-                    GroundedPhrase(
-                        phrase.text,
-                        phrase.char_start,
-                        phrase.char_end,
-                        phrase.token_indices,
-                        heat,
-                        point,
-                        mask,
-                        score,
-                        mask_bbox(mask),
-                    )
-                    for phrase, heat, point, (mask, score) in zip(
-                        phrases, heatmaps, points, refined
-                    )
-                ]
+            grounded = self._ground_phrases(
+                request.image, step.embedded.index(i), answer, phrases, segments, stage
             )
         step.results[i] = Grounding(
             request.query,
@@ -356,6 +338,36 @@ class Engine:
         if on_token is not None:
             on_token(answer.text, len(answer_ids))
         return answer, phrases, segments
+
+    def _ground_phrases(
+        self,
+        image: np.ndarray,
+        frame: int,
+        answer: Answer,
+        phrases: list[Phrase],
+        segments: list[tuple[int, int]],
+        stage: Stages,
+    ) -> list[GroundedPhrase]:
+        """The phrases of one answer on its image, frame `frame` of the refiner's -> each one's
+        heat map, point and mask, filtered."""
+        heatmaps, points = self._heatmaps(image, answer, phrases, segments, stage)
+        with stage("refine"):
+            refined = self.refiner.refine(frame, heatmaps, points)
+        grounded = [
+            GroundedPhrase(
+                phrase.text,
+                phrase.char_start,
+                phrase.char_end,
+                phrase.token_indices,
+                heat,
+                point,
+                mask,
+                score,
+                mask_bbox(mask),
+            )
+            for phrase, heat, point, (mask, score) in zip(phrases, heatmaps, points, refined)
+        ]
+        return self._filter(grounded)
 
     def _heatmaps(
         self,
