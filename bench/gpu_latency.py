@@ -9,8 +9,8 @@ shapes) and SAM ViT-H from segment_anything's builder. Two paths on 640x480 fram
 
   eager: dynamic KV cache, SAM's image encoder in float32 after the LMM
   fast:  fixed-shape decoding (StaticCache, map rows in place; CUDA graphs on CUDA, captured
-         by warm_up before the first query), SAM's encoder in float16 on its own CUDA stream,
-         started before the LMM
+         by warm_up before the first query), SAM's encoder under bfloat16 autocast, started
+         before the LMM, every phrase in one prompt call
 
 and two modes: refer (encoder, the one teacher-forced pass, heat map, SAM) and describe
 (encoder, prefill, --new-tokens decoded tokens; the end token is ignored so random weights
@@ -123,12 +123,12 @@ class NoTimer(StageTimer):
 
 
 def heat_maps(backend, maps: torch.Tensor, phrases: list[list[int]], image_size):
-    """Engine.ground's heat-map step: normalise, combine per phrase (the default), un-pad,
-    argmax."""
-    grid = heatmap.normalise(maps.float().cpu().reshape(-1, *backend.grid))
+    """Engine.ground's heat-map step on the maps' device: normalise, combine per phrase (the
+    default), un-pad, argmax; then the heat maps to the CPU for SAM and the messages."""
+    grid = heatmap.normalise(maps.float().reshape(-1, *backend.grid))
     combined = torch.stack([heatmap.combine(grid, tokens) for tokens in phrases])
     heat = heatmap.upsample(combined, image_size, "pad")
-    return heat, [heatmap.argmax_point(h) for h in heat]
+    return list(heat.cpu().numpy()), [heatmap.argmax_point(h) for h in heat]
 
 
 def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
@@ -136,7 +136,7 @@ def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
     first (its own CUDA stream), as the engine does."""
     if fast:
         with timer("sam_image"):
-            refiner.set_image(image)
+            refiner.set_images([image])
     with timer("preprocess"):
         pixels = backend.preprocess(image)
     visual = backend.model.encode_image(pixels, stage=timer)[0]
@@ -161,10 +161,9 @@ def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
         heat, points = heat_maps(backend, maps, phrases, image.shape[:2])
     if not fast:
         with timer("sam_image"):
-            refiner.set_image(image)
+            refiner.set_images([image])
     with timer("sam_decode"):
-        for h, p in zip(heat, points):
-            refiner.refine(h, p)
+        refiner.refine(0, heat, points)
     timer.sync()
     return len(answer_ids)
 

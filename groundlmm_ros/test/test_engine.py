@@ -7,7 +7,6 @@ import torch
 from images import random_rgb
 
 from groundlmm_ros.engine.engine import Engine, mask_bbox
-from groundlmm_ros.engine.heatmap import argmax_point
 from groundlmm_ros.engine.phrases import noun_phrases, token_spans
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.engine.types import Cancelled, Grounding, InputError
@@ -39,7 +38,8 @@ def check_phrases(result: Grounding, height, width):
         )
         assert phrase.heatmap.shape == (height, width) and phrase.heatmap.dtype == np.float32
         assert phrase.mask.shape == (height, width) and phrase.mask.dtype == bool
-        assert phrase.point == argmax_point(phrase.heatmap)
+        row, column = np.unravel_index(int(np.argmax(phrase.heatmap)), phrase.heatmap.shape)
+        assert phrase.point == (column, row)
         assert phrase.bbox == mask_bbox(phrase.mask)
         assert np.isfinite(phrase.score)
 
@@ -52,9 +52,8 @@ def test_describe_with_sam(sam_engine):
     )
     assert result.mode == "describe" and result.query == QUESTION
     tokenizer = sam_engine.backend.tokenizer
-    assert result.answer == tokenizer.decode(
-        result.token_ids, skip_special_tokens=True
-    )  # unstripped, as grouped
+    # Unstripped, as grouped.
+    assert result.answer == tokenizer.decode(result.token_ids, skip_special_tokens=True)
     assert tokenizer.eos_token_id not in result.token_ids
     # Every noun chunk of the answer is grounded (no filters by default).
     answer, spans = token_spans(
@@ -67,7 +66,8 @@ def test_describe_with_sam(sam_engine):
     check_phrases(result, 48, 80)
     # Streaming: one call per generated token, growing prefixes ending at the answer.
     assert [n for _, n in streamed] == list(range(1, len(streamed) + 1))
-    assert len(streamed) in (len(result.token_ids), len(result.token_ids) + 1)  # + the end token
+    # One more for the end token.
+    assert len(streamed) in (len(result.token_ids), len(result.token_ids) + 1)
     assert streamed[-1][0] == result.answer
     assert set(result.timings) == {
         "encode",

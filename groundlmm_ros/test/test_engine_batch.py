@@ -88,9 +88,8 @@ def test_a_batched_step_gives_what_each_request_gets_alone(engine_name, expressi
     assert len(batched[1].phrases) == 2 and len(batched[2].phrases) == 1
     assert batched[0].phrases, "the describe answer has phrases to compare"
     for result, r in zip(batched, requests):
-        alone = engine.ground(
-            r.image, r.query, r.mode, max_new_tokens=r.max_new_tokens
-        )  # the refiner now holds another frame than in the batch: each request sets its own
+        # The refiner now holds other frames than in the batch: each request sets its own.
+        alone = engine.ground(r.image, r.query, r.mode, max_new_tokens=r.max_new_tokens)
         assert_same(result, alone)
     # The shared stages' seconds are in every request's timings, the same for each.
     assert len({r.timings["encode"] for r in batched}) == 1
@@ -203,7 +202,8 @@ def test_a_requests_own_failure_ends_only_that_request(difflmm, monkeypatch):
         Request(frames[1], QUESTION, should_stop=lambda: True),  # cancelled before it starts
         Request(frames[2], QUESTION, on_token=fail_on_the_second_token),
         Request(frames[0], "a cat", "segment"),  # unknown mode
-        Request(  # cancelled after its second token
+        # Cancelled after its second token.
+        Request(
             frames[3],
             QUESTION,
             on_token=lambda text, n: seen.append(n),

@@ -47,17 +47,17 @@ def test_iou_and_point():
     assert point_in_mask((3, 2), box(0, 10, 0, 10)) and not point_in_mask(
         (12, 2), box(0, 10, 0, 10)
     )
-    assert not point_in_mask(
-        (25, 2), box(0, 10, 0, 10)
-    )  # outside the image is a miss, not an error
+    # Outside the image is a miss, not an error.
+    assert not point_in_mask((25, 2), box(0, 10, 0, 10))
 
 
 def test_describe_matching_is_greedy_one_to_one_and_checks_the_phrase():
     g = grounding(
         phrase("a red circle", box(0, 10, 0, 8)),  # IoU 0.8 with RED
         phrase("the blue star", box(0, 10, 0, 10)),  # IoU 1.0 with RED: wins RED, wrong name
+        # IoU 0.5 with BLUE.
         phrase("a blue star", box(10, 20, 10, 15)),
-    )  # IoU 0.5 with BLUE
+    )
     assert match_describe(g, [RED, BLUE]) == [(1, 0, 1.0), (2, 1, 0.5)]
     recalled, iou_sum = score_describe(g, type("S", (), {"objects": [RED, BLUE]}))
     assert recalled == 1 and iou_sum == pytest.approx(1.5)

@@ -1,11 +1,13 @@
-"""Heat-map maths on maps with known answers."""
+"""Heat-map maths on maps with known answers, and on a tiny model's device against the CPU."""
 
 import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine import heatmap
 from groundlmm_ros.models.backend import pad_to_square
+from groundlmm_ros.models.presets import build_engine
 
 GRID = 24
 
@@ -23,8 +25,8 @@ def test_normalise_removes_the_shared_sink():
     normalised = heatmap.normalise(maps)
     assert torch.allclose(normalised.mean(dim=0), torch.zeros(GRID, GRID), atol=1e-6)
     assert normalised[0, 0, 0] == 0.0  # the sink is gone
-    assert heatmap.argmax_point(normalised[0].numpy()) == (4, 3)
-    assert heatmap.argmax_point(normalised[1].numpy()) == (20, 10)
+    assert heatmap.argmax_point(normalised[0]) == (4, 3)
+    assert heatmap.argmax_point(normalised[1]) == (20, 10)
 
 
 def test_combine_max_mean_first():
@@ -53,7 +55,7 @@ def test_pad_undo_puts_the_peak_where_the_object_is(height, width):
     row_in_square, column_in_square = np.argwhere(square[..., 0] == 255)[0]
     cell = (int(row_in_square * GRID / side), int(column_in_square * GRID / side))
     heat = heatmap.upsample(peak_map(*cell), (height, width), "pad")[0]
-    assert heat.shape == (height, width) and heat.dtype == np.float32
+    assert heat.shape == (height, width) and heat.dtype == torch.float32
     x, y = heatmap.argmax_point(heat)
     cell_pixels = side / GRID
     assert abs(x - object_x) <= cell_pixels and abs(y - object_y) <= cell_pixels
@@ -81,7 +83,47 @@ def test_pad_upsample_is_bicubic_upsample_then_centre_crop():
         heatmap.upsample(maps, (5, 5), "stretch")
 
 
-def test_argmax_point_is_x_y():
-    heat = np.zeros((10, 30), np.float32)
+def test_argmax_point_is_x_y_and_the_first_maximum():
+    heat = torch.zeros(10, 30)
     heat[7, 21] = 1.0
     assert heatmap.argmax_point(heat) == (21, 7)
+    heat[9, 2] = heat[7, 25] = 1.0  # ties: the first in row-major order, as numpy's argmax
+    assert heatmap.argmax_point(heat) == (21, 7)
+
+
+CUDA = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize(
+    "preset, size", [("tiny-random", (48, 80)), ("tiny-qwen2.5-vl-random", (64, 40))]
+)
+def test_heat_maps_on_the_device_give_the_cpu_points(preset, size, device):
+    """The engine's heat maps, made on the model's device, against the maps of the same answer
+    brought to the CPU and taken through mean subtraction, max, bicubic upsampling (pad or
+    resize) and numpy's argmax: the same points, maps within float rounding."""
+    engine = build_engine(preset, device=device, refiner="threshold", seed=0)
+    image = random_rgb(*size, seed=0)
+    question = "Describe the image in detail."
+    answer = engine.answer(image, question)
+    assert answer.maps.device.type == device
+    grounding = engine.ground(image, question)
+    assert grounding.token_ids == answer.token_ids and grounding.phrases
+    grid = answer.maps.float().cpu().reshape(-1, *answer.grid)
+    grid = grid - grid.mean(dim=0)
+    height, width = size
+    side = max(size) if engine.upsample == "pad" else None
+    for phrase in grounding.phrases:
+        combined = grid[phrase.token_indices].amax(dim=0)[None, None]
+        if side is None:
+            expected = torch.nn.functional.interpolate(combined, size, mode="bicubic")[0, 0]
+        else:
+            square = torch.nn.functional.interpolate(combined, (side, side), mode="bicubic")[0, 0]
+            top, left = (side - height) // 2, (side - width) // 2
+            expected = square[top : top + height, left : left + width]
+        expected = expected.numpy()
+        np.testing.assert_allclose(phrase.heatmap, expected, rtol=0, atol=1e-5)
+        row, column = np.unravel_index(int(np.argmax(expected)), expected.shape)
+        assert phrase.point == (column, row)

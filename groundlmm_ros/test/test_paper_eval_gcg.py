@@ -128,9 +128,8 @@ def test_matching_follows_glamm():
     ]
     # One-to-one: a prediction covering both GT masks pairs with one of them only.
     both = [box((10, 10), 0, 10, 0, 10)]
-    assert gcg.image_matches(g, ["a cup", "a cup"], both, ["a cup"], same_words) == [
-        (0, 0)
-    ]  # IoU 0.5: counts
+    # IoU 0.5: counts.
+    assert gcg.image_matches(g, ["a cup", "a cup"], both, ["a cup"], same_words) == [(0, 0)]
     assert gcg.image_miou(both, g) == pytest.approx(0.5)
     assert gcg.image_miou([], g) == 0.0 and gcg.image_miou([box((10, 10), 0, 0, 0, 0)], g) == 0.0
 
@@ -213,13 +212,8 @@ def test_phrase_similarity_is_mean_pooled_cosine(tmp_path):
 
     a, b = mean_pooled("a red dog"), mean_pooled("the man")
     expected = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-    assert tokenizer("a red dog").input_ids == [
-        2,
-        5,
-        9,
-        7,
-        3,
-    ]  # [CLS] a red dog [SEP]: all five pooled
+    # [CLS] a red dog [SEP]: all five pooled.
+    assert tokenizer("a red dog").input_ids == [2, 5, 9, 7, 3]
     assert similarity("a red dog", "the man") == pytest.approx(expected, abs=1e-6)
     assert similarity("The Dog", "the dog") == pytest.approx(1.0, abs=1e-6)  # uncased
     assert abs(expected) < 0.999  # the two phrases are told apart

@@ -151,9 +151,8 @@ def test_samples_are_every_sentence_of_the_split(tmp_path):
 
 def test_bad_files_are_refused(tmp_path):
     refs, instances = write_dataset(tmp_path)
-    with open(
-        tmp_path / "evil.p", "wb"
-    ) as f:  # anything but plain data would run code when unpickled
+    # Anything but plain data would run code when unpickled.
+    with open(tmp_path / "evil.p", "wb") as f:
         pickle.dump([collections.OrderedDict(a=1)], f, protocol=2)
     with pytest.raises(ValueError, match="only plain data"):
         res.load_refs(str(tmp_path / "evil.p"))
@@ -184,7 +183,9 @@ def test_recipe_merges_the_first_8_token_maps_by_max(engine, max_new_tokens):
     bicubic to the padded square, centre crop, max over the first 8, argmax -> SAM point prompt."""
     image = np.random.RandomState(3).randint(0, 256, (24, 40, 3), dtype=np.uint8)
     question = res.RES_TEMPLATE.format("the red cup")
-    result = engine.ground_answer_span(image, question, 8, "max", max_new_tokens=max_new_tokens)
+    result = res.ground_answer_span(
+        engine, image, question, 8, "max", max_new_tokens=max_new_tokens
+    )
     ids, maps = engine.backend.generate(engine.backend.encode(image), question, max_new_tokens)
     attentions = maps.float().reshape(len(ids), *engine.backend.grid)
     attentions = attentions - attentions.mean(dim=0)
@@ -213,9 +214,9 @@ def test_recipe_merges_the_first_8_token_maps_by_max(engine, max_new_tokens):
 def test_recipe_refuses_bad_input(engine):
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="token_count"):
-        engine.ground_answer_span(image, "Describe it.", 0)
+        res.ground_answer_span(engine, image, "Describe it.", 0)
     with pytest.raises(InputError, match="query is empty"):
-        engine.ground_answer_span(image, " ", 8)
+        res.ground_answer_span(engine, image, " ", 8)
 
 
 @pytest.mark.timeout(300)
@@ -269,9 +270,8 @@ def test_eval_res_end_to_end_on_tiny_random(tmp_path, mode):
     assert metrics["giou"] == pytest.approx(np.mean(intersections / unions))
     assert 0.0 <= metrics["ciou"] <= 1.0 and 0.0 <= metrics["giou"] <= 1.0
     if mode == "refer":
-        assert [r["answer"] for r in saved] == [
-            r["sent"] for r in saved
-        ]  # refer mode teacher-forces it
+        # Refer mode teacher-forces it.
+        assert [r["answer"] for r in saved] == [r["sent"] for r in saved]
 
 
 def test_eval_res_missing_image_fails_before_the_model_loads(tmp_path):
@@ -280,6 +280,7 @@ def test_eval_res_missing_image_fails_before_the_model_loads(tmp_path):
     with pytest.raises(
         SystemExit, match=r"1 image\(s\) missing .* e.g. COCO_train2014_000000000002.png"
     ):
+        # Never built: the image check comes first.
         main(
             [
                 "eval-res",
@@ -292,4 +293,4 @@ def test_eval_res_missing_image_fails_before_the_model_loads(tmp_path):
                 "--model",
                 "no-such-model",
             ]
-        )  # never built: the image check comes first
+        )

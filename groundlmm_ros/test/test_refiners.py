@@ -32,6 +32,13 @@ def blobs():
     ).astype(np.float32)
 
 
+def refine_one(refiner, image, heat, point):
+    """One phrase on one frame -> (mask, score)."""
+    refiner.set_images([image])
+    ((mask, score),) = refiner.refine(0, [heat], [point])
+    return mask, score
+
+
 @pytest.fixture(scope="module")
 def image():
     return np.random.RandomState(0).randint(0, 256, (H, W, 3), dtype=np.uint8)
@@ -39,8 +46,7 @@ def image():
 
 def test_sam_point_keeps_the_last_multimask_output(image):
     refiner = SamRefiner(tiny_sam(seed=1), "point")
-    refiner.set_image(image)
-    mask, score = refiner.refine(blobs(), (15, 10))
+    mask, score = refine_one(refiner, image, blobs(), (15, 10))
     masks, scores, _ = refiner.predictor.predict(
         point_coords=np.array([[15.0, 10.0]]), point_labels=np.array([1]), multimask_output=True
     )
@@ -75,8 +81,7 @@ def test_sam_box_prompt_is_the_references_absolute_scale(image):
     )
     expected = torch.nn.functional.pad(expected, (0, 0, 0, side - rows))[0].numpy()
     np.testing.assert_allclose(refiner._mask_logits(scaled), expected, atol=1e-5)
-    refiner.set_image(image)
-    mask, score = refiner.refine(heat, (15, 8))
+    mask, score = refine_one(refiner, image, heat, (15, 8))
     masks, scores, _ = refiner.predictor.predict(
         box=np.array([10, 5, 20, 12], np.float32), mask_input=expected, multimask_output=True
     )
@@ -91,13 +96,12 @@ def test_sam_rejects_an_unknown_prompt():
 
 def test_threshold_takes_the_connected_region_of_the_point(image):
     refiner = ThresholdRefiner(fraction=0.5)
-    refiner.set_image(image)
     heat = blobs()
-    mask, score = refiner.refine(heat, (15, 10))
+    mask, score = refine_one(refiner, image, heat, (15, 10))
     assert score == 1.0 and mask.dtype == bool and mask.shape == (H, W)
     assert mask[10, 15] and not mask[30, 55]  # the other blob is above threshold but not connected
     assert np.all(heat[mask] >= heat.min() + 0.5 * (heat.max() - heat.min()))
-    other, _ = refiner.refine(heat, (55, 30))
+    ((other, _),) = refiner.refine(0, [heat], [(55, 30)])
     assert other[30, 55] and not other[10, 15]
     with pytest.raises(ValueError):
         ThresholdRefiner(fraction=1.5)
@@ -128,8 +132,7 @@ def test_colour_refiner_follows_the_object_where_the_map_is_coarse():
     for image, obj in scene_objects():
         heat = coarse_heatmap(obj, image.shape[0])
         for refiner, ious in ((colour, colour_ious), (threshold, threshold_ious)):
-            refiner.set_image(image)
-            mask, score = refiner.refine(heat, obj.centre)
+            mask, score = refine_one(refiner, image, heat, obj.centre)
             assert (
                 mask.shape == obj.mask.shape
                 and mask.dtype == bool
@@ -147,41 +150,35 @@ def test_colour_refiner_survives_sensor_noise():
         np.uint8
     )
     refiner = ColourRefiner()
-    refiner.set_image(noisy)
-    mask, _ = refiner.refine(coarse_heatmap(obj, image.shape[0]), obj.centre)
+    mask, _ = refine_one(refiner, noisy, coarse_heatmap(obj, image.shape[0]), obj.centre)
     assert iou(mask, obj.mask) >= 0.85
 
 
 def test_colour_refiner_falls_back_to_the_map_without_a_colour_edge():
     flat = np.full((H, W, 3), 120, np.uint8)  # nothing to follow: the fill takes the whole region
     refiner, fallback = ColourRefiner(), ThresholdRefiner()
-    refiner.set_image(flat)
-    mask, score = refiner.refine(blobs(), (15, 10))
-    np.testing.assert_array_equal(mask, fallback.refine(blobs(), (15, 10))[0])
+    mask, score = refine_one(refiner, flat, blobs(), (15, 10))
+    np.testing.assert_array_equal(mask, refine_one(fallback, flat, blobs(), (15, 10))[0])
     assert score == 1.0 and not mask[30, 55]
     speck = flat.copy()
     speck[10, 15] = (250, 0, 0)  # the point on a one-pixel speck: too small a fill
-    refiner.set_image(speck)
-    np.testing.assert_array_equal(refiner.refine(blobs(), (15, 10))[0], mask)
+    np.testing.assert_array_equal(refine_one(refiner, speck, blobs(), (15, 10))[0], mask)
 
 
 def test_colour_refiner_stays_inside_the_region_of_the_map():
     image = np.full((H, W, 3), 120, np.uint8)
     image[:, :35] = (200, 30, 30)  # one red half, wider than the left blob's region
     refiner = ColourRefiner(margin=0.0, max_fill=1.0)
-    refiner.set_image(image)
-    mask, _ = refiner.refine(blobs(), (15, 10))
+    mask, _ = refine_one(refiner, image, blobs(), (15, 10))
     region = heat_region(blobs(), (15, 10), refiner.fraction)
     assert mask.any() and not (mask & ~region).any() and not mask[:, 35:].any()
 
 
 def test_colour_refiner_rejects_bad_use():
-    with pytest.raises(ValueError, match="set_image"):
-        ColourRefiner().refine(blobs(), (15, 10))
-    refiner = ColourRefiner()
-    refiner.set_image(np.zeros((H + 1, W, 3), np.uint8))
+    with pytest.raises(ValueError, match="no frame 0"):
+        ColourRefiner().refine(0, [blobs()], [(15, 10)])
     with pytest.raises(ValueError, match="size"):
-        refiner.refine(blobs(), (15, 10))
+        refine_one(ColourRefiner(), np.zeros((H + 1, W, 3), np.uint8), blobs(), (15, 10))
     for bad in ({"tolerance": 0}, {"fraction": 1.0}, {"min_fill": 0.5, "max_fill": 0.4}):
         with pytest.raises(ValueError):
             ColourRefiner(**bad)

@@ -7,8 +7,8 @@ refer: the query is a referring expression, teacher-forced as the answer in
 
 ground_batch takes several requests (e.g. one per camera) in one step: their images in one
 batched encoder call, every refer expression of them in one teacher-forced pass, every describe
-answer of them decoded together, then each request's phrases on their own; each gets what it
-would get alone.
+answer of them decoded together, their frames in one refiner call, then each request's phrases
+on their own; each gets what it would get alone.
 """
 
 from __future__ import annotations
@@ -29,17 +29,19 @@ from groundlmm_ros.engine.phrases import (
     token_spans,
 )
 from groundlmm_ros.engine.refiners import Refiner, nms_keep
-from groundlmm_ros.engine.step import Stages, Step, go_on
+from groundlmm_ros.engine.step import Stages, Step, raise_if_stopped
 from groundlmm_ros.engine.types import (
     MAX_NEW_TOKENS,
     MODES,
+    Answer,
     GroundedPhrase,
     Grounding,
     InputError,
     Request,
 )
 
-GCG_QUESTION = "Describe the image in detail."  # the paper's GCG prompt
+# The paper's GCG prompt.
+GCG_QUESTION = "Describe the image in detail."
 # Separates the referring expressions of one refer query ("the red mug; the blue bowl"):
 # they are grounded together in one batched pass, one phrase (and mask) each.
 EXPRESSION_SEPARATOR = ";"
@@ -108,9 +110,11 @@ class Engine:
         self.nms_iou = nms_iou
         self.seed = seed
 
-    def warm_up(self) -> None:
-        """Before the first query: the backend's fixed-shape decoders for a describe answer."""
+    def warm_up(self, cameras: int = 1) -> None:
+        """Before the first query: the backend's fixed-shape decoders for a describe answer, and
+        the refiner's encoder for steps of up to `cameras` frames."""
         self.backend.warm_up(GCG_QUESTION, self.max_new_tokens)
+        self.refiner.warm_up(cameras)
 
     def check(self, image, query, mode, max_new_tokens) -> None:
         """Raise InputError for anything the model must not see."""
@@ -164,21 +168,38 @@ class Engine:
         is teacher-forced in one batched pass, and the describe answers are decoded together
         (backend.generate_batch: one forward pass per token for all of them where the model
         allows), each with its own limit, on_token and should_stop; an exception of a shared
-        pass ends every request in it. Then each request on its own: the refiner embeds its
-        image, its phrases are grounded."""
-        step, visual = self._start(requests)
+        pass ends every request in it. Then the refiner embeds the frames of those still on in
+        one call, and each request's phrases are grounded on their own."""
+        step, visual = self._check_and_encode(requests)
         refer = [i for i in step.live() if requests[i].mode == "refer"]
         maps = step.shared("teacher_force", refer, lambda: self._teacher_force(refer, visual, step))
-        step.each(step.live(), lambda i: go_on(requests[i], "before its answer began"))
+        step.each(step.live(), lambda i: raise_if_stopped(requests[i], "before its answer began"))
         describe = [i for i in step.live() if requests[i].mode == "describe"]
         answers = step.shared("generate", describe, lambda: self._generate(describe, visual, step))
+        step.embedded = step.live()
+        frames = [requests[i].image for i in step.embedded]
+        step.shared("refine_image", step.embedded, lambda: self.refiner.set_images(frames))
         step.each(
             step.live(),
             lambda i: self._finish(step, i, visual[i], (maps or {}).get(i), (answers or {}).get(i)),
         )
         return step.results
 
-    def _start(self, requests: list[Request]) -> tuple[Step, dict[int, object]]:
+    def answer(
+        self, image: np.ndarray, question: str, *, max_new_tokens: int | None = None
+    ) -> Answer:
+        """The greedy answer to a question about the image, as describe mode makes it, without
+        its phrases: for recipes that read its maps themselves (paper_eval/res.py)."""
+        request = Request(image, question, max_new_tokens=max_new_tokens)
+        step, visual = self._check_and_encode([request])
+        if step.results[0] is not None:
+            raise step.results[0]
+        (answer,) = self._answers([(visual[0], request)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def _check_and_encode(self, requests: list[Request]) -> tuple[Step, dict[int, object]]:
         """Checks every request, then encodes the images of those still on in one batched call.
         -> the step, and per live request index its encoded image."""
         step = Step(requests)
@@ -187,26 +208,17 @@ class Engine:
             request = requests[i]
             self.check(request.image, request.query, request.mode, request.max_new_tokens)
             if request.mode == "refer":
-                step.answers[i] = self._expressions(request.query)
-            go_on(request, "before the model ran")
+                step.expressions[i] = self._expressions(request.query)
+            raise_if_stopped(request, "before the model ran")
 
         step.each(range(len(requests)), admit)
         live = step.live()
         if not live:
             return step, {}
         torch.manual_seed(self.seed)
-        # First: on CUDA SAM embeds the first frame on its own stream while the model encodes and
-        # decodes; the others' frames overlap their own phrase work (_finish).
-        step.each(live[:1], lambda i: self._set_image(step, i))
-        live = step.live()
         images = [requests[i].image for i in live]
         tokens = step.shared("encode", live, lambda: self.backend.encode_batch(images))
         return step, dict(zip(live, tokens or []))
-
-    def _set_image(self, step: Step, i: int) -> None:
-        with step.stages[i]("refine_image"):
-            self.refiner.set_image(step.requests[i].image)
-        step.embedded = i
 
     def _expressions(self, query: str) -> list[list[int]]:
         """The token ids of each referring expression of a refer query."""
@@ -221,49 +233,49 @@ class Engine:
     def _teacher_force(self, refer: list[int], visual: dict, step: Step) -> dict[int, list]:
         """Every expression of the refer requests `refer`, each with its own image, in one
         batched teacher-forced pass -> per request its expressions' maps."""
-        sequences = [(visual[i], ids) for i in refer for ids in step.answers[i]]
+        sequences = [(visual[i], ids) for i in refer for ids in step.expressions[i]]
         maps = iter(self.backend.teacher_force_batch(self.refer_question, sequences))
-        return {i: [next(maps) for _ in step.answers[i]] for i in refer}
+        return {i: [next(maps) for _ in step.expressions[i]] for i in refer}
 
-    def _generate(self, describe: list[int], visual: dict, step: Step) -> dict[int, tuple]:
+    def _generate(self, describe: list[int], visual: dict, step: Step) -> dict[int, Answer]:
         """The describe requests `describe`, each with its own image, answered together -> per
-        request its answer (_answers); a request whose answer failed ends with its exception."""
+        request its Answer; a request whose answer failed ends with its exception."""
         answers = self._answers([(visual[i], step.requests[i]) for i in describe])
         for i, answer in zip(describe, answers):
             if isinstance(answer, Exception):
                 step.results[i] = answer
         return dict(zip(describe, answers))
 
-    def _finish(self, step: Step, i: int, visual_tokens, refer_maps, answered) -> None:
-        """Request i from its encoded image and its teacher-forced maps (refer) or its answer
+    def _finish(self, step: Step, i: int, visual_tokens, refer_maps, answer) -> None:
+        """Request i from its encoded image and its teacher-forced maps (refer) or its Answer
         (describe) to a Grounding."""
         request, stage = step.requests[i], step.stages[i]
-        if step.embedded != i:  # on CUDA SAM embeds it while the CPU finds this answer's phrases
-            self._set_image(step, i)
         if request.mode == "describe":
-            answer_ids, reads, answer, phrases = self._describe(answered, stage)
+            phrases, segments = self._describe(answer, stage)
         else:
-            answer_ids, reads, answer, phrases = self._refer(
-                step.answers[i], refer_maps, request.on_token, stage
+            grid = self.backend.grid_of(visual_tokens)
+            answer, phrases, segments = self._refer(
+                step.expressions[i], refer_maps, grid, request.on_token, stage
             )
-        grid_shape = self.backend.grid_of(visual_tokens)
-        image = request.image
-        grounded = self._ground_phrases(image, phrases, reads, grid_shape, stage) if phrases else []
+        grounded = []
+        if phrases:
+            grounded = self._ground_phrases(
+                request.image, step.embedded.index(i), answer, phrases, segments, stage
+            )
         step.results[i] = Grounding(
             request.query,
             request.mode,
-            answer,
-            list(answer_ids),
+            answer.text,
+            list(answer.token_ids),
             grounded,
-            image.shape[:2],
-            stage.done(),
+            request.image.shape[:2],
+            stage.timings(),
         )
 
-    def _answers(self, jobs: list[tuple[object, Request]]) -> list[tuple | Exception]:
-        """(encoded image, request) pairs -> per request its greedy answer to its query, within
-        its limits and with its own on_token / should_stop, all decoded together: (its ids
-        without the end token, their maps, the answer text, each token's character span in
-        it), or the exception that ended it."""
+    def _answers(self, jobs: list[tuple[object, Request]]) -> list[Answer | Exception]:
+        """(encoded image, request) pairs -> per request its greedy Answer to its query, within
+        its limits and with its own on_token / should_stop, all decoded together, or the
+        exception that ended it."""
 
         def streamer(on_token):
             if on_token is None:
@@ -280,32 +292,36 @@ class Engine:
             [request.should_stop for _, request in jobs],
         )
         answers = []
-        for outcome in generated:
+        for (visual, _), outcome in zip(jobs, generated):
             if isinstance(outcome, Exception):
                 answers.append(outcome)
                 continue
             ids, maps = outcome
-            answer_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
-            answers.append((answer_ids, maps, *token_spans(answer_ids, self.backend.decode)))
+            token_ids = ids[:-1] if ids and ids[-1] in self.backend.end_ids else ids
+            text, spans = token_spans(token_ids, self.backend.decode)
+            answers.append(Answer(token_ids, text, spans, maps, self.backend.grid_of(visual)))
         return answers
 
-    def _describe(self, answered: tuple, stage: Stages):
-        """Every noun chunk of the generated answer with tokens is a phrase."""
-        answer_ids, maps, answer, spans = answered
+    def _describe(self, answer: Answer, stage: Stages):
+        """Every noun chunk of the generated answer with tokens is a phrase, read on all of the
+        answer's maps -> (phrases, each one's (first, end) rows of answer.maps)."""
         with stage("phrases"):
-            phrases = [p for p in noun_phrases(answer, spans, self.nlp) if p.token_indices]
-        return answer_ids, [(maps, 0)] * len(phrases), answer, phrases
+            phrases = [
+                p for p in noun_phrases(answer.text, answer.spans, self.nlp) if p.token_indices
+            ]
+        return phrases, [(0, len(answer.maps))] * len(phrases)
 
-    def _refer(self, token_ids, maps, on_token, stage):
+    def _refer(self, token_ids, maps, grid, on_token, stage):
         """Each expression of the query (split at EXPRESSION_SEPARATOR), teacher-forced as the
         answer to refer_question, is one phrase; all of them in one batched forward pass, each
-        read (and normalised) as if alone. The answer is the expressions joined by "; ", the
-        token ids theirs one after another."""
+        read (and normalised) as if alone. -> (the Answer: the expressions joined by "; ", their
+        token ids and maps one after another; the phrases; each one's (first, end) rows of
+        the answer's maps: its own expression's)."""
         with stage("phrases"):
-            texts, phrases, reads, answer_ids = [], [], [], []
-            for ids, expression_maps in zip(token_ids, maps):
-                text, spans = token_spans(ids, self.backend.decode)
-                phrase = referred_phrase(text, spans, self.nlp)
+            texts, phrases, segments, answer_ids, spans = [], [], [], [], []
+            for ids in token_ids:
+                text, expression_spans = token_spans(ids, self.backend.decode)
+                phrase = referred_phrase(text, expression_spans, self.nlp)
                 start, first = len("; ".join(texts + [""])) if texts else 0, len(answer_ids)
                 phrases.append(
                     Phrase(
@@ -315,43 +331,29 @@ class Engine:
                         [first + t for t in phrase.token_indices],
                     )
                 )
-                reads.append((expression_maps, first))
+                segments.append((first, first + len(ids)))
+                spans += [(start + s, start + e) for s, e in expression_spans]
                 texts.append(text)
                 answer_ids += ids
-        answer = "; ".join(texts)
+        answer = Answer(answer_ids, "; ".join(texts), spans, torch.cat(maps), grid)
         if on_token is not None:
-            on_token(answer, len(answer_ids))
-        return answer_ids, reads, answer, phrases
+            on_token(answer.text, len(answer_ids))
+        return answer, phrases, segments
 
     def _ground_phrases(
         self,
         image: np.ndarray,
+        frame: int,
+        answer: Answer,
         phrases: list[Phrase],
-        reads: list[tuple[torch.Tensor, int]],
-        grid_shape: tuple[int, int],
+        segments: list[tuple[int, int]],
         stage: Stages,
     ) -> list[GroundedPhrase]:
-        """Per phrase, reads[i] = (the maps (T, h * w) it reads on this image's (h, w) grid, index
-        of their first token in the answer) -> its heat map, point and mask."""
-        height, width = image.shape[:2]
-        with stage("heatmaps"):
-            grids = {
-                id(maps): self._token_grid(maps, grid_shape) for maps, _ in reads
-            }  # each answer's, once
-            # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
-            heatmaps = [
-                heatmap.upsample(
-                    heatmap.combine(
-                        grids[id(maps)], [t - first for t in p.token_indices], self.combine
-                    )[None],
-                    (height, width),
-                    self.upsample,
-                )[0]
-                for p, (maps, first) in zip(phrases, reads)
-            ]  # P x (H, W)
-            points = [heatmap.argmax_point(h) for h in heatmaps]
+        """The phrases of one answer on its image, frame `frame` of the refiner's -> each one's
+        heat map, point and mask, filtered."""
+        heatmaps, points = self._heatmaps(image, answer, phrases, segments, stage)
         with stage("refine"):
-            refined = [self.refiner.refine(h, p) for h, p in zip(heatmaps, points)]
+            refined = self.refiner.refine(frame, heatmaps, points)
         grounded = [
             GroundedPhrase(
                 phrase.text,
@@ -368,13 +370,42 @@ class Engine:
         ]
         return self._filter(grounded)
 
-    def _token_grid(self, maps: torch.Tensor, grid_shape: tuple[int, int]) -> torch.Tensor:
-        """maps (T, h * w) -> (T, h, w) on the image's grid, mean map subtracted when
-        normalising."""
-        grid = maps.float().cpu().reshape(-1, *grid_shape)
-        if self.normalise and len(grid) > 1:  # one token's map minus itself would be all zeros
-            grid = heatmap.normalise(grid)
-        return grid
+    def _heatmaps(
+        self,
+        image: np.ndarray,
+        answer: Answer,
+        phrases: list[Phrase],
+        segments: list[tuple[int, int]],
+        stage: Stages,
+    ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """Per phrase, read on the rows segments[i] = (first, end) of the answer's maps
+        (normalised over those rows) -> its heat map in image pixels and its point. The maps
+        stay on the model's device until the points; the heat maps then come to the CPU."""
+        height, width = image.shape[:2]
+        with stage("heatmaps"):
+            # Each segment's grid once: a describe answer's phrases share one.
+            grids = {
+                segment: self.token_maps(answer.maps[slice(*segment)], answer.grid)
+                for segment in set(segments)
+            }
+            heatmaps, points = [], []
+            # One phrase at a time: the padded square of a large image is big (a 4K frame: 59 MB).
+            for phrase, (first, end) in zip(phrases, segments):
+                tokens = [t - first for t in phrase.token_indices]
+                combined = heatmap.combine(grids[first, end], tokens, self.combine)
+                heat = heatmap.upsample(combined[None], (height, width), self.upsample)[0]
+                points.append(heatmap.argmax_point(heat))
+                heatmaps.append(heat.cpu().numpy())
+        return heatmaps, points
+
+    def token_maps(self, maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """maps (T, rows * columns) -> (T, rows, columns) float32 on the image's grid, on their
+        device, mean map subtracted when normalising."""
+        token_grid = maps.float().reshape(-1, *grid)
+        # One token's map minus itself would be all zeros.
+        if self.normalise and len(token_grid) > 1:
+            token_grid = heatmap.normalise(token_grid)
+        return token_grid
 
     def _filter(self, phrases: list[GroundedPhrase]) -> list[GroundedPhrase]:
         """The reference demo's optional filters: refiner score, then NMS by mask IoU."""
@@ -388,44 +419,3 @@ class Engine:
             )
             phrases = [phrases[i] for i in keep]
         return phrases
-
-    def ground_answer_span(
-        self,
-        image: np.ndarray,
-        question: str,
-        token_count: int = 8,
-        combine: str = "max",
-        *,
-        max_new_tokens: int | None = None,
-    ) -> Grounding:
-        """The reference's RES recipe (groundLMM aas/infer_attn_res.py, aas/res.py): answer the
-        question greedily, merge the first `token_count` generated tokens' maps (mean-map subtracted
-        over all generated steps, the end token's included as in the reference; upsampled to image
-        pixels) and refine the argmax point. Returns a Grounding with that one phrase: the answer
-        text its tokens cover; a token index equal to len(token_ids) is the end token's map (short
-        answers)."""
-        if not (isinstance(token_count, int) and token_count >= 1):
-            raise InputError(f"token_count must be a positive integer, got {token_count!r}")
-        request = Request(image, question, max_new_tokens=max_new_tokens)
-        step, visual = self._start([request])
-        if step.results[0] is not None:
-            raise step.results[0]
-        visual_tokens = visual[0]
-        (answered,) = self._answers([(visual_tokens, request)])
-        if isinstance(answered, Exception):
-            raise answered
-        answer_ids, maps, answer, spans = answered
-        grid = self._token_grid(maps, self.backend.grid_of(visual_tokens))
-        tokens = list(range(min(token_count, len(grid))))
-        height, width = image.shape[:2]
-        # Upsampled first, then combined, as aas/res.py does: bicubic upsampling and max do not
-        # commute.
-        upsampled = torch.from_numpy(heatmap.upsample(grid[tokens], (height, width), self.upsample))
-        heat = heatmap.combine(upsampled, range(len(tokens)), combine).numpy()
-        point = heatmap.argmax_point(heat)
-        mask, score = self.refiner.refine(heat, point)
-        end = spans[min(len(tokens), len(spans)) - 1][1] if spans else 0
-        phrase = GroundedPhrase(
-            answer[:end], 0, end, tokens, heat, point, mask, score, mask_bbox(mask)
-        )
-        return Grounding(question, "describe", answer, list(answer_ids), [phrase], (height, width))

@@ -1,14 +1,14 @@
 """Token maps -> phrase heat maps in image pixels -> point prompts (docs/method.md, steps 3, 5, 6).
 
-Maps are torch tensors on the grid of visual tokens: (T, h, w) per answer token;
-heat maps are numpy (H, W) float32 in input-image pixels.
+Maps are torch tensors on the grid of visual tokens: (T, h, w) per answer token; heat maps are
+(H, W) float32 tensors in input-image pixels. Everything runs on the maps' device (the model's):
+only the point, two integers, has to come back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,8 +42,10 @@ def combine(
     return chosen[0]
 
 
-def upsample(grid_maps: torch.Tensor, image_size: tuple[int, int], mode: str = "pad") -> np.ndarray:
-    """(P, h, w) grid maps -> (P, H, W) float32 image-pixel heat maps, bicubic
+def upsample(
+    grid_maps: torch.Tensor, image_size: tuple[int, int], mode: str = "pad"
+) -> torch.Tensor:
+    """(P, h, w) grid maps -> (P, H, W) float32 image-pixel heat maps on their device, bicubic
     (align_corners=False).
 
     "pad": the model saw the image centred in a max(H, W) square, so upsample to that
@@ -52,18 +54,17 @@ def upsample(grid_maps: torch.Tensor, image_size: tuple[int, int], mode: str = "
     if mode not in UPSAMPLE:
         raise ValueError(f"upsample mode must be one of {UPSAMPLE}, got {mode!r}")
     height, width = image_size
-    maps = grid_maps.float().unsqueeze(0)  # (1, P, h, w): interpolate wants a batch axis
+    # (1, P, h, w): interpolate wants a batch axis.
+    maps = grid_maps.float().unsqueeze(0)
     if mode == "resize":
-        return F.interpolate(maps, size=(height, width), mode="bicubic", align_corners=False)[
-            0
-        ].numpy()
+        return F.interpolate(maps, size=(height, width), mode="bicubic", align_corners=False)[0]
     side = max(height, width)
     square = F.interpolate(maps, size=(side, side), mode="bicubic", align_corners=False)[0]
     top, left = (side - height) // 2, (side - width) // 2
-    return square[:, top : top + height, left : left + width].contiguous().numpy()
+    return square[:, top : top + height, left : left + width].contiguous()
 
 
-def argmax_point(heatmap: np.ndarray) -> tuple[int, int]:
+def argmax_point(heatmap: torch.Tensor) -> tuple[int, int]:
     """(H, W) -> (x, y) pixel of the maximum (the first one in row-major order on ties)."""
-    row, column = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return int(column), int(row)
+    row, column = divmod(int(heatmap.flatten().argmax()), heatmap.shape[1])
+    return column, row

@@ -1,13 +1,14 @@
-"""Point (and heat map) -> mask (docs/method.md, steps 7-8).
+"""Points (and heat maps) -> masks (docs/method.md, steps 7-8).
 
-Every refiner: `set_image(image)` once per query, then `refine(heatmap, point)`
-per phrase -> (mask (H, W) bool, score). Images are (H, W, 3) uint8 RGB,
-heat maps (H, W) float32 and points (x, y) in the same pixels.
+Every refiner: `set_images(images)` once per step with the frames of its queries, then
+`refine(i, heatmaps, points)` with all phrases of frame i -> per phrase (mask (H, W) bool, score).
+Images are (H, W, 3) uint8 RGB, heat maps (H, W) float32 and points (x, y) in the same pixels.
+`warm_up(frames)` before the first query builds what a step of up to `frames` frames needs.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import cv2
@@ -20,9 +21,22 @@ SAM_PROMPTS = ("point", "box")
 
 
 class Refiner(Protocol):
-    def set_image(self, image: np.ndarray) -> None: ...
+    def warm_up(self, frames: int = 1) -> None: ...
 
-    def refine(self, heatmap: np.ndarray, point: tuple[int, int]) -> tuple[np.ndarray, float]: ...
+    def set_images(self, images: list[np.ndarray]) -> None: ...
+
+    def refine(
+        self, image: int, heatmaps: list[np.ndarray], points: list[tuple[int, int]]
+    ) -> list[tuple[np.ndarray, float]]: ...
+
+
+@dataclass
+class SamEmbedding:
+    """One frame as SamPredictor holds it after set_image."""
+
+    features: torch.Tensor  # (1, C, h, w) float32, the image encoder's output
+    input_size: tuple[int, int]  # the frame resized so its long side is the encoder's input side
+    original_size: tuple[int, int]  # (H, W) of the frame
 
 
 class SamRefiner:
@@ -34,6 +48,18 @@ class SamRefiner:
     scale: x = heat map / attention_temperature; the box around the pixels where
     x > box_threshold, plus logit(clip(x)) as SAM's low-resolution mask prompt; the last mask.
     score: SAM's predicted IoU of the kept mask.
+
+    The frames of one step are embedded in one batched image-encoder call, and all phrases of
+    one frame are decoded in one batched prompt call; each gets the mask it gets alone.
+
+    encoder_dtype: the image encoder is most of SAM's time (ViT-H on an H200: 178 ms in
+    float32, 48 ms under float16 autocast, 44 ms with its weights cast to bfloat16), so by
+    default it runs under bfloat16 autocast on CUDA and in float32 elsewhere. Autocast rather
+    than cast weights: its layer norms, softmax and residual sums stay float32, which keeps the
+    masks of the tiny test SAM at IoU >= 0.98 against float32, where cast weights did not, and
+    leaves the caller's Sam as it was. Its features, the prompts and the masks stay float32.
+    compile: torch.compile the image encoder (its input is always one fixed square, so one
+    graph per number of frames; warm_up builds them).
     """
 
     def __init__(
@@ -43,68 +69,97 @@ class SamRefiner:
         attention_temperature: float = 2e-4,
         box_threshold: float = 0.75,
         encoder_dtype: torch.dtype | None = None,
+        compile: bool = False,
     ):
         if prompt not in SAM_PROMPTS:
             raise ValueError(f"SAM prompt must be one of {SAM_PROMPTS}, got {prompt!r}")
         self.predictor = SamPredictor(sam)
         self.prompt = prompt
-        self.attention_temperature = attention_temperature  # the reference's --attn-temp
-        self.box_threshold = box_threshold  # the reference's --box-thresh
-        # The image encoder is most of SAM's time (ViT-H: ~190 ms in float32 on an H200): by default
-        # it runs in float16 on CUDA (autocast), float32 elsewhere; prompts and masks stay float32.
-        # On CUDA it also runs on its own stream, so it overlaps whatever the caller runs next
-        # (the engine embeds the frame first, then runs the LMM); refine() waits for it.
-        device = sam.device
-        self.encoder_dtype = encoder_dtype or (
-            torch.float16 if device.type == "cuda" else torch.float32
+        # The reference's --attn-temp and --box-thresh.
+        self.attention_temperature = attention_temperature
+        self.box_threshold = box_threshold
+        cuda = sam.device.type == "cuda"
+        self.encoder_dtype = encoder_dtype or (torch.bfloat16 if cuda else torch.float32)
+        self.compiled = compile
+        self.encoder = (
+            torch.compile(sam.image_encoder, dynamic=False) if compile else sam.image_encoder
         )
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._image: np.ndarray | None = None  # the frame whose embedding the predictor holds
+        # The frames of the last set_images and their embeddings: a frame that comes again is
+        # not embedded again.
+        self._frames: list[np.ndarray] = []
+        self._embeddings: list[SamEmbedding] = []
 
-    def set_image(self, image: np.ndarray) -> None:
-        """Embeds the image once: queries on the same frame reuse the embedding."""
-        if (
-            self._image is not None
-            and self._image.shape == image.shape
-            and np.array_equal(self._image, image)
-        ):
+    def warm_up(self, frames: int = 1) -> None:
+        """Runs the image encoder once for each number of frames up to `frames`: a compiled
+        encoder builds its graphs now, and CUDA loads its kernels, not on the first query.
+        Uncompiled on the CPU there is nothing to build, so nothing runs."""
+        if not self.compiled and self.predictor.device.type != "cuda":
             return
-        stream = nullcontext()
-        if self._stream is not None:
-            self._stream.wait_stream(
-                torch.cuda.current_stream()
-            )  # the old embedding is no longer in use
-            stream = torch.cuda.stream(self._stream)
-        with (
-            stream,
-            torch.autocast(
-                self.predictor.device.type,
-                dtype=self.encoder_dtype,
-                enabled=self.encoder_dtype != torch.float32,
-            ),
-        ):
-            self.predictor.set_image(image, image_format="RGB")
-            self.predictor.features = self.predictor.features.float()
-        self._image = image.copy()
+        side = self.predictor.model.image_encoder.img_size
+        for count in range(1, frames + 1):
+            self._embed([np.zeros((side, side, 3), np.uint8)] * count)
 
-    def _embedded(self) -> None:
-        if self._stream is not None:
-            torch.cuda.current_stream().wait_stream(self._stream)
+    def set_images(self, images: list[np.ndarray]) -> None:
+        """Embeds the frames not held yet, in one batched call; holds exactly these frames."""
+        held = [self._held(image) for image in images]
+        missing = [image for image, embedding in zip(images, held) if embedding is None]
+        embedded = iter(self._embed(missing) if missing else [])
+        self._embeddings = [e if e is not None else next(embedded) for e in held]
+        self._frames = [image.copy() for image in images]
 
-    def refine(self, heatmap, point):
-        self._embedded()
+    def _held(self, image: np.ndarray) -> SamEmbedding | None:
+        for frame, embedding in zip(self._frames, self._embeddings):
+            if frame.shape == image.shape and np.array_equal(frame, image):
+                return embedding
+        return None
+
+    @torch.no_grad()
+    def _embed(self, images: list[np.ndarray]) -> list[SamEmbedding]:
+        """SamPredictor.set_image's steps for several frames, the encoder run once on all."""
+        model, transform = self.predictor.model, self.predictor.transform
+        inputs, sizes = [], []
+        for image in images:
+            resized = torch.as_tensor(transform.apply_image(image), device=model.device)
+            resized = resized.permute(2, 0, 1).contiguous()[None]
+            inputs.append(model.preprocess(resized))
+            sizes.append((tuple(resized.shape[-2:]), image.shape[:2]))
+        batch = torch.cat(inputs)
+        half = self.encoder_dtype != torch.float32
+        with torch.autocast(model.device.type, dtype=self.encoder_dtype, enabled=half):
+            features = self.encoder(batch).float()
+        return [
+            SamEmbedding(features[k : k + 1], input_size, original_size)
+            for k, (input_size, original_size) in enumerate(sizes)
+        ]
+
+    def refine(self, image, heatmaps, points):
+        """All phrases of frame `image` in one prompt call."""
+        embedding, predictor = self._embeddings[image], self.predictor
+        # The state SamPredictor.set_image leaves, for this frame.
+        predictor.features = embedding.features
+        predictor.input_size = embedding.input_size
+        predictor.original_size = size = embedding.original_size
+        predictor.is_image_set = True
+        device = predictor.device
+        coords = labels = boxes = mask_input = None
         if self.prompt == "point":
-            masks, scores, _ = self.predictor.predict(
-                point_coords=np.array([point], dtype=np.float32),
-                point_labels=np.array([1]),
-                multimask_output=True,
-            )
+            # (P, 1, 2): one positive point per phrase, as predict() makes them.
+            transformed = predictor.transform.apply_coords(np.array(points, float)[:, None], size)
+            coords = torch.as_tensor(transformed, dtype=torch.float, device=device)
+            labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
         else:
-            scaled = heatmap / self.attention_temperature
-            masks, scores, _ = self.predictor.predict(
-                box=self._box(scaled), mask_input=self._mask_logits(scaled), multimask_output=True
+            scaled = [heat / self.attention_temperature for heat in heatmaps]
+            transformed = predictor.transform.apply_boxes(
+                np.stack([self._box(x) for x in scaled]), size
             )
-        return masks[-1].astype(bool), float(scores[-1])
+            boxes = torch.as_tensor(transformed, dtype=torch.float, device=device)
+            logits = np.stack([self._mask_logits(x) for x in scaled])
+            mask_input = torch.as_tensor(logits, dtype=torch.float, device=device)
+        masks, scores, _ = predictor.predict_torch(
+            coords, labels, boxes, mask_input, multimask_output=True
+        )
+        masks, scores = masks[:, -1].cpu().numpy(), scores[:, -1].tolist()
+        return list(zip(masks.astype(bool), scores))
 
     def _box(self, scaled: np.ndarray) -> np.ndarray:
         """(4,) x0, y0, x1, y1 (exclusive) around the pixels where scaled > box_threshold; all
@@ -152,11 +207,14 @@ class ThresholdRefiner:
             raise ValueError(f"threshold fraction must be in (0, 1), got {fraction}")
         self.fraction = fraction
 
-    def set_image(self, image: np.ndarray) -> None:
-        pass  # the heat map alone decides
+    def warm_up(self, frames: int = 1) -> None:
+        """Nothing to build: the heat map alone decides."""
 
-    def refine(self, heatmap, point):
-        return heat_region(heatmap, point, self.fraction), 1.0
+    def set_images(self, images: list[np.ndarray]) -> None:
+        """Nothing to hold: the heat map alone decides."""
+
+    def refine(self, image, heatmaps, points):
+        return [(heat_region(h, p, self.fraction), 1.0) for h, p in zip(heatmaps, points)]
 
 
 class ColourRefiner:
@@ -195,17 +253,28 @@ class ColourRefiner:
         self.tolerance, self.fraction, self.margin = tolerance, fraction, margin
         self.min_fill, self.max_fill = min_fill, max_fill
         self.fallback = fallback
-        self.image = None
+        self.images: list[np.ndarray] = []
 
-    def set_image(self, image: np.ndarray) -> None:
+    def warm_up(self, frames: int = 1) -> None:
+        """Nothing to build: OpenCV only."""
+
+    def set_images(self, images: list[np.ndarray]) -> None:
         # A 3x3 median removes sensor noise and JPEG speckle that would stop the fill
         # inside a uniform surface, while keeping edges sharp.
-        self.image = cv2.medianBlur(np.ascontiguousarray(image), 3)
+        self.images = [cv2.medianBlur(np.ascontiguousarray(image), 3) for image in images]
 
-    def refine(self, heatmap, point):
-        if self.image is None or self.image.shape[:2] != heatmap.shape:
+    def refine(self, image, heatmaps, points):
+        if not 0 <= image < len(self.images):
             raise ValueError(
-                "ColourRefiner.refine needs set_image with an image of the heat map's size first"
+                f"ColourRefiner.refine: no frame {image}; set_images holds {len(self.images)}"
+            )
+        return [self._fill(self.images[image], h, p) for h, p in zip(heatmaps, points)]
+
+    def _fill(self, image: np.ndarray, heatmap: np.ndarray, point: tuple[int, int]):
+        if image.shape[:2] != heatmap.shape:
+            raise ValueError(
+                f"ColourRefiner.refine: heat map {heatmap.shape} is not the size of the frame, "
+                f"{image.shape[:2]}"
             )
         height, width = heatmap.shape
         side = 2 * round(self.margin * max(height, width)) + 1
@@ -221,7 +290,7 @@ class ColourRefiner:
         blocked[1:-1, 1:-1] -= region
         tolerance = (self.tolerance,) * 3
         cv2.floodFill(
-            self.image,
+            image,
             blocked,
             point,
             0,
@@ -231,7 +300,7 @@ class ColourRefiner:
         )
         filled = blocked[1:-1, 1:-1] == 2
         if not self.min_fill <= filled.sum() / region.sum() <= self.max_fill:
-            return self.fallback.refine(heatmap, point)
+            return heat_region(heatmap, point, self.fallback.fraction), 1.0
         return filled, 1.0
 
 

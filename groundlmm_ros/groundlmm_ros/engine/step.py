@@ -30,11 +30,11 @@ class Stages:
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
-    def done(self) -> dict[str, float]:
+    def timings(self) -> dict[str, float]:
         return {**self.seconds, "total": time.perf_counter() - self.start}
 
 
-def go_on(request: Request, when: str) -> None:
+def raise_if_stopped(request: Request, when: str) -> None:
     """Raise Cancelled if the request's should_stop says so."""
     if request.should_stop is not None and request.should_stop():
         raise Cancelled(f"stopped {when}")
@@ -43,14 +43,15 @@ def go_on(request: Request, when: str) -> None:
 class Step:
     """The requests of one ground_batch call while they run: per request its Stages, its
     expressions' token ids (refer) and, once it has ended, its result (a Grounding or the
-    exception that ended it)."""
+    exception that ended it); and which requests' frames the refiner holds, in its order."""
 
     def __init__(self, requests: list[Request]):
         self.requests = requests
         self.stages = [Stages() for _ in requests]
         self.results: list[Grounding | Exception | None] = [None] * len(requests)
-        self.answers: dict[int, list[list[int]]] = {}
-        self.embedded: int | None = None  # the request whose image the refiner holds
+        self.expressions: dict[int, list[list[int]]] = {}
+        # Requests whose frames the refiner holds: refiner.refine(embedded.index(i), ...).
+        self.embedded: list[int] = []
 
     def live(self) -> list[int]:
         """Requests that have not ended."""

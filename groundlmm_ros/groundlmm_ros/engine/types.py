@@ -1,4 +1,5 @@
-"""Plain result types of the engine: numpy only, no torch, no rclpy.
+"""Plain types of the engine, no rclpy. Results hold numpy only; an Answer's maps are the
+model's torch tensor, still on its device.
 
 Coordinates are image pixels of the input image (H rows, W columns);
 points are (x, y) = (column, row).
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 MODES = ("describe", "refer")
 # Most answer tokens a query generates where neither the model's preset nor the caller says:
@@ -31,9 +36,8 @@ class GroundedPhrase:
     text: str  # the noun phrase (describe) or the whole expression (refer)
     char_start: int  # [char_start, char_end) of the phrase in Grounding.answer
     char_end: int
-    token_indices: list[
-        int
-    ]  # answer tokens whose maps were combined (indices into Grounding.token_ids)
+    # answer tokens whose maps were combined (indices into Grounding.token_ids)
+    token_indices: list[int]
     heatmap: np.ndarray  # (H, W) float32, the combined map upsampled to image pixels
     point: tuple[int, int]  # (x, y) argmax of heatmap, the refiner's point prompt
     mask: np.ndarray  # (H, W) bool
@@ -62,3 +66,16 @@ class Request:
     on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
     should_stop: Callable[[], bool] | None = None  # checked between tokens: Cancelled
     max_new_tokens: int | None = None
+
+
+@dataclass
+class Answer:
+    """The model's greedy answer to one query, before its phrases are grounded."""
+
+    token_ids: list[int]  # without the end token
+    text: str  # the full decode of token_ids, unstripped
+    spans: list[tuple[int, int]]  # each token's [start, end) in text (phrases.token_spans)
+    # (T, rows * columns) one map per generated token, the end token's included when emitted,
+    # on the model's device; rows * columns is `grid`.
+    maps: torch.Tensor
+    grid: tuple[int, int]  # (rows, columns) of the encoded image's token grid

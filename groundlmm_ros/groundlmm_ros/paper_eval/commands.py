@@ -123,9 +123,8 @@ def run_eval_gcg(args) -> None:
         raise SystemExit("--rescore needs --predictions (the folder to read)")
     images, coco = gcg.load_ground_truth(args.captions, args.masks)
     images = images[: args.limit] if args.limit else images
-    similarity = gcg.PhraseSimilarity(
-        args.text_model, args.device
-    )  # a bad path fails before the model runs
+    # Built first, so a bad path fails before the model runs.
+    similarity = gcg.PhraseSimilarity(args.text_model, args.device)
     if args.rescore:
         predictions = {
             image.id: gcg.read_prediction(args.predictions, image.id) for image in images

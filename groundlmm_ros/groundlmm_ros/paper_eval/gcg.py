@@ -74,9 +74,8 @@ class PhraseSimilarity:
     def __call__(self, a: str, b: str) -> float:
         x, y = self.embed(a), self.embed(b)
         norms = float(np.linalg.norm(x) * np.linalg.norm(y))
-        return (
-            float(x @ y / norms) if norms else 0.0
-        )  # sklearn's cosine_similarity gives 0 for a zero vector
+        # sklearn's cosine_similarity gives 0 for a zero vector.
+        return float(x @ y / norms) if norms else 0.0
 
 
 def greedy_pairs(
@@ -145,9 +144,8 @@ def load_ground_truth(caption_path: str, mask_path: str) -> tuple[list[GcgImage]
             raise ValueError(
                 f"{caption_path}: caption annotation {annotation.get('id')} has no 'labels'"
             )
-        labels.setdefault(
-            annotation["image_id"], annotation["labels"]
-        )  # the first one, as GLaMM's [0]
+        # The first one, as GLaMM's [0].
+        labels.setdefault(annotation["image_id"], annotation["labels"])
     with quiet():
         coco = COCO(mask_path)
     images = []
@@ -203,15 +201,13 @@ def average_precision(coco: COCO, images: list[GcgImage], predictions: dict) -> 
     with quiet():
         evaluation = COCOeval(coco, coco.loadRes(detections), "segm")
         evaluation.params.catIds = [1]
-        evaluation.params.imgIds = [
-            image.id for image in images
-        ]  # GLaMM: all of the split's, the same set
+        # GLaMM: all of the split's, the same set.
+        evaluation.params.imgIds = [image.id for image in images]
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    return max(float(evaluation.stats[1]), 0.0), max(
-        float(evaluation.stats[0]), 0.0
-    )  # -1: no GT at all
+    # COCOeval gives -1 where there is no GT at all.
+    return max(float(evaluation.stats[1]), 0.0), max(float(evaluation.stats[0]), 0.0)
 
 
 def score(coco: COCO, images: list[GcgImage], predictions: dict, similarity) -> dict:

@@ -10,7 +10,7 @@ Two ways to ground it:
 - "recipe": the reference's RES recipe: generate an answer to the template (default
   'Describe the "{}" in the image.', the reference's default; its final runs in
   aas/infer_attn_res.sh used 'Describe the "{}".'), take the maps of the first 8 generated tokens
-  (mean-map subtracted) combined by max, and refine their argmax point (Engine.ground_answer_span).
+  (mean-map subtracted) combined by max, and refine their argmax point (ground_answer_span).
   aas/res.py then keeps the best-scoring proposal mask of an instance segmenter (Co-DETR)
   containing the point; here the engine's refiner (SAM with a point prompt) makes the mask.
 - "refer": the project's refer mode (Engine.ground(..., mode="refer")).
@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from groundlmm_ros.engine import heatmap
+from groundlmm_ros.engine.engine import mask_bbox
+from groundlmm_ros.engine.types import GroundedPhrase, Grounding, InputError
 from groundlmm_ros.paper_eval.masks import decode_segmentation, encode_mask, load_json, read_image
 
 RES_TEMPLATE = 'Describe the "{}" in the image.'
@@ -124,6 +127,44 @@ def metrics(parts: list[tuple[int, int]]) -> dict:
     }
 
 
+def ground_answer_span(
+    engine,
+    image: np.ndarray,
+    question: str,
+    token_count: int = RES_TOKENS,
+    combine: str = "max",
+    *,
+    max_new_tokens: int | None = None,
+) -> Grounding:
+    """The reference's RES recipe (groundLMM aas/infer_attn_res.py, aas/res.py): answer the
+    question greedily, merge the first `token_count` generated tokens' maps (mean-map subtracted
+    over all generated steps, the end token's included as in the reference; upsampled to image
+    pixels) and refine the argmax point. Returns a Grounding with that one phrase: the answer
+    text its tokens cover; a token index equal to len(token_ids) is the end token's map (short
+    answers)."""
+    if not (isinstance(token_count, int) and token_count >= 1):
+        raise InputError(f"token_count must be a positive integer, got {token_count!r}")
+    answer = engine.answer(image, question, max_new_tokens=max_new_tokens)
+    grid = engine.token_maps(answer.maps, answer.grid)
+    tokens = list(range(min(token_count, len(grid))))
+    height, width = image.shape[:2]
+    # Upsampled first, then combined, as aas/res.py does: bicubic upsampling and max do not
+    # commute.
+    upsampled = heatmap.upsample(grid[tokens], (height, width), engine.upsample)
+    heat = heatmap.combine(upsampled, range(len(tokens)), combine)
+    point = heatmap.argmax_point(heat)
+    heat = heat.cpu().numpy()
+    engine.refiner.set_images([image])
+    ((mask, score),) = engine.refiner.refine(0, [heat], [point])
+    end = answer.spans[min(len(tokens), len(answer.spans)) - 1][1] if answer.spans else 0
+    phrase = GroundedPhrase(
+        answer.text[:end], 0, end, tokens, heat, point, mask, score, mask_bbox(mask)
+    )
+    return Grounding(
+        question, "describe", answer.text, list(answer.token_ids), [phrase], (height, width)
+    )
+
+
 def ground(
     engine,
     image: np.ndarray,
@@ -136,8 +177,13 @@ def ground(
 ):
     """(answer, GroundedPhrase) for one referring expression."""
     if mode == "recipe":
-        grounding = engine.ground_answer_span(
-            image, template.format(sentence), token_count, "max", max_new_tokens=max_new_tokens
+        grounding = ground_answer_span(
+            engine,
+            image,
+            template.format(sentence),
+            token_count,
+            "max",
+            max_new_tokens=max_new_tokens,
         )
     elif mode == "refer":
         grounding = engine.ground(image, sentence, mode="refer")
@@ -164,9 +210,8 @@ def run(
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(open(prediction_path, "w")) if prediction_path else None
         for k, sample in enumerate(samples):
-            if (
-                sample.image_id not in image_cache
-            ):  # only the current image: an image's refs usually come together
+            # Only the current image: an image's refs usually come together.
+            if sample.image_id not in image_cache:
                 image_cache = {
                     sample.image_id: read_image(
                         image_folder, sample.file_name, (sample.height, sample.width)

@@ -152,10 +152,11 @@ def train_clip(
             [model.vision_tower.clip_inputs(pixels[s]) for s in batches(len(pixels), 512)]
         )
     tags = torch.stack([caption_tags(c) for c in captions]).to(pixels.device)  # (n, T)
+    # Dropped after this stage.
     head = torch.nn.Sequential(
         torch.nn.LayerNorm(clip.config.hidden_size),
         torch.nn.Linear(clip.config.hidden_size, len(TAGS)),
-    ).to(pixels.device)  # dropped after
+    ).to(pixels.device)
     trained = list(clip.parameters()) + list(head.parameters())
     clip.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.05)
@@ -165,9 +166,8 @@ def train_clip(
         index = torch.randint(len(pixels), (budget.clip_batch_size,), device=pixels.device)
         hidden = clip(pixel_values=clip_pixels[index], output_hidden_states=True).hidden_states
         tokens = hidden[-1 if tag_layer == "last" else CLIP_READ_LAYER][:, 1:]  # (B, N, C_clip)
-        loss = F.binary_cross_entropy_with_logits(
-            head(tokens).amax(dim=1), tags[index]
-        )  # best patch per tag
+        # The best patch per tag.
+        loss = F.binary_cross_entropy_with_logits(head(tokens).amax(dim=1), tags[index])
         update(optimiser, loss, log, "clip", step, budget.clip_steps, every=100)
     clip.eval().requires_grad_(False)
 
@@ -403,9 +403,10 @@ def train(
         f"recipe {asdict(recipe)}"
     )
     scenes = make_scenes(budget.scenes, seed=TRAIN_SEED, size=SCENE_SIZE)
+    # (n, 3, R, R)
     pixels = torch.cat(
         [config.preprocessing.pixel_values(s.image, config.image_size) for s in scenes]
-    ).to(device)  # (n, 3, R, R)
+    ).to(device)
     vae = AutoencoderKL.from_config(explicit(config.vae)).to(device)
     train_vae(vae, pixels, budget, log)
     config.vae = dict(vae.config)
