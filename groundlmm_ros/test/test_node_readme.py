@@ -18,7 +18,7 @@ import pytest
 from node_harness import Client, NodeProcess, is_rejection, rgb_image, wait_for
 from sensor_msgs.msg import Image
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.ros, pytest.mark.node]
 
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
