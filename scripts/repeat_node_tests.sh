@@ -27,7 +27,7 @@ for i in $(seq 1 "$runs"); do
     log="$log_dir/run_$i.log"
     run_start=$SECONDS
     timeout -k 10 "$run_timeout" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-        -m node groundlmm_ros/test "$@" > "$log" 2>&1
+        -m node groundlmm_ros/test/ros "$@" > "$log" 2>&1
     rc=$?
     done_runs=$i
     if [ $rc -eq 0 ]; then

@@ -73,16 +73,6 @@ def pytest_unconfigure(config):
         watchdog.wait(5.0)
 
 
-@pytest.fixture(scope="module")
-def client(node):
-    """A client of the module's `node` fixture (a NodeProcess), seeing it active."""
-    from node_harness import connect
-
-    client = connect(node)
-    yield client
-    client.close()
-
-
 def _timeout_s(item) -> float:
     marker = item.get_closest_marker("timeout")
     if marker is not None and marker.args:

@@ -24,7 +24,7 @@ IMAGE_TRANSPORTS = ("raw", "compressed")
 
 # name: (default, description). The one home of every parameter: the default's type is the
 # parameter's type, NodeParams is built from it, config/params.yaml must hold these defaults
-# and README's table is this table (markdown_table(); test/test_node_launch.py checks both).
+# and README's table is this table (markdown_table(); test/ros/test_node_launch.py checks both).
 PARAMETERS: dict[str, tuple[object, str]] = {
     # The model (read at configure).
     "model": (

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_latency.py"
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "gpu_latency.py"
 STAGES = [
     "preprocess",
     "clip",

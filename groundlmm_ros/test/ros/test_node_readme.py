@@ -20,7 +20,7 @@ from sensor_msgs.msg import Image
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.ros, pytest.mark.node]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 README = (REPO / "README.md").read_text()
 NODE_SECTION = README[README.index("<!-- node:begin -->") : README.index("<!-- node:end -->")]
 DEFAULT_ENV = {k: v for k, v in os.environ.items() if not k.startswith("FASTDDS_")}
