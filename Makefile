@@ -19,7 +19,7 @@ test: setup
 
 # The edit-test loop: everything but the ROS-graph and the slow tests (a minute or two).
 test-fast: setup
-	$(PY) -m pytest groundlmm_ros/test -m "not ros and not slow"
+	$(PY) -m pytest groundlmm_ros/test -m "not ros and not node and not slow"
 
 # ruff's formatter and linter (ruff.toml); CI runs it before the tests.
 lint: setup
@@ -30,7 +30,8 @@ lint: setup
 docs: setup
 	$(PY) scripts/generate_docs.py
 
-# The node tests N times in a row: passes, failures and hangs (scripts/repeat_node_tests.sh).
+# The tests that start nodes (marker node) N times in a row: passes, failures and hangs
+# (scripts/repeat_node_tests.sh).
 N ?= 30
 repeat-node-tests: setup
 	scripts/repeat_node_tests.sh $(N)

@@ -8,7 +8,7 @@
 2. Overhead: what the node adds around the model for a 640x480 image with 10
    masks: rgb8 conversion, message building, publishing (to a subscriber in
    another process). A GroundingNode in this process runs its own result path
-   (`node.results[""].publish`, what the worker's finish calls) on a Grounding of 10 masks:
+   (`node.results[""].publish`, what a finished topic query calls) on a Grounding of 10 masks:
    with only `grounding` subscribed (overhead_ms_*), then with depth to 3D on and every
    output subscribed (overlay, markers, points: overhead_ms_all_outputs_*).
 The last line is JSON.
@@ -42,7 +42,8 @@ from visualization_msgs.msg import MarkerArray
 from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.engine.types import GroundedPhrase, Grounding
 from groundlmm_ros.ros.conversion import numpy_to_image, to_rgb8
-from groundlmm_ros.ros.node import GroundingNode, use_node_dds_profile
+from groundlmm_ros.ros.node import GroundingNode
+from groundlmm_ros.ros.process import use_node_dds_profile
 from groundlmm_ros.ros.worker import DEFAULT_CAMERA, Job, Outcome
 
 WIDTH, HEIGHT, MASKS = 640, 480, 10
@@ -97,7 +98,7 @@ def node_process(parameters: dict):
                 [
                     sys.executable,
                     "-m",
-                    "groundlmm_ros.ros.node",
+                    "groundlmm_ros.ros.process",
                     "--ros-args",
                     "--params-file",
                     params,
@@ -252,7 +253,7 @@ def _time_deliveries(node, topics, image, grounding, repeats: int) -> list[float
         convert_s = time.perf_counter() - start
         results.publish(
             Outcome(
-                Job("Describe the image.", "describe", "topic"),
+                Job("Describe the image.", "describe", "topic", results),
                 frame=image,
                 rgb=rgb,
                 grounding=grounding,

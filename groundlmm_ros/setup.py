@@ -46,7 +46,7 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "groundlmm_node = groundlmm_ros.ros.node:main",
+            "groundlmm_node = groundlmm_ros.ros.process:main",
             "groundlmm = groundlmm_ros.cli:main",
         ],
     },

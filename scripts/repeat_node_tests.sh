@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run the node tests (test_node_*.py) N times in a row and print passes, failures and hangs.
+# Run the tests that start groundlmm_node (pytest marker `node`) N times in a row and print
+# passes, failures and hangs.
 #
 #   scripts/repeat_node_tests.sh [N=30] [extra pytest arguments]
 #
@@ -26,7 +27,7 @@ for i in $(seq 1 "$runs"); do
     log="$log_dir/run_$i.log"
     run_start=$SECONDS
     timeout -k 10 "$run_timeout" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-        groundlmm_ros/test/test_node_*.py "$@" > "$log" 2>&1
+        -m node groundlmm_ros/test/ros "$@" > "$log" 2>&1
     rc=$?
     done_runs=$i
     if [ $rc -eq 0 ]; then

@@ -36,4 +36,4 @@ requirements=$scratch/requirements-jazzy.txt
 cd "$repo"
 export AMENT_PREFIX_PATH=$venv
 exec "$venv/bin/python" -m pytest \
-  groundlmm_ros/test/test_conversion.py groundlmm_ros/test/test_interfaces.py groundlmm_ros/test/test_dds_exchange.py "$@"
+  groundlmm_ros/test/ros/test_conversion.py groundlmm_ros/test/ros/test_interfaces.py groundlmm_ros/test/ros/test_dds_exchange.py "$@"

@@ -95,7 +95,7 @@ def start_node(model: str) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "groundlmm_ros.ros.node",
+            "groundlmm_ros.ros.process",
             "--ros-args",
             "-p",
             f"model:={model}",

@@ -73,46 +73,6 @@ def pytest_unconfigure(config):
         watchdog.wait(5.0)
 
 
-# `make test-fast` leaves both out. ros: starts ROS 2 nodes or DDS participants in other processes;
-# slow: takes tens of seconds alone.
-ROS_MODULES = {
-    "test_dds_exchange",
-    "test_colcon_workspace",
-    "test_node_basic",
-    "test_node_inputs",
-    "test_node_lifecycle",
-    "test_node_load",
-    "test_node_qwen2_5_vl",
-    "test_node_readme",
-}
-SLOW_MODULES = {
-    "test_training",
-    "test_evaluation",
-    "test_colcon_workspace",
-    "test_gpu_latency_tiny",
-    "test_node_load",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        module = item.module.__name__
-        if module in ROS_MODULES:
-            item.add_marker(pytest.mark.ros)
-        if module in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
-
-
-@pytest.fixture(scope="module")
-def client(node):
-    """A client of the module's `node` fixture (a NodeProcess), seeing it active."""
-    from node_harness import connect
-
-    client = connect(node)
-    yield client
-    client.close()
-
-
 def _timeout_s(item) -> float:
     marker = item.get_closest_marker("timeout")
     if marker is not None and marker.args:

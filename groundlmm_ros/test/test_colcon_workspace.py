@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.ros, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)  # the venv running this test
 PACKAGES = ("groundlmm_msgs", "groundlmm_ros")
@@ -142,7 +144,7 @@ point, = [
 print(json.dumps({"value": point.value, "origin": importlib.util.find_spec(point.module).origin}))
 """,
     )
-    assert entry["value"] == "groundlmm_ros.ros.node:main"
+    assert entry["value"] == "groundlmm_ros.ros.process:main"
     assert (
         Path(entry["origin"]).resolve()
         == REPO / "groundlmm_ros" / "groundlmm_ros" / "ros" / "node.py"

@@ -20,6 +20,8 @@ from groundlmm_ros.evaluation import (
 from groundlmm_ros.models.presets import demo_model_dir
 from groundlmm_ros.world import SceneObject
 
+pytestmark = pytest.mark.slow
+
 
 def box(y0, y1, x0, x1, size=20):
     mask = np.zeros((size, size), bool)

@@ -28,11 +28,11 @@ from groundlmm_ros.engine.phrases import (
     referred_phrase,
     token_spans,
 )
+from groundlmm_ros.engine.query import query_problem
 from groundlmm_ros.engine.refiners import Refiner, nms_keep
 from groundlmm_ros.engine.step import Stages, Step, raise_if_stopped
 from groundlmm_ros.engine.types import (
     MAX_NEW_TOKENS,
-    MODES,
     Answer,
     GroundedPhrase,
     Grounding,
@@ -68,7 +68,7 @@ class Engine:
     upsample: "pad" | "resize" (default: "pad" when the backend pads to square).
     normalise: subtract the answer's mean map (the paper; a toy model may turn it off).
     refer_question: the user turn that the referring expression answers in refer mode.
-    max_query_chars, max_new_tokens: limits (max_new_tokens can be lowered per call).
+    max_query_length, max_new_tokens: limits (max_new_tokens can be lowered per call).
     min_score: drop phrases whose refiner score is below it (reference demo: 0.85); None = keep all.
     nms_iou: drop a phrase whose mask overlaps a better-scoring one by IoU above it (demo: 0.75).
     seed: torch's global seed, reset before every step's encoder call so stochastic encoders
@@ -86,7 +86,7 @@ class Engine:
         upsample: str | None = None,
         normalise: bool = True,
         refer_question: str = GCG_QUESTION,
-        max_query_chars: int = 1000,
+        max_query_length: int = 1000,
         max_new_tokens: int = MAX_NEW_TOKENS,
         min_score: float | None = None,
         nms_iou: float | None = None,
@@ -104,7 +104,7 @@ class Engine:
         self.upsample = upsample
         self.normalise = normalise
         self.refer_question = refer_question
-        self.max_query_chars = max_query_chars
+        self.max_query_length = max_query_length
         self.max_new_tokens = max_new_tokens
         self.min_score = min_score
         self.nms_iou = nms_iou
@@ -117,7 +117,9 @@ class Engine:
         self.refiner.warm_up(cameras)
 
     def check(self, image, query, mode, max_new_tokens) -> None:
-        """Raise InputError for anything the model must not see."""
+        """Raise InputError for anything the model must not see: a bad image, a query that
+        query_problem refuses, a bad max_new_tokens. What the query tokenizes to is checked
+        next, by tokenize."""
         if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(
                 f"image must be an (H, W, 3) RGB numpy array, got "
@@ -127,14 +129,9 @@ class Engine:
             raise InputError(f"image must be uint8, got {image.dtype}")
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise InputError(f"image is empty: {image.shape}")
-        if not isinstance(query, str) or not query.strip():
-            raise InputError("query is empty")
-        if len(query) > self.max_query_chars:
-            raise InputError(
-                f"query has {len(query)} characters, the limit is {self.max_query_chars}"
-            )
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        problem = query_problem(query, mode, self.max_query_length)
+        if problem:
+            raise InputError(problem)
         if max_new_tokens is not None and not (
             isinstance(max_new_tokens, int) and max_new_tokens >= 1
         ):
@@ -209,6 +206,8 @@ class Engine:
             self.check(request.image, request.query, request.mode, request.max_new_tokens)
             if request.mode == "refer":
                 step.expressions[i] = self._expressions(request.query)
+            else:
+                self._check_question(request.query)
             raise_if_stopped(request, "before the model ran")
 
         step.each(range(len(requests)), admit)
@@ -220,14 +219,43 @@ class Engine:
         tokens = step.shared("encode", live, lambda: self.backend.encode_batch(images))
         return step, dict(zip(live, tokens or []))
 
+    def _unreadable(self, ids: list[int]) -> str:
+        """Why the model has none of these token ids to read ('' if it has): there are none, or
+        they decode to no text (only special tokens such as `</s>`, `<unk>`)."""
+        if not ids:
+            return "tokenizes to nothing"
+        if not self.backend.decode(ids).strip():
+            return "decodes to no text (only special or unknown tokens)"
+        return ""
+
+    def _check_question(self, query: str) -> None:
+        """InputError for a describe question the model cannot read (_unreadable)."""
+        problem = self._unreadable(self.backend.encode_text(query.strip()))
+        if problem:
+            raise InputError(f"query {query!r} {problem}")
+
     def _expressions(self, query: str) -> list[list[int]]:
-        """The token ids of each referring expression of a refer query."""
+        """The token ids of each referring expression of a refer query. One expression that gives
+        the model no token to read (_unreadable, or no token under its phrase) refuses the whole
+        query with InputError naming it: a result's phrases are its expressions, in order, and
+        one left out silently would look like a failed grounding."""
         expressions = [e.strip() for e in query.split(EXPRESSION_SEPARATOR) if e.strip()]
         if not expressions:
             raise InputError(f"no referring expression in {query!r}")
         token_ids = [self.backend.encode_text(e) for e in expressions]
-        if not all(token_ids):
-            raise InputError(f"an expression of {query!r} has no tokens")
+        for number, (expression, ids) in enumerate(zip(expressions, token_ids), 1):
+            problem = self._unreadable(ids)
+            phrase = (
+                None
+                if problem
+                else referred_phrase(*token_spans(ids, self.backend.decode), self.nlp)
+            )
+            if phrase is not None and not phrase.token_indices:
+                problem = "has no token that decodes to a character"
+            if problem:
+                raise InputError(
+                    f"referring expression {number} of {query!r}, {expression!r}, {problem}"
+                )
         return token_ids
 
     def _teacher_force(self, refer: list[int], visual: dict, step: Step) -> dict[int, list]:

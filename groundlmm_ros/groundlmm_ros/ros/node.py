@@ -1,4 +1,5 @@
-"""groundlmm_node: the lifecycle node that grounds queries in camera frames.
+"""groundlmm_node: the lifecycle node that grounds queries in camera frames (its process, the
+signals and the exit, is ros/process.py).
 
 configure loads the model, activate starts the worker and the subscriptions,
 deactivate stops them (queued queries end in a failed result),
@@ -17,22 +18,14 @@ default) on the plain names.
 
 from __future__ import annotations
 
-import ctypes
-import faulthandler
 import gc
-import os
-import signal
 import sys
 import threading
-import traceback
-from pathlib import Path
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import Node as LifecycleNode
 from rclpy.lifecycle import State, TransitionCallbackReturn
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -42,6 +35,7 @@ from visualization_msgs.msg import MarkerArray
 
 from groundlmm_msgs.action import Ground
 from groundlmm_msgs.msg import GroundingResult
+from groundlmm_ros.engine.query import query_problem
 from groundlmm_ros.ros import depth, diagnostics, messages, qos_warnings
 from groundlmm_ros.ros.diagnostics import Stats
 from groundlmm_ros.ros.goals import GoalRun
@@ -54,13 +48,12 @@ from groundlmm_ros.ros.params import (
     parameter_camera,
     read_parameters,
 )
-from groundlmm_ros.ros.results import ResultPublisher
-from groundlmm_ros.ros.worker import Job, Outcome, Worker, query_problem
+from groundlmm_ros.ros.results import ResultPublisher, log_query_problem
+from groundlmm_ros.ros.worker import Job, Worker
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
-DDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
-ACTION_SERVICE_DEPTH = 1000  # goal, result and cancel requests kept until taken
-EXIT_TIMEOUT_S = 4.0  # from SIGINT/SIGTERM to exit, at most (plus the faulthandler dump)
+# goal, result and cancel requests kept until taken
+ACTION_SERVICE_DEPTH = 1000
 # Each camera's outputs: (message type, name under the camera, node-private, history depth).
 CAMERA_OUTPUTS = {
     "grounding": (GroundingResult, "grounding", False, 10),
@@ -77,31 +70,46 @@ def camera_topic(camera: str, name: str, private: bool = False) -> str:
     return f"~/{topic}" if private else topic
 
 
+def preset_engine(model: str, **options):
+    """The default engine factory: models.presets.build_engine, imported only when called, so
+    torch loads at configure, not at start-up."""
+    from groundlmm_ros.models.presets import build_engine
+
+    return build_engine(model, **options)
+
+
 class GroundingNode(LifecycleNode):
-    def __init__(self, **kwargs):
+    """engine_factory(model, **options) builds the engine at configure, with the arguments of
+    models.presets.build_engine (the default, preset_engine)."""
+
+    def __init__(self, engine_factory=preset_engine, **kwargs):
         super().__init__("groundlmm_node", **kwargs)
         declare_parameters(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._engine_factory = engine_factory
         self._group = ReentrantCallbackGroup()
-        self._params = None
-        self._engine = None
-        self._worker: Worker | None = None
-        self._depth: dict[str, depth.DepthBuffer] = {}  # per camera, while active
         self._stats = Stats()
-        # per camera: publishes what a finished query gives, while active
+        # While configured: the parameters read at configure, the engine, the action server, the
+        # node's own outputs and each camera's publishers and standing-query parameters.
+        self._params = self._engine = self._action_server = self._status_timer = None
+        self._outputs: dict = {}
+        self._camera_outputs: dict[str, dict] = {}
+        self._camera_parameters: list[str] = []
+        # While active: the worker, the subscriptions, per camera its depth frames and results.
+        self._worker: Worker | None = None
+        self._inputs: list = []
+        self._depth: dict[str, depth.DepthBuffer] = {}
         self.results: dict[str, ResultPublisher] = {}
-        self._state = "unconfigured"
-        self._outputs = {}  # the node's own outputs: "rejected", "status"
-        self._camera_outputs: dict[str, dict] = {}  # per camera, its CAMERA_OUTPUTS publishers
-        self._camera_parameters: list[str] = []  # declared at configure, undeclared at cleanup
-        self._inputs = []
-        self._action_server = None
-        self._status_timer = None
         self._rejected_lock = threading.Lock()
-        self._goal_runs: dict[
-            bytes, GoalRun
-        ] = {}  # goal id -> its run, until its execute callback takes it
+        # goal id -> its run, until its execute callback takes it
+        self._goal_runs: dict[bytes, GoalRun] = {}
         self._goal_runs_lock = threading.Lock()
+
+    @property
+    def state(self) -> str:
+        """The lifecycle state's label, as rclpy's state machine holds it: "unconfigured",
+        "inactive", "active", or a transition's ("configuring", ...)."""
+        return self._state_machine.current_state[1]
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -115,10 +123,8 @@ class GroundingNode(LifecycleNode):
             f"loading model {params.model!r} on {params.device} ({params.dtype})"
         )
         try:
-            from groundlmm_ros.models.presets import build_engine  # torch is imported only now
-
             # The node's limits are the limits: they replace the model's own answer-length setting.
-            self._engine = build_engine(
+            self._engine = self._engine_factory(
                 params.model,
                 device=params.device,
                 dtype=params.dtype,
@@ -128,13 +134,14 @@ class GroundingNode(LifecycleNode):
                 sam_checkpoint=params.sam_checkpoint,
                 seed=params.seed,
                 max_new_tokens=params.max_new_tokens,
-                max_query_chars=params.max_query_length,
+                max_query_length=params.max_query_length,
                 **params.engine_kwargs(),
             )
-            self._engine.warm_up()  # fixed-shape decoders (CUDA graphs) now, not on the first query
-        except (
-            Exception
-        ) as error:  # a bad model path or preset must leave the node unconfigured, alive
+            # fixed-shape decoders (CUDA graphs) now, not on the first query
+            self._engine.warm_up()
+        # a bad model path or preset must leave the node unconfigured, alive
+        except Exception as error:
+            self._engine = None
             self.get_logger().error(
                 f"configure failed: cannot build model {params.model!r}: "
                 f"{type(error).__name__}: {error}"
@@ -143,6 +150,7 @@ class GroundingNode(LifecycleNode):
         self._params = params
         self._camera_parameters = declare_camera_parameters(self, params.cameras)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        # Rejections and the status go out in every state; a camera's outputs only while active.
         self._outputs = {
             "rejected": qos_warnings.publisher(
                 self, DiagnosticStatus, "~/rejected", QoSProfile(depth=1000)
@@ -156,6 +164,7 @@ class GroundingNode(LifecycleNode):
                     msg_type,
                     camera_topic(camera, name, private),
                     QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
+                    lifecycle=True,
                 )
                 for output, (msg_type, name, private, history) in CAMERA_OUTPUTS.items()
             }
@@ -180,18 +189,30 @@ class GroundingNode(LifecycleNode):
         self._status_timer = self.create_timer(
             params.status_period_s, self._publish_status, self._group
         )
-        self._state = "inactive"
         self.get_logger().info("configured")
         return SUCCESS
 
     def on_activate(self, state: State) -> TransitionCallbackReturn:
+        # the lifecycle publishers first: the worker may finish a standing query at once
+        super().on_activate(state)
         params = self._params
         image = "image/compressed" if params.image_transport == "compressed" else "image"
+        self._depth = {camera: depth.DepthBuffer() for camera in params.cameras}
+        self.results = {
+            camera: ResultPublisher(
+                self,
+                camera,
+                self._camera_outputs[camera],
+                params,
+                self._depth[camera],
+                self._stats,
+            )
+            for camera in params.cameras
+        }
         self._worker = Worker(
             self._engine,
-            self._finish,
-            image_topics={
-                camera: self.resolve_topic_name(camera_topic(camera, image))
+            cameras={
+                camera: (self.resolve_topic_name(camera_topic(camera, image)), self.results[camera])
                 for camera in params.cameras
             },
             queue_size=params.query_queue_size,
@@ -199,20 +220,8 @@ class GroundingNode(LifecycleNode):
             max_new_tokens=params.max_new_tokens,
             log_error=self._log_worker_error,
         )
-        self._depth = {camera: depth.DepthBuffer() for camera in params.cameras}
-        self.results = {
-            camera: ResultPublisher(
-                camera,
-                self._camera_outputs[camera],
-                params,
-                self._depth[camera],
-                self._stats,
-                self.get_logger(),
-                lambda job, reason: self._log_query_problem(job, "failed", reason),
-            )
-            for camera in params.cameras
-        }
-        for camera in params.cameras:  # the standing queries as set now
+        # the standing queries as set now
+        for camera in params.cameras:
             self._worker.set_standing(*self._standing_of(camera), camera=camera)
         self._worker.start()
         image_qos = QoSProfile(
@@ -244,12 +253,12 @@ class GroundingNode(LifecycleNode):
                     self._on_camera_info(buffer),
                     image_qos,
                 )
-        self._state = "active"
         self.get_logger().info("active: serving queries")
-        return super().on_activate(state)
+        return SUCCESS
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
-        self._stop_serving("the node was deactivated")
+        # the worker's last (failed) results go out before the lifecycle publishers stop
+        self.stop_serving("the node was deactivated")
         self.get_logger().info("inactive")
         return super().on_deactivate(state)
 
@@ -269,23 +278,19 @@ class GroundingNode(LifecycleNode):
     def shut_down(
         self, reason: str = "the node is shutting down", worker_timeout_s: float = 30.0
     ) -> None:
-        """Stop the worker and free the model, whatever the lifecycle state (also on SIGINT)."""
-        self._stop_serving(reason, worker_timeout_s)
+        """Stop the worker and free the model, whatever the lifecycle state."""
+        self.stop_serving(reason, worker_timeout_s)
         self._release()
 
-    def _log_worker_error(self, text: str) -> None:
-        if self.context.ok():  # after Ctrl-C, publishing fails by design: nothing to report
-            self.get_logger().error(text)
-
-    def _stop_serving(self, reason: str, worker_timeout_s: float = 30.0) -> None:
+    def stop_serving(self, reason: str, worker_timeout_s: float = 30.0) -> None:
+        """Stop the subscriptions and the worker: its running job is cancelled at its next
+        token, its queued ones end with `reason`."""
         for subscription in self._inputs:
             self.destroy_subscription(subscription)
         self._inputs = []
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.stop(reason, worker_timeout_s)
-        if self._state == "active":
-            self._state = "inactive"
 
     def _release(self) -> None:
         if self._status_timer is not None:
@@ -296,17 +301,21 @@ class GroundingNode(LifecycleNode):
             self.destroy_publisher(publisher)
         for outputs in self._camera_outputs.values():
             for publisher in outputs.values():
-                self.destroy_publisher(publisher)
+                self.destroy_lifecycle_publisher(publisher)
         for parameter in self._camera_parameters:
             self.undeclare_parameter(parameter)
-        self._status_timer = self._action_server = None
+        self._status_timer = self._action_server = self._params = self._engine = None
         self._outputs, self._camera_outputs, self._camera_parameters = {}, {}, []
-        self._engine = None
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # hand the freed GPU memory back to the device
-        self._state = "unconfigured"
+            # hand the freed GPU memory back to the device
+            torch.cuda.empty_cache()
+
+    def _log_worker_error(self, text: str) -> None:
+        # after Ctrl-C, publishing fails by design: nothing to report
+        if self.context.ok():
+            self.get_logger().error(text)
 
     # ---- parameters --------------------------------------------------------------------------
 
@@ -315,10 +324,9 @@ class GroundingNode(LifecycleNode):
         problem = check_parameters(values)
         if problem:
             return SetParametersResult(successful=False, reason=problem)
-        standing = {  # cameras whose standing query changes
-            camera for camera, name in map(parameter_camera, values) if name in DYNAMIC
-        }
-        cameras = self._params.cameras if self._state != "unconfigured" else []
+        # cameras whose standing query changes
+        standing = {camera for camera, name in map(parameter_camera, values) if name in DYNAMIC}
+        cameras = self._params.cameras if self._params is not None else []
         if "" in standing and cameras and "" not in cameras:
             return SetParametersResult(
                 successful=False,
@@ -382,7 +390,8 @@ class GroundingNode(LifecycleNode):
     def _on_query(self, camera: str):
         def on_query(msg: String) -> None:
             self._stats.count("queries_received")
-            self._submit(Job(msg.data, self._params.query_mode, "topic", camera=camera))
+            reply = self.results[camera]
+            self._submit(Job(msg.data, self._params.query_mode, "topic", reply, camera=camera))
 
         return on_query
 
@@ -394,27 +403,16 @@ class GroundingNode(LifecycleNode):
             reason = (
                 worker.submit(job)
                 if worker is not None
-                else f"the node is {self._state}, not active"
+                else f"the node is {self.state}, not active"
             )
         if reason:
             self._reject(job, reason)
         return reason
 
-    def _log_query_problem(self, job: Job, what: str, reason: str) -> None:
-        if not self.context.ok():  # after Ctrl-C: nothing to report, and /rosout is gone
-            return
-        shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
-        if job.source == "standing":
-            self.get_logger().warning(
-                f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0
-            )
-        else:
-            self.get_logger().warning(f"{what} {job.source} query {shown!r}: {reason}")
-
     def _reject(self, job: Job, reason: str) -> None:
         """A query that was never accepted: its answer is a DiagnosticStatus on ~/rejected."""
         self._stats.count("queries_rejected")
-        self._log_query_problem(job, "rejected", reason)
+        log_query_problem(self, job, "rejected", reason)
         publisher = self._outputs.get("rejected")
         if publisher is not None:
             with self._rejected_lock:
@@ -430,123 +428,39 @@ class GroundingNode(LifecycleNode):
         the reason."""
         goal = goal_handle.request
         self._stats.count("queries_received")
-        run = GoalRun(goal_handle, self.context)
+        camera = goal.camera or self._params.cameras[0]
+        run = GoalRun(goal_handle, self.context, self.results.get(camera))
         with self._goal_runs_lock:
             self._goal_runs[bytes(goal_handle.goal_id.uuid)] = run
-        job = Job(
-            goal.query,
-            goal.mode or "describe",
-            "action",
-            camera=goal.camera or self._params.cameras[0],
-            image=goal.image if goal.image.width and goal.image.height else None,
-            on_token=run.feedback,
-            cancel_requested=lambda: goal_handle.is_cancel_requested,
-            reply=run.finish,
-            on_start=run.start,
-        )
+        image = goal.image if goal.image.width and goal.image.height else None
+        job = Job(goal.query, goal.mode or "describe", "action", run, camera=camera, image=image)
         run.refused = self._submit(job)
         if run.refused:
-            run.start()
+            run.started()
 
     def _execute_goal(self, goal_handle) -> Ground.Result:
         with self._goal_runs_lock:
             run = self._goal_runs.pop(bytes(goal_handle.goal_id.uuid))
         return run.execute()
 
-    # ---- outputs (on the worker thread) ------------------------------------------------------
-
-    def _finish(self, outcome: Outcome) -> None:
-        """The worker's end of every job: publish its GroundingResult, then resolve its goal with
-        it."""
-        result = None
-        try:
-            result = self.results[outcome.job.camera].publish(outcome)
-        except Exception:  # a failed publish must not lose the goal
-            self._log_worker_error(f"publishing a result failed:\n{traceback.format_exc()}")
-        finally:
-            if outcome.job.reply is not None:
-                outcome.job.reply(outcome, result)
+    # ---- status ------------------------------------------------------------------------------
 
     def _publish_status(self) -> None:
-        publisher = self._outputs.get("status")
-        if publisher is None:
+        publisher, params = self._outputs.get("status"), self._params
+        if publisher is None or params is None:
             return
         try:
             publisher.publish(
                 diagnostics.status(
                     self.get_clock().now().to_msg(),
                     f"{self.get_fully_qualified_name()}: grounding",
-                    self._state,
-                    self._params,
+                    self.state,
+                    params,
                     self._worker,
                     self._stats,
                 )
             )
+        # after Ctrl-C a publish fails by design (and its error would be logged unread)
         except Exception:
-            if (
-                self.context.ok()
-            ):  # after Ctrl-C a publish fails by design (and its error would be logged unread)
+            if self.context.ok():
                 raise
-
-
-def use_node_dds_profile() -> None:
-    """Before rclpy.init: this node's Fast DDS profile (default transports, a large shared-memory
-    segment), unless the environment names its own profile file or another RMW."""
-    if os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
-        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends the node as Ctrl-C does, also while the model loads
-
-
-def main(args=None) -> None:
-    use_node_dds_profile()
-    signal.signal(
-        signal.SIGTERM, _interrupt
-    )  # before rclpy.init, whose handler calls this one after its own
-    rclpy.init(args=args)
-    node = GroundingNode()
-    # Callbacks are short (a goal waits in the worker's queue, not on a thread); one runs with the
-    # model.
-    executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
-    try:
-        if node.get_parameter("autostart").value and node.trigger_configure() == SUCCESS:
-            node.trigger_activate()
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        for signum in (
-            signal.SIGINT,
-            signal.SIGTERM,
-        ):  # a second Ctrl-C must not interrupt the teardown
-            signal.signal(signum, signal.SIG_IGN)
-        # A DDS teardown can hang while holding the GIL (no Python timer runs then): faulthandler's
-        # C thread prints every thread's stack and ends the process if this exit takes longer than
-        # EXIT_TIMEOUT_S.
-        faulthandler.dump_traceback_later(EXIT_TIMEOUT_S, exit=True)
-        # Stop the worker (the running query is cancelled at its next token); the model's memory
-        # goes with the process, so the slow part of shut_down (a full garbage collection to free
-        # it) is skipped.
-        node._stop_serving("the node is shutting down", worker_timeout_s=1.0)
-        executor.shutdown(timeout_sec=0.5)
-        node.destroy_node()
-        rclpy.try_shutdown()
-        context = node.context
-        del node, executor
-        gc.collect()  # the node's reference cycles still hold the context
-        # the DDS participant leaves the graph now (else only after its lease, 20 s)
-        context.destroy()
-    # Python's own teardown of torch and the model code has nothing left to release but takes
-    # seconds on a busy machine: skip it (only on this normal path; an error above still ends with
-    # its traceback).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    ctypes.CDLL(None).fflush(None)  # and what C code (the ROS logger) has buffered
-    os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

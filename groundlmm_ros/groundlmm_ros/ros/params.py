@@ -148,7 +148,7 @@ CAMERA_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 # build_engine options that are node parameters: one knob each, never set through engine_options.
 OWN_PARAMETER = {
     "max_new_tokens": "max_new_tokens",
-    "max_query_chars": "max_query_length",
+    "max_query_length": "max_query_length",
     "conversation": "conversation",
     "dtype": "dtype",
     "device": "device",

@@ -42,8 +42,9 @@ def subscription(node, msg_type, topic: str, callback, qos: QoSProfile, callback
     )
 
 
-def publisher(node, msg_type, topic: str, qos: QoSProfile):
-    """node.create_publisher, warning about incompatible subscribers."""
+def publisher(node, msg_type, topic: str, qos: QoSProfile, lifecycle: bool = False):
+    """node.create_publisher (create_lifecycle_publisher when `lifecycle`: it publishes only
+    while the node is active), warning about incompatible subscribers."""
 
     def incompatible(event) -> None:
         node.get_logger().warning(
@@ -54,7 +55,8 @@ def publisher(node, msg_type, topic: str, qos: QoSProfile):
             "subscribe with reliability best_effort or reliable and durability volatile"
         )
 
-    return node.create_publisher(
+    create = node.create_lifecycle_publisher if lifecycle else node.create_publisher
+    return create(
         msg_type,
         topic,
         qos,

@@ -5,7 +5,6 @@ depth points; the 3D centroids come from the depth frame matching the image."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -16,38 +15,66 @@ from groundlmm_ros.ros.diagnostics import Stats
 from groundlmm_ros.ros.worker import Job, Outcome
 
 
+def log_query_problem(node, job: Job, what: str, reason: str) -> None:
+    """A warning that a query was `what` ("rejected", "failed") and why; a standing query's at
+    most every 5 s (it repeats on every frame)."""
+    # after Ctrl-C: nothing to report, and /rosout is gone
+    if not node.context.ok():
+        return
+    shown = job.query if len(job.query) <= 80 else job.query[:77] + "..."
+    if job.source == "standing":
+        node.get_logger().warning(
+            f"standing query {shown!r} {what}: {reason}", throttle_duration_sec=5.0
+        )
+    else:
+        node.get_logger().warning(f"{what} {job.source} query {shown!r}: {reason}")
+
+
 class ResultPublisher:
-    """One camera's: publishers, its outputs by name ("grounding", "overlay", "markers",
-    "points"); depth_buffer, its depth frames; log_failure(job, reason) reports a query that
-    failed; logger takes the depth warnings."""
+    """One camera's outputs, by name ("grounding", "overlay", "markers", "points"), and the Reply
+    of its topic and standing queries: a finished one is published. depth_buffer: its depth
+    frames; node: whose logger takes the warnings."""
 
     def __init__(
         self,
+        node,
         camera: str,
         publishers: dict,
         params,
         depth_buffer: depth.DepthBuffer,
         stats: Stats,
-        logger,
-        log_failure: Callable[[Job, str], None],
     ):
+        self._node = node
         self.camera = camera
         self.publishers = publishers
         self._params = params
         self._depth = depth_buffer
         self._stats = stats
-        self._logger = logger
-        self._log_failure = log_failure
+
+    # A topic or standing query's Reply: nobody waits for its start or its tokens, nobody cancels.
+
+    def started(self) -> None:
+        pass
+
+    def token(self, partial_answer: str, tokens: int) -> None:
+        pass
+
+    def cancel_requested(self) -> bool:
+        return False
+
+    def finished(self, outcome: Outcome) -> None:
+        self.publish(outcome)
 
     def publish(self, outcome: Outcome) -> GroundingResult:
         """Publish the outcome's GroundingResult (success false + the reason when it failed) and,
         for a grounding, the outputs somebody subscribes to; returns the GroundingResult."""
         job, params = outcome.job, self._params
         header = outcome.frame.header if outcome.frame is not None else None
-        if outcome.grounding is None:  # accepted, then failed: still its one GroundingResult
+        # accepted, then failed: still its one GroundingResult
+        if outcome.grounding is None:
             if not outcome.cancelled:
                 self._stats.count("errors")
-            self._log_failure(job, outcome.error)
+            log_query_problem(self._node, job, "failed", outcome.error)
             result = messages.failed_result(
                 job.query,
                 job.mode,
@@ -104,11 +131,13 @@ class ResultPublisher:
             )
         except depth.DepthError as error:
             self._stats.count("errors")
-            self._logger.warning(f"no 3D centroids for query {outcome.job.query!r}: {error}")
+            self._node.get_logger().warning(
+                f"no 3D centroids for query {outcome.job.query!r}: {error}"
+            )
             return []
         empty = [p.text for p, xyz in zip(outcome.grounding.phrases, points) if len(xyz) == 0]
         if empty:
-            self._logger.warning(
+            self._node.get_logger().warning(
                 f"no valid depth (0 or NaN) under the mask of {empty}: their centroids are NaN"
             )
         return points

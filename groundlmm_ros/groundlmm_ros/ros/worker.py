@@ -2,10 +2,10 @@
 bounded query queue and a standing query.
 
 ROS callbacks only call `put_frame` and `submit` (cheap, never the model).
-Every submitted job gets exactly one `finish(outcome)` call, on the worker
-thread: with a Grounding, or with the reason there is none (bad image, model
-error, cancelled, node deactivated). A job that cannot be queued is refused
-by `submit` at once with its reason and is never finished.
+A job's answer goes back through its `Reply`, on the worker thread: `started` when its turn
+comes, `token` as its answer grows, and exactly one `finished(outcome)`: with a Grounding, or
+with the reason there is none (bad image, model error, cancelled, node deactivated). A job that
+cannot be queued is refused by `submit` at once with its reason and is never finished.
 
 Fair by construction: each step takes at most one job from every camera that has one (its next
 queued query, else its standing query when due) and grounds them together in one
@@ -20,13 +20,12 @@ import functools
 import threading
 import time
 import traceback
-import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
-from groundlmm_ros.engine.types import MODES, Cancelled, Grounding, InputError, Request
+from groundlmm_ros.engine.types import Cancelled, Grounding, InputError, Request
 from groundlmm_ros.ros.conversion import ImageConversionError, to_rgb8
 
 # Frames more elongated than this are refused before the model runs: the models resize by one side
@@ -37,57 +36,60 @@ MAX_ASPECT_RATIO = 20
 DEFAULT_CAMERA = ""
 
 
+class Reply(Protocol):
+    """Where one job's answer goes; the worker calls it on its thread."""
+
+    def started(self) -> None:
+        """The job's turn came: the worker took it from the queue."""
+
+    def token(self, partial_answer: str, tokens: int) -> None:
+        """The answer so far, while the model writes it."""
+
+    def cancel_requested(self) -> bool:
+        """Whether the asker gave up: checked before the job runs and between its tokens."""
+
+    def finished(self, outcome: Outcome) -> None:
+        """The job's end, once: its grounding or the reason there is none."""
+
+
 @dataclass
 class Job:
     query: str
     mode: str
-    source: str  # "topic", "action" or "standing": who asked
-    camera: str = DEFAULT_CAMERA  # whose frame it grounds on and whose topics get its result
-    image: object = None  # Image/CompressedImage to ground on; None = the newest frame
-    on_token: Callable[[str, int], None] | None = None  # partial answer, tokens so far
-    cancel_requested: Callable[[], bool] = lambda: False
-    reply: Callable[..., None] | None = None  # the node's: resolves an action goal after finish
-    on_start: Callable[[], None] | None = None  # called on the worker thread when its turn comes
+    # "topic", "action" or "standing": who asked
+    source: str
+    reply: Reply
+    # whose frame it grounds on and whose topics get its result
+    camera: str = DEFAULT_CAMERA
+    # Image/CompressedImage to ground on; None = the newest frame
+    image: object = None
     received: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class Outcome:
     job: Job
-    frame: object = None  # the Image/CompressedImage grounded on (its header is the result's)
-    rgb: np.ndarray | None = None  # (H, W, 3) uint8 RGB view of frame
+    # the Image/CompressedImage grounded on (its header is the result's)
+    frame: object = None
+    # (H, W, 3) uint8 RGB view of frame
+    rgb: np.ndarray | None = None
     grounding: Grounding | None = None
-    error: str = ""  # why grounding is None
+    # why grounding is None
+    error: str = ""
     cancelled: bool = False
-    convert_s: float = 0.0  # message -> rgb array
-    engine_s: float = 0.0  # engine.ground
-
-
-def query_problem(query: str, mode: str, max_length: int) -> str:
-    """Why a query cannot be run ('' if it can)."""
-    if mode not in MODES:
-        return f"unknown mode {mode!r}: expected one of {', '.join(MODES)}"
-    if not query.strip():
-        return "empty query"
-    if len(query) > max_length:
-        return f"query has {len(query)} characters, more than max_query_length={max_length}"
-    # rclpy decodes invalid UTF-8 in a string field to U+FFFD instead of failing.
-    if "\ufffd" in query:
-        return "query is not valid UTF-8 text (it holds replacement characters U+FFFD)"
-    control = next(
-        (c for c in query if unicodedata.category(c) == "Cc" and c not in "\t\n\r"), None
-    )
-    if control is not None:
-        return f"query contains the control character U+{ord(control):04X}"
-    return ""
+    # seconds: message -> rgb array, and in engine.ground_batch
+    convert_s: float = 0.0
+    engine_s: float = 0.0
 
 
 class CameraInputs:
     """One camera's side of the worker (guarded by the worker's lock): the newest frame, the
     queries waiting for it, its standing query."""
 
-    def __init__(self, name: str, image_topic: str):
+    def __init__(self, name: str, image_topic: str, reply: Reply):
         self.name = name
+        # where its standing query's results go
+        self.reply = reply
         self.image_topic = image_topic  # the resolved name, for the "no image yet" reason
         self.queue: collections.deque[Job] = collections.deque()
         self.frame = None  # newest Image/CompressedImage
@@ -119,7 +121,7 @@ class CameraInputs:
         if self._standing_pending() and now >= self.standing_next:
             self.standing_version = self.frame_version
             self.standing_next = now + (1.0 / rate if rate > 0 else 0.0)
-            return Job(query, mode, "standing", camera=self.name)
+            return Job(query, mode, "standing", self.reply, camera=self.name)
         return None
 
     def due_in(self, now: float) -> float | None:
@@ -129,28 +131,28 @@ class CameraInputs:
 
 class Worker:
     """Owns the engine while serving: one thread; per camera the newest frame, a bounded queue
-    and a standing query. finish(outcome) is called once per job, on the worker thread.
-    image_topics: camera name -> its resolved image topic (the order is the cameras' order)."""
+    and a standing query. cameras: camera name -> (its resolved image topic, the Reply of its
+    standing query); their order is the cameras' order."""
 
     def __init__(
         self,
         engine,
-        finish: Callable[[Outcome], None],
         *,
-        image_topics: dict[str, str],
+        cameras: dict[str, tuple[str, Reply]],
         queue_size: int,
         max_image_pixels: int,
         max_new_tokens: int,
         log_error: Callable[[str], None],
     ):
         self._engine = engine
-        self._finish = finish
         self._queue_size = queue_size
         self._max_image_pixels = max_image_pixels
         self._max_new_tokens = max_new_tokens
         self._log_error = log_error
         self._wake = threading.Condition()
-        self.cameras = {name: CameraInputs(name, topic) for name, topic in image_topics.items()}
+        self.cameras = {
+            name: CameraInputs(name, topic, reply) for name, (topic, reply) in cameras.items()
+        }
         self._stopping = ""  # reason, once stop() was called
         self._thread = threading.Thread(target=self._loop, name="groundlmm-worker", daemon=True)
 
@@ -228,9 +230,8 @@ class Worker:
         while (jobs := self._next_jobs()) is not None:
             try:
                 outcomes = self._serve(jobs)
-            except (
-                Exception
-            ) as error:  # a bug in the path around the model costs these queries, not the worker
+            # a bug in the path around the model costs these queries, not the worker
+            except Exception as error:
                 self._log_error(
                     f"unexpected error on queries {[job.query for job in jobs]!r}:\n"
                     f"{traceback.format_exc()}"
@@ -247,7 +248,7 @@ class Worker:
             self._finish_job(Outcome(job, error=f"not run: {self._stopping}"))
 
     def _should_stop(self, job: Job) -> bool:
-        return bool(self._stopping) or job.cancel_requested()
+        return bool(self._stopping) or job.reply.cancel_requested()
 
     def _serve(self, jobs: list[Job]) -> list[Outcome]:
         """The jobs' outcomes, in order; those with a usable frame grounded in one batch."""
@@ -260,7 +261,7 @@ class Worker:
                 outcome.rgb,
                 outcome.job.query,
                 outcome.job.mode,
-                on_token=outcome.job.on_token,
+                on_token=outcome.job.reply.token,
                 should_stop=functools.partial(self._should_stop, outcome.job),
                 max_new_tokens=self._max_new_tokens,
             )
@@ -283,15 +284,15 @@ class Worker:
     def _prepare(self, job: Job) -> Outcome:
         """The job's turn has come: its frame, converted and checked (outcome.rgb), or the reason
         it cannot run (outcome.error)."""
-        if job.on_start is not None:
-            job.on_start()
+        job.reply.started()
         with self._wake:
             camera = self.cameras[job.camera]
             frame = job.image if job.image is not None else camera.frame
             if job.image is None:
                 camera.frame_used = True
         outcome = Outcome(job, frame=frame)
-        if job.cancel_requested():  # cancelled while it waited in the queue: never run
+        # cancelled while it waited in the queue: never run
+        if job.reply.cancel_requested():
             outcome.cancelled, outcome.error = True, "cancelled"
             return outcome
         start = time.perf_counter()
@@ -336,6 +337,7 @@ class Worker:
 
     def _finish_job(self, outcome: Outcome) -> None:
         try:
-            self._finish(outcome)
-        except Exception:  # a failed finish must not stop the worker
+            outcome.job.reply.finished(outcome)
+        # a failed reply must not stop the worker
+        except Exception:
             self._log_error(f"finishing a job failed:\n{traceback.format_exc()}")

@@ -215,7 +215,7 @@ def test_recipe_refuses_bad_input(engine):
     image = np.zeros((8, 8, 3), np.uint8)
     with pytest.raises(InputError, match="token_count"):
         res.ground_answer_span(engine, image, "Describe it.", 0)
-    with pytest.raises(InputError, match="query is empty"):
+    with pytest.raises(InputError, match="empty query"):
         res.ground_answer_span(engine, image, " ", 8)
 
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
-from lifecycle_msgs.msg import Transition
+from images import random_rgb
 from node_harness import (
     TERMINAL,
     Client,
     NodeProcess,
-    _value,
     is_rejection,
     rgb_image,
     stamped_header,
+    status_value,
 )
 from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
@@ -31,7 +31,7 @@ from groundlmm_msgs.action import Ground
 from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.ros.conversion import numpy_to_image
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.ros, pytest.mark.node]
 
 WIDTH, HEIGHT = 96, 64
 FX, FY, CX, CY = 80.0, 90.0, 47.5, 31.5
@@ -48,7 +48,7 @@ PARAMS = {
 @pytest.fixture(scope="module")
 def node():
     process = NodeProcess(PARAMS, gated=True)  # the gate stays open but in the flood test
-    process.open_gate()
+    process.gate.open()
     yield process
     process.close()
 
@@ -247,6 +247,9 @@ def test_bad_goal_mode_is_rejected_with_reason(client):
         ("blank", "  \t ", "empty query"),
         ("too long", "the cup " * 10, "more than max_query_length=60"),
         ("control character", "the cup\x07", "control character U+0007"),
+        ("zero-width only", "\u200b\u200d", "empty query"),
+        # refused by the engine before the model runs: no text for the model to read
+        ("special tokens", "the cup; </s>", "'</s>', decodes to no text"),
     ],
 )
 def test_bad_query_is_rejected_with_reason(client, case, query, message_fragment):
@@ -279,22 +282,9 @@ def test_incompatible_qos_is_logged_with_the_fix(client):
     assert_answers_good_query(client, "qos")
 
 
-def reconfigure(client: Client, **parameters) -> None:
-    """Set read-at-configure parameters, then deactivate, cleanup, configure, activate."""
-    assert all(r.successful for r in client.set_parameters(**parameters))
-    for transition in (
-        Transition.TRANSITION_DEACTIVATE,
-        Transition.TRANSITION_CLEANUP,
-        Transition.TRANSITION_CONFIGURE,
-        Transition.TRANSITION_ACTIVATE,
-    ):
-        assert client.change_state(transition), transition
-    assert client.wait_for(lambda: client.status.get("state") == "active", 30.0)
-
-
 def test_model_that_raises_is_reported_and_the_node_recovers(client):
     """A model on the meta device (weights never materialised) raises in every forward pass."""
-    reconfigure(client, device="meta")
+    client.reconfigure(device="meta")
     assert client.wait_active(10.0)
     answer = ground_frame(client, 7.0, "the cup on a broken model")
     # accepted, then failed: its one GroundingResult says so (not a ~/rejected status)
@@ -302,16 +292,16 @@ def test_model_that_raises_is_reported_and_the_node_recovers(client):
     assert answer.message.startswith("model error: RuntimeError") and not answer.phrases
     assert answer.header.stamp.sec == 7 and answer.query == "the cup on a broken model"
     assert client.log_containing("model error on query 'the cup on a broken model'")
-    reconfigure(client, device="cpu")
+    client.reconfigure(device="cpu")
     assert_answers_good_query(client, "after the model error")
 
 
 def test_compressed_images_and_undecodable_ones(client):
-    reconfigure(client, image_transport="compressed")
+    client.reconfigure(image_transport="compressed")
     compressed_pub = client.create_publisher(CompressedImage, "image/compressed")
     try:
         assert client.wait_for(lambda: compressed_pub.get_subscription_count() > 0, 10.0)
-        pixels = np.random.default_rng(7).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+        pixels = random_rgb(HEIGHT, WIDTH, 7)
         png = CompressedImage(
             header=header(9.0), format="png", data=cv2.imencode(".png", pixels)[1].tobytes()
         )
@@ -334,7 +324,7 @@ def test_compressed_images_and_undecodable_ones(client):
         assert (result.phrases[0].mask.height, result.phrases[0].mask.width) == (HEIGHT, WIDTH)
     finally:
         client.destroy_publisher(compressed_pub)
-        reconfigure(client, image_transport="raw")
+        client.reconfigure(image_transport="raw")
 
 
 # ---- fuzz -------------------------------------------------------------------------------------
@@ -455,11 +445,11 @@ def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
     client.publish_image(rgb_image(WIDTH, HEIGHT, 8.0))
     rss_before = node.rss_mb()
     # the model holds the first query until the gate opens: the queue fills, whatever the speed
-    node.close_gate()
-    started = len(node.started())
+    node.gate.close()
+    started = len(node.gate.started())
     queries = [f"flood cup {i}" for i in range(200)]
     client.query(queries[0])
-    assert node.wait_started(started + 1), node.output()
+    assert node.gate.wait_started(started + 1), node.output()
     for query in queries[1:]:
         client.query(query)
 
@@ -479,11 +469,11 @@ def test_flood_of_200_queries_each_answered_or_rejected_once(client, node):
     assert client.wait_for(lambda: len(counts()[1]) >= 194, 30.0), [len(c) for c in counts()]
     assert client.wait_status("queue_length", 5)
     assert counts()[0] == []
-    node.open_gate()
+    node.gate.open()
     assert client.wait_for(lambda: sum(map(len, counts())) >= 200, 60.0), [len(c) for c in counts()]
     time.sleep(0.5)
     answered, rejected = counts()
-    assert sorted(answered + [_value(r, "query") for r in rejected]) == sorted(
+    assert sorted(answered + [status_value(r, "query") for r in rejected]) == sorted(
         queries
     )  # each once, none vanished
     assert len(answered) == 6 and queries[0] in answered  # the held one + the 5 queued

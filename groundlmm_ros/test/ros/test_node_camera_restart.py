@@ -14,7 +14,7 @@ import time
 import pytest
 from node_harness import HERE, NAMESPACE, NodeProcess, connect, start, wait_for
 
-pytestmark = [pytest.mark.ros, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.ros, pytest.mark.node, pytest.mark.timeout(180)]
 
 STANDING = "the standing mug"
 DRIVER = """

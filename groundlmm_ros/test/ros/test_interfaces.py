@@ -131,7 +131,7 @@ def test_nan_centroid_means_no_depth():
     )
 
 
-INTERFACE_FILES = sorted((Path(__file__).resolve().parents[2] / "groundlmm_msgs").glob("*/*.*"))
+INTERFACE_FILES = sorted((Path(__file__).resolve().parents[3] / "groundlmm_msgs").glob("*/*.*"))
 
 
 @pytest.mark.parametrize("path", INTERFACE_FILES, ids=lambda path: path.name)

@@ -17,7 +17,7 @@ from groundlmm_msgs.action import Ground
 from groundlmm_ros.ros.conversion import numpy_to_image
 from groundlmm_ros.world.scenes import make_scenes, referring_expression
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.ros, pytest.mark.node]
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +154,7 @@ def test_lifecycle_transitions_and_back(client, node):
 
 def test_shipped_demo_model_grounds_a_synthetic_scene(client):
     """Reconfigure to the shipped demo model (a miniature DiffLMM trained on these scenes)."""
-    assert all(r.successful for r in client.set_parameters(model="demo"))
-    for transition in (
-        Transition.TRANSITION_DEACTIVATE,
-        Transition.TRANSITION_CLEANUP,
-        Transition.TRANSITION_CONFIGURE,
-        Transition.TRANSITION_ACTIVATE,
-    ):
-        assert client.change_state(transition), transition
+    client.reconfigure(model="demo")
     assert client.wait_active(30.0)
     scene = make_scenes(1, seed=12345)[0]
     image = numpy_to_image(scene.image, "rgb8", rgb_image(stamp_s=400.0).header)
@@ -179,14 +172,7 @@ def test_shipped_demo_model_grounds_a_synthetic_scene(client):
 
 
 def test_sigint_mid_answer_shuts_down_cleanly(client, node):
-    assert all(r.successful for r in client.set_parameters(model="tiny-random"))
-    for transition in (
-        Transition.TRANSITION_DEACTIVATE,
-        Transition.TRANSITION_CLEANUP,
-        Transition.TRANSITION_CONFIGURE,
-        Transition.TRANSITION_ACTIVATE,
-    ):
-        assert client.change_state(transition), transition
+    client.reconfigure(model="tiny-random")
     goal = Ground.Goal(
         query="Describe the image.", mode="describe", image=rgb_image(80, 60, 21.0, seed=4)
     )

@@ -171,7 +171,7 @@ def test_bad_images_are_refused_before_model_work(fallback_engine, monkeypatch, 
     [
         ("", "describe", None, "empty"),
         ("   \n", "refer", None, "empty"),
-        ("x" * 1001, "describe", None, "limit"),
+        ("x" * 1001, "describe", None, "max_query_length=1000"),
         ("a mug", "segment", None, "mode"),
         ("a mug", "describe", 0, "max_new_tokens"),
     ],

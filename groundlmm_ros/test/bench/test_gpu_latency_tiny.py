@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_latency.py"
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "gpu_latency.py"
 STAGES = [
     "preprocess",
     "clip",

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from images import random_rgb
 
 from groundlmm_ros.engine.types import Grounding
 from groundlmm_ros.models.difflmm import (
@@ -182,7 +183,7 @@ def test_wrong_pixel_shape_is_refused(tiny):
 
 
 def scene(height, width, seed=0):
-    return (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    return random_rgb(height, width, seed)
 
 
 @pytest.mark.parametrize("refiner", ["sam", "threshold"])

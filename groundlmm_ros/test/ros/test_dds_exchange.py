@@ -22,6 +22,8 @@ from std_msgs.msg import Header
 from groundlmm_msgs.msg import GroundedPhrase, GroundingResult
 from groundlmm_ros.ros.conversion import image_to_numpy, mask_to_image
 
+pytestmark = pytest.mark.ros
+
 PEER = Path(__file__).with_name("dds_peer.py")
 TIMEOUT_S = 60.0  # discovery on a loaded 2-core machine takes seconds, not minutes
 

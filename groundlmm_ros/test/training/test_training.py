@@ -26,6 +26,8 @@ from groundlmm_ros.training.train import (
 )
 from groundlmm_ros.world import make_scenes
 
+pytestmark = pytest.mark.slow
+
 
 def tiny_demo_backend():
     tokenizer = demo_tokenizer()

@@ -15,7 +15,7 @@ import yaml
 
 from groundlmm_ros.ros.params import PARAMETERS, NodeParams, check_parameters
 
-PACKAGE = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = PACKAGE / "launch" / "groundlmm.launch.py"
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from node_harness import NodeProcess, connect, is_rejection, rgb_image
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.ros, pytest.mark.node]
 
 
 def test_node_grounds_with_the_qwen_preset():

@@ -19,9 +19,9 @@ import pytest
 from node_harness import Client, NodeProcess, is_rejection, rgb_image, wait_for
 from sensor_msgs.msg import Image
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.ros, pytest.mark.node]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NODE_DOC = (REPO / "docs" / "node.md").read_text()
 RUN_IT = NODE_DOC[NODE_DOC.index("## Run it") : NODE_DOC.index("## Topics")]
 README = (REPO / "README.md").read_text()

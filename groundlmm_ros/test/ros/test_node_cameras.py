@@ -5,15 +5,13 @@ cameras' jobs at once) giving what each job gives alone, and after a reconfigure
 `mask_format: cropped` masks that decode to the pixels the full ones had.
 
 The node is gated (gated_node.py): a test lets model steps through one permit at a time, so every
-step's jobs are known in advance instead of depending on the machine's speed. One node serves the
-whole module; the tests run in file order and build on each other (the flooding test uses the
-standing query the test before it sets).
+step's jobs are known in advance instead of depending on the machine's speed. Each test has a
+node of its own.
 """
 
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
-from lifecycle_msgs.msg import Transition
 from node_harness import (
     Client,
     NodeProcess,
@@ -30,7 +28,7 @@ from groundlmm_msgs.msg import GroundingResult
 from groundlmm_ros.ros.conversion import numpy_to_image
 from groundlmm_ros.ros.messages import phrase_mask
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.ros]
+pytestmark = [pytest.mark.timeout(180), pytest.mark.ros, pytest.mark.node]
 
 CAMERAS = ("left", "right")
 FRAMES = {  # each camera's frame: its own size, stamp and frame_id
@@ -39,7 +37,7 @@ FRAMES = {  # each camera's frame: its own size, stamp and frame_id
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def node():
     process = NodeProcess(
         {
@@ -50,7 +48,7 @@ def node():
         },
         gated=True,
     )
-    process.open_gate()
+    process.gate.open()
     yield process
     process.close()
 
@@ -100,7 +98,7 @@ class Cameras:
         )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cameras(node):
     client = Client()
     try:
@@ -177,27 +175,31 @@ def test_standing_queries_are_per_camera_parameters(node, cameras):
 
 
 def test_a_flooding_camera_does_not_starve_the_other(node, cameras):
-    """right's standing query (set above, once per new frame) while left has 10 topic queries
-    waiting: every step serves both, so right's share stays at half."""
-    node.close_gate()
-    steps = len(node.batches())
+    """right's standing query (once per new frame) while left has 10 topic queries waiting: every
+    step serves both, so right's share stays at half."""
+    client = cameras.client
+    cameras.frame("left")
+    results = client.set_parameters(**{"right.standing_query": "the cup", "right.max_rate_hz": 0.0})
+    assert all(r.successful for r in results), results
+    cameras.frame("right")
+    assert wait_for(lambda: cameras.results("right"), 30.0), node.output()
+    node.gate.close()
+    steps = len(node.gate.batches())
     cameras.frame("right")  # its standing job: the step now waiting at the gate
-    assert wait_for(lambda: len(node.batches()) > steps, 20.0), node.output()
+    assert wait_for(lambda: len(node.gate.batches()) > steps, 20.0), node.output()
     for k in range(10):
         cameras.query("left", f"flood {k}")
     assert client_status_at_least(cameras.client, "left/queue_length", 10), node.output()
     for _ in range(8):  # one step each: a new right frame, then one permit
         cameras.frame("right")
-        waiting = len(node.batches())
-        node.allow_batches(1)
-        assert wait_for(lambda n=waiting: len(node.batches()) > n, 20.0), node.output()
-    node.open_gate()
+        waiting = len(node.gate.batches())
+        node.gate.allow_batches(1)
+        assert wait_for(lambda n=waiting: len(node.gate.batches()) > n, 20.0), node.output()
+    node.gate.open()
     assert cameras.wait_results({"left": 10}), node.output()
-    window = [q for batch in node.batches()[steps:][:9] for q in batch]
+    window = [q for batch in node.gate.batches()[steps:][:9] for q in batch]
     assert window.count("the cup") / len(window) >= 0.4, window
-    assert node.batches()[steps + 1] == ["flood 0", "the cup"]
-    client = cameras.client
-    assert all(r.successful for r in client.set_parameters(**{"right.standing_query": ""}))
+    assert node.gate.batches()[steps + 1] == ["flood 0", "the cup"]
 
 
 def client_status_at_least(client: Client, key: str, value: int) -> bool:
@@ -226,18 +228,18 @@ def test_a_batched_step_gives_what_each_job_gives_alone(node, cameras):
     (alone_described,) = finished_goals(client, [goal(describe, "left", "describe")])
     alone = next(r for r in cameras.results("left") if r.query == "the red mug")
     # Batched: a blocking step first, so both cameras' jobs wait and go in the same steps.
-    node.close_gate()
-    steps = len(node.batches())
+    node.gate.close()
+    steps = len(node.gate.batches())
     cameras.query("left", "blocker")
-    assert wait_for(lambda: len(node.batches()) > steps, 20.0), node.output()
+    assert wait_for(lambda: len(node.gate.batches()) > steps, 20.0), node.output()
     cameras.query("left", "the red mug")
     cameras.query("right", "the red mug")
     keys = client.send_goals([goal(describe, camera, "describe") for camera in CAMERAS])
     assert client_status_at_least(client, "left/queue_length", 2), node.output()
     assert client_status_at_least(client, "right/queue_length", 2), node.output()
-    node.open_gate()
+    node.gate.open()
     records = client.wait_goals(keys, lambda rs: all(r["status"] is not None for r in rs), 60.0)
-    assert node.batches()[steps:] == [
+    assert node.gate.batches()[steps:] == [
         ["blocker"],
         ["the red mug", "the red mug"],
         [describe, describe],
@@ -271,11 +273,7 @@ def test_after_a_reconfigure_to_cropped_masks_each_decodes_to_the_full_pixels(no
         return [r for r in cameras.results("left") if r.query == "the blue bowl"][-1]
 
     full = grounded_once_more()
-    for transition in (Transition.TRANSITION_DEACTIVATE, Transition.TRANSITION_CLEANUP):
-        assert client.change_state(transition), transition
-    assert all(r.successful for r in client.set_parameters(mask_format="cropped"))
-    for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
-        assert client.change_state(transition), transition
+    client.reconfigure(mask_format="cropped")
     assert wait_for(cameras.ready, 60.0, period=0.1), node.output()
     # the cameras' own parameters were declared again at configure
     assert all(r.successful for r in client.set_parameters(**{"left.max_rate_hz": 2.0}))

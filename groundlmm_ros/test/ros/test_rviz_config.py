@@ -8,7 +8,7 @@ import yaml
 from groundlmm_ros.ros.node import CAMERA_OUTPUTS, camera_topic
 from groundlmm_ros.ros.visualization import rviz_config
 
-TEMPLATE = (Path(__file__).resolve().parents[1] / "config" / "groundlmm.rviz").read_text()
+TEMPLATE = (Path(__file__).resolve().parents[2] / "config" / "groundlmm.rviz").read_text()
 
 
 def displays(config: str) -> dict[str, dict]:

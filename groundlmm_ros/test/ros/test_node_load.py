@@ -11,12 +11,12 @@ import time
 import pytest
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
-from node_harness import TERMINAL, NodeProcess, rgb_image, wait_for
+from node_harness import TERMINAL, NodeProcess, connect, rgb_image, wait_for
 from sensor_msgs.msg import Image
 
 from groundlmm_msgs.action import Ground
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.timeout(240), pytest.mark.ros, pytest.mark.node, pytest.mark.slow]
 
 QUEUE = 10
 
@@ -34,10 +34,10 @@ def goal(query: str) -> Ground.Goal:
 
 def hold_the_model(client, node, query: str) -> list[int]:
     """Close the gate and start one goal on it: the model then holds it until the gate opens."""
-    node.close_gate()
-    started = len(node.started())
+    node.gate.close()
+    started = len(node.gate.started())
     keys = client.send_goals([goal(query)])
-    assert node.wait_started(started + 1), node.output()
+    assert node.gate.wait_started(started + 1), node.output()
     return keys
 
 
@@ -72,7 +72,7 @@ def test_100_goals_at_once_each_get_a_response_and_one_terminal_status(client, n
         client.wait_goals(held, lambda rs: rs[0]["status"] is not None, 10.0)[0]["status"]
         == GoalStatus.STATUS_CANCELED
     )
-    node.open_gate()
+    node.gate.open()
     records = client.wait_goals(keys, lambda rs: all(r["status"] in TERMINAL for r in rs), 60.0)
     assert all(r["status"] in TERMINAL for r in records), statuses(
         records
@@ -89,15 +89,15 @@ def test_100_goals_at_once_each_get_a_response_and_one_terminal_status(client, n
         )
     # the model ran the succeeded ones last (a goal cancelled while it waited never reaches the
     # model)
-    assert set(node.started()[-(QUEUE - 2) :]) == {r["result"].result.query for r in succeeded}
+    assert set(node.gate.started()[-(QUEUE - 2) :]) == {r["result"].result.query for r in succeeded}
     # and each goal's query has exactly one answer on the topics too (grounding or ~/rejected)
     time.sleep(0.5)
     assert all(len(answers) == 1 for answers in client.answers(queries).values())
 
 
 def test_mixed_burst_ends_with_one_answer_per_query(client, node):
-    node.close_gate()
-    started = len(node.started())
+    node.gate.close()
+    started = len(node.gate.started())
     client.publish_image(rgb_image(stamp_s=2.0, seed=1))
     # the standing query takes this frame at once and is held
     assert all(
@@ -106,8 +106,8 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
             standing_mode="refer", max_rate_hz=0.0, standing_query="the standing mug"
         )
     )
-    assert node.wait_started(started + 1) and node.started()[-1] == "the standing mug", (
-        node.started()[-3:]
+    assert node.gate.wait_started(started + 1) and node.gate.started()[-1] == "the standing mug", (
+        node.gate.started()[-3:]
     )
     assert client.log_containing(
         "'the standing mug' (refer), as fast as the model allows"
@@ -132,7 +132,7 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
     # the model held: 10 of the 300 wait in the queue, the other 290 are rejected at once
     assert wait_for(lambda: rejected() >= 300 - QUEUE, 30.0), rejected()
     assert all(r.successful for r in client.set_parameters(standing_query=""))
-    node.open_gate()
+    node.gate.open()
     records = client.wait_goals(keys, lambda rs: all(r["status"] in TERMINAL for r in rs), 60.0)
     assert all(r["status"] in TERMINAL for r in records), statuses(records)
     assert wait_for(lambda: all(client.answers(everything).values()), 30.0)
@@ -157,11 +157,11 @@ def test_mixed_burst_ends_with_one_answer_per_query(client, node):
 
 
 def test_sigterm_with_a_standing_query_running_exits_within_5_s(client, node):
-    node.close_gate()
-    started = len(node.started())
+    node.gate.close()
+    started = len(node.gate.started())
     client.publish_image(rgb_image(stamp_s=3.0, seed=2))
     assert all(r.successful for r in client.set_parameters(standing_query="the mug at SIGTERM"))
-    assert node.wait_started(started + 1), node.output()  # the model holds it
+    assert node.gate.wait_started(started + 1), node.output()  # the model holds it
     assert "/lab/groundlmm_node" in client.call("node_names")
     start = time.monotonic()
     assert node.stop(signal.SIGTERM) == 0, node.output()
@@ -178,7 +178,7 @@ def test_sigterm_with_a_standing_query_running_exits_within_5_s(client, node):
 def test_interrupt_during_configure_exits_cleanly(signum):
     node = NodeProcess({}, gated=True, hold_configure=True)
     try:
-        assert wait_for(lambda: (node.gate / "configuring").exists(), 60.0), node.output()
+        assert wait_for(lambda: node.gate.flag("configuring").exists(), 60.0), node.output()
         assert "loading model" in node.output()
         start = time.monotonic()
         assert node.stop(signum) == 0, node.output()
@@ -188,10 +188,28 @@ def test_interrupt_during_configure_exits_cleanly(signum):
         node.close()
 
 
+@pytest.mark.parametrize("delay_s", [0.2, 0.4])
+def test_ctrl_c_while_the_modules_import_exits_quietly(delay_s):
+    node = NodeProcess({})
+    try:
+        time.sleep(delay_s)
+        assert node.stop() == 0, node.output()
+        assert "Traceback" not in node.output(), node.output()
+    finally:
+        node.close()
+
+
 def test_exit_within_5_s_when_the_teardown_hangs_holding_the_gil():
     node = NodeProcess({}, gated=True, hang_at_exit=True)
     try:
-        assert wait_for(lambda: "active: serving queries" in node.output(), 60.0), node.output()
+        # a query held at the gate: stopping the worker cancels it, and then it hangs
+        client = connect(node)
+        try:
+            client.publish_image(rgb_image())
+            client.query("the mug at exit")
+            assert node.gate.wait_started(1), node.output()
+        finally:
+            client.close()
         start = time.monotonic()
         code = node.stop(signal.SIGTERM)
         assert time.monotonic() - start < 5.0 and code != -signal.SIGKILL, (code, node.output())

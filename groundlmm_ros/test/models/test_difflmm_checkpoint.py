@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from images import random_rgb
 from peft import LoraConfig, get_peft_model
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -151,7 +152,7 @@ def broken(released, tmp_path):
 
 
 def image(seed=0):
-    return (np.random.default_rng(seed).random((40, 28, 3)) * 255).astype(np.uint8)
+    return random_rgb(40, 28, seed)
 
 
 def answer_and_maps(backend):
@@ -203,7 +204,7 @@ def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(releas
     processor = CLIPImageProcessor(size=size, crop_size=size)
     assert backend.preprocessing.pad_color == (122, 116, 104)
     for height, width in ((40, 28), (21, 64)):
-        picture = (np.random.default_rng(height).random((height, width, 3)) * 255).astype(np.uint8)
+        picture = random_rgb(height, width, height)
         side = max(height, width)
         square = Image.new("RGB", (side, side), (122, 116, 104))  # LLaVA's expand2square
         square.paste(Image.fromarray(picture), ((side - width) // 2, (side - height) // 2))

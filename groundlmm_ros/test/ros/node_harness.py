@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import json
 import os
 import pickle
 import signal
@@ -24,10 +23,12 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import numpy as np
 import yaml
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticStatus
+from gated_node import Gate
+from images import random_rgb
+from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
@@ -70,11 +71,11 @@ def start(command: list[str], log_path: str, env: dict | None = None, **kwargs) 
 
 
 class NodeProcess:
-    """`python -m groundlmm_ros.ros.node` with a params file; stop() sends SIGINT like Ctrl-C.
+    """`python -m groundlmm_ros.ros.process` with a params file; stop() sends SIGINT like Ctrl-C.
 
-    gated=True runs gated_node.py instead: the same node whose model waits at a gate the test opens
-    (open_gate / close_gate), so a test fills the queue deterministically. `command` replaces the
-    whole command line (params then unused)."""
+    gated=True runs gated_node.py instead: the same node whose model waits at a gate the test
+    opens (node.gate: a gated_node.Gate), so a test fills the queue deterministically. `command`
+    replaces the whole command line (params then unused)."""
 
     def __init__(
         self,
@@ -87,19 +88,19 @@ class NodeProcess:
         env: dict | None = None,
     ):
         self._dir = tempfile.TemporaryDirectory(prefix="groundlmm_node_test_")
-        self.gate = Path(self._dir.name)
-        self._permits = itertools.count()
+        # the model's gate (gated=True): node.gate.open(), .close(), .allow_batches(), .started()
+        self.gate = Gate(Path(self._dir.name))
         params_file = os.path.join(self._dir.name, "params.yaml")
         with open(params_file, "w") as f:
             yaml.safe_dump({"/**": {"ros__parameters": {**BASE_PARAMS, **params}}}, f)
         self.log_path = os.path.join(self._dir.name, "node.log")
         for flag, wanted in (("hold_configure", hold_configure), ("hang_at_exit", hang_at_exit)):
             if wanted:
-                (self.gate / flag).touch()
+                self.gate.flag(flag).touch()
         program = (
-            [str(HERE / "gated_node.py"), str(self.gate)]
+            [str(HERE / "gated_node.py"), str(self.gate.folder)]
             if gated
-            else ["-m", "groundlmm_ros.ros.node"]
+            else ["-m", "groundlmm_ros.ros.process"]
         )
         command = command or [
             sys.executable,
@@ -121,36 +122,6 @@ class NodeProcess:
         with open(f"/proc/{self.process.pid}/status") as f:
             kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
         return kb / 1024
-
-    # ---- the gate (gated=True) ---------------------------------------------------------------
-
-    def open_gate(self) -> None:
-        (self.gate / "open").touch()
-
-    def close_gate(self) -> None:
-        (self.gate / "open").unlink(missing_ok=True)
-
-    def allow_batches(self, count: int = 1) -> None:
-        """Let `count` more model steps through the closed gate (one permit file each)."""
-        for _ in range(count):
-            (self.gate / f"permit-{next(self._permits)}").touch()
-
-    def release_configure(self) -> None:
-        (self.gate / "hold_configure").unlink(missing_ok=True)
-
-    def started(self) -> list[str]:
-        """The queries the model has started on, in order."""
-        path = self.gate / "started"
-        return path.read_text().splitlines() if path.exists() else []
-
-    def batches(self) -> list[list[str]]:
-        """The queries of each model step, in order (whole lines: the node may be writing one)."""
-        path = self.gate / "batches"
-        lines = path.read_text().split("\n")[:-1] if path.exists() else []
-        return [json.loads(line) for line in lines]
-
-    def wait_started(self, count: int, timeout: float = 20.0) -> bool:
-        return bool(wait_for(lambda: len(self.started()) >= count, timeout))
 
     def stop(self, signum: int = signal.SIGINT, timeout: float = 15.0) -> int:
         """The signal (SIGINT: Ctrl-C), then the exit code (SIGKILL and -9 if it does not exit
@@ -334,7 +305,7 @@ class Client:
         def find():
             with self.lock:
                 return next((r for r in self.results if r.query == query), None) or next(
-                    (r for r in self.rejections if _value(r, "query") == query), None
+                    (r for r in self.rejections if status_value(r, "query") == query), None
                 )
 
         return wait_for(find, timeout)
@@ -344,7 +315,7 @@ class Client:
         found = {query: [] for query in queries}
         with self.lock:
             for answer in [*self.results, *self.rejections]:
-                query = answer.query if hasattr(answer, "query") else _value(answer, "query")
+                query = answer.query if hasattr(answer, "query") else status_value(answer, "query")
                 if query in found:
                     found[query].append(answer)
         return found
@@ -437,13 +408,25 @@ class Client:
         return record["status"], record["result"], record["feedbacks"]
 
     def change_state(self, transition_id: int) -> bool:
-        from lifecycle_msgs.msg import Transition
-
         request = ChangeState.Request(transition=Transition(id=transition_id))
         return self._service(ChangeState, "change_state", request).success
 
     def state(self) -> str:
         return self._service(GetState, "get_state", GetState.Request()).current_state.label
+
+    def reconfigure(self, timeout: float = 60.0, **parameters) -> None:
+        """Set parameters read at configure, then deactivate, cleanup, configure and activate the
+        node; returns once it reports itself active."""
+        results = self.set_parameters(**parameters) if parameters else []
+        assert all(r.successful for r in results), [r.reason for r in results]
+        for transition in (
+            Transition.TRANSITION_DEACTIVATE,
+            Transition.TRANSITION_CLEANUP,
+            Transition.TRANSITION_CONFIGURE,
+            Transition.TRANSITION_ACTIVATE,
+        ):
+            assert self.change_state(transition), f"transition {transition} failed"
+        assert self.wait_for(lambda: self.status.get("state") == "active", timeout), self.status
 
     def set_parameters(self, **values) -> list:
         parameters = [
@@ -493,7 +476,8 @@ def _parameter_value(value) -> ParameterValue:
     return ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=value)
 
 
-def _value(status: DiagnosticStatus, key: str) -> str | None:
+def status_value(status: DiagnosticStatus, key: str) -> str | None:
+    """The value of `key` in a DiagnosticStatus (a rejection's "query", "camera", ...)."""
     return next((kv.value for kv in status.values if kv.key == key), None)
 
 
@@ -510,9 +494,10 @@ def rgb_image(
     frame_id: str = "camera_optical",
     seed: int = 0,
 ) -> Image:
-    """A random rgb8 frame with a distinct stamp and frame_id."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return numpy_to_image(pixels, "rgb8", stamped_header(stamp_s, frame_id))
+    """A random rgb8 frame (images.random_rgb) with a distinct stamp and frame_id."""
+    return numpy_to_image(
+        random_rgb(height, width, seed), "rgb8", stamped_header(stamp_s, frame_id)
+    )
 
 
 def is_rejection(answer) -> bool:

@@ -1,0 +1,117 @@
+"""groundlmm_node's process (the `groundlmm_node` command): the DDS profile, rclpy, one
+GroundingNode on a multi-threaded executor, autostart, and a quick, quiet exit on Ctrl-C or
+SIGTERM (exit code 0), also while the model loads or the modules import.
+
+    groundlmm_node --ros-args --params-file params.yaml
+    python -m groundlmm_ros.ros.process --ros-args ...
+
+Only the standard library is imported at the top: a Ctrl-C while rclpy, the node and torch load
+ends the process like any other Ctrl-C, without a traceback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import gc
+import os
+import signal
+import sys
+from pathlib import Path
+
+DDS_PROFILE = Path(__file__).with_name("fastdds_profile.xml")
+# from SIGINT/SIGTERM to exit, at most (plus the faulthandler dump)
+EXIT_TIMEOUT_S = 4.0
+# Callbacks are short (a goal waits in the worker's queue, not on a thread); one runs with the
+# model.
+EXECUTOR_THREADS = 4
+
+
+def use_node_dds_profile() -> None:
+    """Before rclpy.init: this node's Fast DDS profile (default transports, a large shared-memory
+    segment), unless the environment names its own profile file or another RMW."""
+    if os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp").startswith("rmw_fastrtps"):
+        os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(DDS_PROFILE))
+
+
+def _interrupt(signum, frame) -> None:
+    # SIGTERM ends the node as Ctrl-C does, also while the model loads
+    raise KeyboardInterrupt
+
+
+def main(args=None, engine_factory=None) -> None:
+    """Run the node until Ctrl-C or SIGTERM. engine_factory: GroundingNode's (None: its default,
+    the presets)."""
+    use_node_dds_profile()
+    # before rclpy.init, whose handler calls this one after its own
+    signal.signal(signal.SIGTERM, _interrupt)
+    # the node and its executor, once made: _stop holds the last references
+    running = {}
+    try:
+        _serve(args, engine_factory, running)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop(running)
+    # Python's own teardown of torch and the model code has nothing left to release but takes
+    # seconds on a busy machine: skip it (only on this normal path; an error above still ends
+    # with its traceback).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # and what C code (the ROS logger) has buffered
+    ctypes.CDLL(None).fflush(None)
+    os._exit(0)
+
+
+def _serve(args, engine_factory, running: dict) -> None:
+    # Imported here: a Ctrl-C while they load is the KeyboardInterrupt main ends on.
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    from groundlmm_ros.ros.node import SUCCESS, GroundingNode
+
+    rclpy.init(args=args)
+    factory = {} if engine_factory is None else {"engine_factory": engine_factory}
+    running["node"] = GroundingNode(**factory)
+    running["executor"] = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+    running["executor"].add_node(running["node"])
+    if running["node"].get_parameter("autostart").value:
+        if running["node"].trigger_configure() == SUCCESS:
+            running["node"].trigger_activate()
+    try:
+        running["executor"].spin()
+    except ExternalShutdownException:
+        pass
+
+
+def _stop(running: dict) -> None:
+    """Stop the node quickly and leave the ROS graph at once."""
+    # a second Ctrl-C must not interrupt the teardown
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    # A DDS teardown can hang while holding the GIL (no Python timer runs then): faulthandler's
+    # C thread prints every thread's stack and ends the process if this exit takes longer than
+    # EXIT_TIMEOUT_S.
+    faulthandler.dump_traceback_later(EXIT_TIMEOUT_S, exit=True)
+    rclpy = sys.modules.get("rclpy")
+    node, executor = running.pop("node", None), running.pop("executor", None)
+    if node is not None and executor is not None:
+        # Stop the worker (the running query is cancelled at its next token); the model's memory
+        # goes with the process, so the slow part of shut_down (a full garbage collection to free
+        # it) is skipped.
+        node.stop_serving("the node is shutting down", worker_timeout_s=1.0)
+        executor.shutdown(timeout_sec=0.5)
+        node.destroy_node()
+        rclpy.try_shutdown()
+        context = node.context
+        del node, executor
+        # the node's reference cycles still hold the context
+        gc.collect()
+        # the DDS participant leaves the graph now (else only after its lease, 20 s)
+        context.destroy()
+    elif rclpy is not None:
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()
