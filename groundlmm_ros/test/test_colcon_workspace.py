@@ -147,7 +147,7 @@ print(json.dumps({"value": point.value, "origin": importlib.util.find_spec(point
     assert entry["value"] == "groundlmm_ros.ros.process:main"
     assert (
         Path(entry["origin"]).resolve()
-        == REPO / "groundlmm_ros" / "groundlmm_ros" / "ros" / "node.py"
+        == REPO / "groundlmm_ros" / "groundlmm_ros" / "ros" / "process.py"
     )
 
 

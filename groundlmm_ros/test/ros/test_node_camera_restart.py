@@ -18,8 +18,9 @@ pytestmark = [pytest.mark.ros, pytest.mark.node, pytest.mark.timeout(180)]
 
 STANDING = "the standing mug"
 DRIVER = """
-import sys, time
-sys.path.insert(0, sys.argv[1])
+import os, sys, time
+# node_harness (test/ros) and the helpers it imports (test/)
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]
 import rclpy
 from sensor_msgs.msg import Image
 from node_harness import rgb_image
