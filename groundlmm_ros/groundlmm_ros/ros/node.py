@@ -138,25 +138,9 @@ class GroundingNode(LifecycleNode):
             f"loading model {params.model!r} on {params.device} ({params.dtype})"
         )
         try:
-            # The node's limits are the limits: they replace the model's own answer-length setting.
-            self._engine = self._engine_factory(
-                params.model,
-                device=params.device,
-                dtype=params.dtype,
-                decoding=params.decoding,
-                conversation=params.conversation,
-                refiner=params.refiner,
-                sam_checkpoint=params.sam_checkpoint,
-                seed=params.seed,
-                max_new_tokens=params.max_new_tokens,
-                max_query_length=params.max_query_length,
-                **params.engine_kwargs(),
-            )
-            # fixed-shape decoders (CUDA graphs) now, not on the first query
-            self._engine.warm_up()
+            self._engine = self._build_engine(params)
         # a bad model path or preset must leave the node unconfigured, alive
         except Exception as error:
-            self._engine = None
             self.get_logger().error(
                 f"configure failed: cannot build model {params.model!r}: "
                 f"{type(error).__name__}: {error}"
@@ -173,55 +157,18 @@ class GroundingNode(LifecycleNode):
             "status": qos_warnings.publisher(self, DiagnosticArray, "/diagnostics", reliable),
         }
         self._depth = {camera: depth.DepthBuffer() for camera in params.cameras}
-        self.results = {
-            camera: ResultPublisher(
-                self,
-                camera,
-                {
-                    output: qos_warnings.publisher(
-                        self,
-                        msg_type,
-                        camera_topic(camera, name, private),
-                        QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
-                        lifecycle=True,
-                    )
-                    for output, (msg_type, name, private, history) in CAMERA_OUTPUTS.items()
-                },
-                params,
-                self._depth[camera],
-                self._stats,
-            )
-            for camera in params.cameras
-        }
+        self.results = {camera: self._camera_results(camera, params) for camera in params.cameras}
         # Queries are answered while inactive too: rejected with the reason.
         self._queries = [
-            qos_warnings.subscription(
-                self,
+            self._subscription(
                 String,
                 camera_topic(camera, "query"),
                 self._on_query(camera),
                 QoSProfile(depth=params.query_qos_depth),
-                self._group,
             )
             for camera in params.cameras
         ]
-        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result
-        # requests) would overwrite the ones not yet taken.
-        burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
-        self._action_server = ActionServer(
-            self,
-            Ground,
-            "~/ground",
-            execute_callback=self._execute_goal,
-            handle_accepted_callback=self._on_goal_accepted,
-            goal_callback=lambda goal: GoalResponse.ACCEPT,
-            cancel_callback=lambda goal: CancelResponse.ACCEPT,
-            goal_service_qos_profile=burst,
-            result_service_qos_profile=burst,
-            cancel_service_qos_profile=burst,
-            result_timeout=params.action_result_timeout_s,
-            callback_group=MutuallyExclusiveCallbackGroup(),
-        )
+        self._action_server = self._ground_action(params)
         self._status_timer = self.create_timer(
             params.status_period_s, self._publish_status, self._group
         )
@@ -249,29 +196,11 @@ class GroundingNode(LifecycleNode):
         for camera, (query, mode, rate) in standing.items():
             self._worker.set_standing(query, mode, rate, camera=camera)
         self._worker.start()
-        image_qos = QoSProfile(
-            depth=params.image_qos_depth,
-            history=HistoryPolicy.KEEP_LAST,
-            reliability=ReliabilityPolicy.RELIABLE
-            if params.image_qos_reliability == "reliable"
-            else ReliabilityPolicy.BEST_EFFORT,
-        )
-        image_type = CompressedImage if params.image_transport == "compressed" else Image
-        for camera in params.cameras:
-            self._subscribe(
-                image_type, camera_topic(camera, image), self._on_image(camera), image_qos
-            )
-            if params.use_depth:
-                buffer = self._depth[camera]
-                self._subscribe(
-                    Image, camera_topic(camera, "depth"), self._on_depth(buffer), image_qos
-                )
-                self._subscribe(
-                    CameraInfo,
-                    camera_topic(camera, "camera_info"),
-                    self._on_camera_info(buffer),
-                    image_qos,
-                )
+        self._inputs = [
+            subscription
+            for camera in params.cameras
+            for subscription in self._camera_inputs(camera)
+        ]
         self.get_logger().info(
             "active: serving queries; "
             + "; ".join(standing_text(camera, *standing[camera]) for camera in params.cameras)
@@ -339,6 +268,60 @@ class GroundingNode(LifecycleNode):
         if self.context.ok():
             self.get_logger().error(text)
 
+    # ---- what configure makes ----------------------------------------------------------------
+
+    def _build_engine(self, params):
+        # The node's limits are the limits: they replace the model's own answer-length setting.
+        engine = self._engine_factory(
+            params.model,
+            device=params.device,
+            dtype=params.dtype,
+            decoding=params.decoding,
+            conversation=params.conversation,
+            refiner=params.refiner,
+            sam_checkpoint=params.sam_checkpoint,
+            seed=params.seed,
+            max_new_tokens=params.max_new_tokens,
+            max_query_length=params.max_query_length,
+            **params.engine_kwargs(),
+        )
+        # fixed-shape decoders (CUDA graphs) now, not on the first query
+        engine.warm_up()
+        return engine
+
+    def _camera_results(self, camera: str, params) -> ResultPublisher:
+        """The camera's CAMERA_OUTPUTS, as lifecycle publishers, behind its ResultPublisher."""
+        publishers = {
+            output: qos_warnings.publisher(
+                self,
+                msg_type,
+                camera_topic(camera, name, private),
+                QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
+                lifecycle=True,
+            )
+            for output, (msg_type, name, private, history) in CAMERA_OUTPUTS.items()
+        }
+        return ResultPublisher(self, camera, publishers, params, self._depth[camera], self._stats)
+
+    def _ground_action(self, params) -> ActionServer:
+        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result
+        # requests) would overwrite the ones not yet taken.
+        burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
+        return ActionServer(
+            self,
+            Ground,
+            "~/ground",
+            execute_callback=self._execute_goal,
+            handle_accepted_callback=self._on_goal_accepted,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda goal: CancelResponse.ACCEPT,
+            goal_service_qos_profile=burst,
+            result_service_qos_profile=burst,
+            cancel_service_qos_profile=burst,
+            result_timeout=params.action_result_timeout_s,
+            callback_group=MutuallyExclusiveCallbackGroup(),
+        )
+
     # ---- parameters --------------------------------------------------------------------------
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
@@ -377,10 +360,42 @@ class GroundingNode(LifecycleNode):
 
     # ---- inputs ------------------------------------------------------------------------------
 
-    def _subscribe(self, msg_type, topic: str, callback, qos: QoSProfile) -> None:
-        self._inputs.append(
-            qos_warnings.subscription(self, msg_type, topic, callback, qos, self._group)
+    def _subscription(self, msg_type, topic: str, callback, qos: QoSProfile):
+        return qos_warnings.subscription(self, msg_type, topic, callback, qos, self._group)
+
+    def _camera_inputs(self, camera: str) -> list:
+        """The camera's image subscription, and with use_depth its depth and camera_info ones."""
+        params = self._params
+        image_qos = QoSProfile(
+            depth=params.image_qos_depth,
+            history=HistoryPolicy.KEEP_LAST,
+            reliability=ReliabilityPolicy.RELIABLE
+            if params.image_qos_reliability == "reliable"
+            else ReliabilityPolicy.BEST_EFFORT,
         )
+        compressed = params.image_transport == "compressed"
+        inputs = [
+            self._subscription(
+                CompressedImage if compressed else Image,
+                camera_topic(camera, "image/compressed" if compressed else "image"),
+                self._on_image(camera),
+                image_qos,
+            )
+        ]
+        if params.use_depth:
+            buffer = self._depth[camera]
+            inputs += [
+                self._subscription(
+                    Image, camera_topic(camera, "depth"), self._on_depth(buffer), image_qos
+                ),
+                self._subscription(
+                    CameraInfo,
+                    camera_topic(camera, "camera_info"),
+                    self._on_camera_info(buffer),
+                    image_qos,
+                ),
+            ]
+        return inputs
 
     # Each makes one camera's subscription callback.
 
