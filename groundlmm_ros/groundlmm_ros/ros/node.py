@@ -1,14 +1,16 @@
 """groundlmm_node: the lifecycle node that grounds queries in camera frames (its process, the
 signals and the exit, is ros/process.py).
 
-configure loads the model, activate starts the worker and the subscriptions,
-deactivate stops them (queued queries end in a failed result),
-cleanup frees the model. Callbacks never run the model: they fill the
-worker's newest-frame slot and bounded queue of their camera. Each accepted
-(queued) query ends in exactly one GroundingResult on its camera's
-`grounding` (success false + the reason when it failed); a query never
-accepted gets, with the reason, a DiagnosticStatus on `~/rejected`. An action
-goal's Ground result carries the same.
+configure loads the model and opens the query topics and the action,
+activate starts the worker and the camera subscriptions, deactivate stops
+them (queued queries end in a failed result), cleanup frees the model.
+Callbacks never run the model: they fill the worker's newest-frame slot and
+bounded queue of their camera. Each accepted (queued) query ends in exactly
+one GroundingResult on its camera's `grounding` (success false + the reason
+when it failed); a query never accepted, also one sent while the node is
+inactive, gets, with the reason, a DiagnosticStatus on `~/rejected`. An
+action goal's Ground result carries the same, and the action keeps it for
+`action_result_timeout_s` for a client that asks late.
 
 One model serves every camera of the `cameras` parameter: camera "head" reads
 `head/image`, `head/depth`, `head/camera_info`, `head/query` and answers on
@@ -45,6 +47,7 @@ from groundlmm_ros.ros.params import (
     check_parameters,
     declare_camera_parameters,
     declare_parameters,
+    floats_from_whole_numbers,
     parameter_camera,
     read_parameters,
 )
@@ -70,6 +73,14 @@ def camera_topic(camera: str, name: str, private: bool = False) -> str:
     return f"~/{topic}" if private else topic
 
 
+def standing_text(camera: str, query: str, mode: str, rate: float) -> str:
+    """A camera's standing query, as the log says it."""
+    text = f"standing query {query!r} ({mode}), " + (
+        f"at most {rate} Hz" if rate > 0 else "as fast as the model allows"
+    )
+    return (f"camera {camera!r}: " if camera else "") + (text if query else "no standing query")
+
+
 def preset_engine(model: str, **options):
     """The default engine factory: models.presets.build_engine, imported only when called, so
     torch loads at configure, not at start-up."""
@@ -85,21 +96,25 @@ class GroundingNode(LifecycleNode):
     def __init__(self, engine_factory=preset_engine, **kwargs):
         super().__init__("groundlmm_node", **kwargs)
         declare_parameters(self)
+        # the cameras' own standing queries can be set before configure
+        cameras = self.get_parameter("cameras").value
+        if not check_parameters({"cameras": cameras}):
+            declare_camera_parameters(self, cameras)
+        self.add_pre_set_parameters_callback(floats_from_whole_numbers)
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self._engine_factory = engine_factory
         self._group = ReentrantCallbackGroup()
         self._stats = Stats()
         # While configured: the parameters read at configure, the engine, the action server, the
-        # node's own outputs and each camera's publishers and standing-query parameters.
+        # node's own outputs, the query subscriptions, per camera its depth frames and results.
         self._params = self._engine = self._action_server = self._status_timer = None
         self._outputs: dict = {}
-        self._camera_outputs: dict[str, dict] = {}
-        self._camera_parameters: list[str] = []
-        # While active: the worker, the subscriptions, per camera its depth frames and results.
-        self._worker: Worker | None = None
-        self._inputs: list = []
+        self._queries: list = []
         self._depth: dict[str, depth.DepthBuffer] = {}
         self.results: dict[str, ResultPublisher] = {}
+        # While active: the worker and the camera subscriptions.
+        self._worker: Worker | None = None
+        self._inputs: list = []
         self._rejected_lock = threading.Lock()
         # goal id -> its run, until its execute callback takes it
         self._goal_runs: dict[bytes, GoalRun] = {}
@@ -123,32 +138,16 @@ class GroundingNode(LifecycleNode):
             f"loading model {params.model!r} on {params.device} ({params.dtype})"
         )
         try:
-            # The node's limits are the limits: they replace the model's own answer-length setting.
-            self._engine = self._engine_factory(
-                params.model,
-                device=params.device,
-                dtype=params.dtype,
-                decoding=params.decoding,
-                conversation=params.conversation,
-                refiner=params.refiner,
-                sam_checkpoint=params.sam_checkpoint,
-                seed=params.seed,
-                max_new_tokens=params.max_new_tokens,
-                max_query_length=params.max_query_length,
-                **params.engine_kwargs(),
-            )
-            # fixed-shape decoders (CUDA graphs) now, not on the first query
-            self._engine.warm_up()
+            self._engine = self._build_engine(params)
         # a bad model path or preset must leave the node unconfigured, alive
         except Exception as error:
-            self._engine = None
             self.get_logger().error(
                 f"configure failed: cannot build model {params.model!r}: "
                 f"{type(error).__name__}: {error}"
             )
             return FAILURE
         self._params = params
-        self._camera_parameters = declare_camera_parameters(self, params.cameras)
+        declare_camera_parameters(self, params.cameras)
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         # Rejections and the status go out in every state; a camera's outputs only while active.
         self._outputs = {
@@ -157,35 +156,19 @@ class GroundingNode(LifecycleNode):
             ),
             "status": qos_warnings.publisher(self, DiagnosticArray, "/diagnostics", reliable),
         }
-        self._camera_outputs = {
-            camera: {
-                output: qos_warnings.publisher(
-                    self,
-                    msg_type,
-                    camera_topic(camera, name, private),
-                    QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
-                    lifecycle=True,
-                )
-                for output, (msg_type, name, private, history) in CAMERA_OUTPUTS.items()
-            }
+        self._depth = {camera: depth.DepthBuffer() for camera in params.cameras}
+        self.results = {camera: self._camera_results(camera, params) for camera in params.cameras}
+        # Queries are answered while inactive too: rejected with the reason.
+        self._queries = [
+            self._subscription(
+                String,
+                camera_topic(camera, "query"),
+                self._on_query(camera),
+                QoSProfile(depth=params.query_qos_depth),
+            )
             for camera in params.cameras
-        }
-        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result
-        # requests) would overwrite the ones not yet taken.
-        burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
-        self._action_server = ActionServer(
-            self,
-            Ground,
-            "~/ground",
-            execute_callback=self._execute_goal,
-            handle_accepted_callback=self._on_goal_accepted,
-            goal_callback=lambda goal: GoalResponse.ACCEPT,
-            cancel_callback=lambda goal: CancelResponse.ACCEPT,
-            goal_service_qos_profile=burst,
-            result_service_qos_profile=burst,
-            cancel_service_qos_profile=burst,
-            callback_group=MutuallyExclusiveCallbackGroup(),
-        )
+        ]
+        self._action_server = self._ground_action(params)
         self._status_timer = self.create_timer(
             params.status_period_s, self._publish_status, self._group
         )
@@ -197,18 +180,6 @@ class GroundingNode(LifecycleNode):
         super().on_activate(state)
         params = self._params
         image = "image/compressed" if params.image_transport == "compressed" else "image"
-        self._depth = {camera: depth.DepthBuffer() for camera in params.cameras}
-        self.results = {
-            camera: ResultPublisher(
-                self,
-                camera,
-                self._camera_outputs[camera],
-                params,
-                self._depth[camera],
-                self._stats,
-            )
-            for camera in params.cameras
-        }
         self._worker = Worker(
             self._engine,
             cameras={
@@ -221,39 +192,19 @@ class GroundingNode(LifecycleNode):
             log_error=self._log_worker_error,
         )
         # the standing queries as set now
-        for camera in params.cameras:
-            self._worker.set_standing(*self._standing_of(camera), camera=camera)
+        standing = {camera: self._standing_of(camera) for camera in params.cameras}
+        for camera, (query, mode, rate) in standing.items():
+            self._worker.set_standing(query, mode, rate, camera=camera)
         self._worker.start()
-        image_qos = QoSProfile(
-            depth=params.image_qos_depth,
-            history=HistoryPolicy.KEEP_LAST,
-            reliability=ReliabilityPolicy.RELIABLE
-            if params.image_qos_reliability == "reliable"
-            else ReliabilityPolicy.BEST_EFFORT,
+        self._inputs = [
+            subscription
+            for camera in params.cameras
+            for subscription in self._camera_inputs(camera)
+        ]
+        self.get_logger().info(
+            "active: serving queries; "
+            + "; ".join(standing_text(camera, *standing[camera]) for camera in params.cameras)
         )
-        image_type = CompressedImage if params.image_transport == "compressed" else Image
-        for camera in params.cameras:
-            self._subscribe(
-                image_type, camera_topic(camera, image), self._on_image(camera), image_qos
-            )
-            self._subscribe(
-                String,
-                camera_topic(camera, "query"),
-                self._on_query(camera),
-                QoSProfile(depth=params.query_qos_depth),
-            )
-            if params.use_depth:
-                buffer = self._depth[camera]
-                self._subscribe(
-                    Image, camera_topic(camera, "depth"), self._on_depth(buffer), image_qos
-                )
-                self._subscribe(
-                    CameraInfo,
-                    camera_topic(camera, "camera_info"),
-                    self._on_camera_info(buffer),
-                    image_qos,
-                )
-        self.get_logger().info("active: serving queries")
         return SUCCESS
 
     def on_deactivate(self, state: State) -> TransitionCallbackReturn:
@@ -299,13 +250,13 @@ class GroundingNode(LifecycleNode):
             self._action_server.destroy()
         for publisher in self._outputs.values():
             self.destroy_publisher(publisher)
-        for outputs in self._camera_outputs.values():
-            for publisher in outputs.values():
+        for subscription in self._queries:
+            self.destroy_subscription(subscription)
+        for results in self.results.values():
+            for publisher in results.publishers.values():
                 self.destroy_lifecycle_publisher(publisher)
-        for parameter in self._camera_parameters:
-            self.undeclare_parameter(parameter)
         self._status_timer = self._action_server = self._params = self._engine = None
-        self._outputs, self._camera_outputs, self._camera_parameters = {}, {}, []
+        self._outputs, self._queries, self._depth, self.results = {}, [], {}, {}
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
@@ -317,6 +268,60 @@ class GroundingNode(LifecycleNode):
         if self.context.ok():
             self.get_logger().error(text)
 
+    # ---- what configure makes ----------------------------------------------------------------
+
+    def _build_engine(self, params):
+        # The node's limits are the limits: they replace the model's own answer-length setting.
+        engine = self._engine_factory(
+            params.model,
+            device=params.device,
+            dtype=params.dtype,
+            decoding=params.decoding,
+            conversation=params.conversation,
+            refiner=params.refiner,
+            sam_checkpoint=params.sam_checkpoint,
+            seed=params.seed,
+            max_new_tokens=params.max_new_tokens,
+            max_query_length=params.max_query_length,
+            **params.engine_kwargs(),
+        )
+        # fixed-shape decoders (CUDA graphs) now, not on the first query
+        engine.warm_up()
+        return engine
+
+    def _camera_results(self, camera: str, params) -> ResultPublisher:
+        """The camera's CAMERA_OUTPUTS, as lifecycle publishers, behind its ResultPublisher."""
+        publishers = {
+            output: qos_warnings.publisher(
+                self,
+                msg_type,
+                camera_topic(camera, name, private),
+                QoSProfile(depth=history, reliability=ReliabilityPolicy.RELIABLE),
+                lifecycle=True,
+            )
+            for output, (msg_type, name, private, history) in CAMERA_OUTPUTS.items()
+        }
+        return ResultPublisher(self, camera, publishers, params, self._depth[camera], self._stats)
+
+    def _ground_action(self, params) -> ActionServer:
+        # ROS's default service QoS keeps 10 requests: a burst of goals (or of their result
+        # requests) would overwrite the ones not yet taken.
+        burst = QoSProfile(depth=ACTION_SERVICE_DEPTH, reliability=ReliabilityPolicy.RELIABLE)
+        return ActionServer(
+            self,
+            Ground,
+            "~/ground",
+            execute_callback=self._execute_goal,
+            handle_accepted_callback=self._on_goal_accepted,
+            goal_callback=lambda goal: GoalResponse.ACCEPT,
+            cancel_callback=lambda goal: CancelResponse.ACCEPT,
+            goal_service_qos_profile=burst,
+            result_service_qos_profile=burst,
+            cancel_service_qos_profile=burst,
+            result_timeout=params.action_result_timeout_s,
+            callback_group=MutuallyExclusiveCallbackGroup(),
+        )
+
     # ---- parameters --------------------------------------------------------------------------
 
     def _on_set_parameters(self, parameters) -> SetParametersResult:
@@ -326,7 +331,9 @@ class GroundingNode(LifecycleNode):
             return SetParametersResult(successful=False, reason=problem)
         # cameras whose standing query changes
         standing = {camera for camera, name in map(parameter_camera, values) if name in DYNAMIC}
-        cameras = self._params.cameras if self._params is not None else []
+        cameras = values.get("cameras", self.get_parameter("cameras").value)
+        if self._params is not None:
+            cameras = self._params.cameras
         if "" in standing and cameras and "" not in cameras:
             return SetParametersResult(
                 successful=False,
@@ -339,11 +346,7 @@ class GroundingNode(LifecycleNode):
         for camera in standing if worker is not None else ():
             query, mode, rate = self._standing_of(camera, values)
             worker.set_standing(query, mode, rate, camera=camera)
-            self.get_logger().info(
-                (f"camera {camera!r}: " if camera else "")
-                + f"standing query {query!r} ({mode}), "
-                + (f"at most {rate} Hz" if rate > 0 else "as fast as the model allows")
-            )
+            self.get_logger().info(standing_text(camera, query, mode, rate))
         return SetParametersResult(successful=True)
 
     def _standing_of(self, camera: str, changing: dict | None = None) -> tuple[str, str, float]:
@@ -357,10 +360,42 @@ class GroundingNode(LifecycleNode):
 
     # ---- inputs ------------------------------------------------------------------------------
 
-    def _subscribe(self, msg_type, topic: str, callback, qos: QoSProfile) -> None:
-        self._inputs.append(
-            qos_warnings.subscription(self, msg_type, topic, callback, qos, self._group)
+    def _subscription(self, msg_type, topic: str, callback, qos: QoSProfile):
+        return qos_warnings.subscription(self, msg_type, topic, callback, qos, self._group)
+
+    def _camera_inputs(self, camera: str) -> list:
+        """The camera's image subscription, and with use_depth its depth and camera_info ones."""
+        params = self._params
+        image_qos = QoSProfile(
+            depth=params.image_qos_depth,
+            history=HistoryPolicy.KEEP_LAST,
+            reliability=ReliabilityPolicy.RELIABLE
+            if params.image_qos_reliability == "reliable"
+            else ReliabilityPolicy.BEST_EFFORT,
         )
+        compressed = params.image_transport == "compressed"
+        inputs = [
+            self._subscription(
+                CompressedImage if compressed else Image,
+                camera_topic(camera, "image/compressed" if compressed else "image"),
+                self._on_image(camera),
+                image_qos,
+            )
+        ]
+        if params.use_depth:
+            buffer = self._depth[camera]
+            inputs += [
+                self._subscription(
+                    Image, camera_topic(camera, "depth"), self._on_depth(buffer), image_qos
+                ),
+                self._subscription(
+                    CameraInfo,
+                    camera_topic(camera, "camera_info"),
+                    self._on_camera_info(buffer),
+                    image_qos,
+                ),
+            ]
+        return inputs
 
     # Each makes one camera's subscription callback.
 

@@ -4,8 +4,10 @@ Most are read when the node is configured (change them, then cleanup +
 configure); the standing-query ones (`DYNAMIC`) also take effect at once when
 set on a running node. Each named camera has its own standing query:
 `<camera>.standing_query`, `<camera>.standing_mode`, `<camera>.max_rate_hz`,
-declared at configure with the plain parameters' values as defaults (the
-camera named "" uses the plain ones).
+declared at start-up and at configure (for cameras named since) with the plain
+parameters' values as defaults, and kept across cleanup, so a value set at run
+time survives a reconfigure (the camera named "" uses the plain ones). A float
+parameter also takes a whole number.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from dataclasses import make_dataclass
 
 from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.parameter import Parameter
 
 from groundlmm_ros.engine.types import MAX_NEW_TOKENS, MODES
 from groundlmm_ros.ros.messages import MASK_FORMATS
@@ -80,7 +83,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     ),
     "autostart": (
         True,
-        "configure and activate at start-up (for labs that do not drive lifecycles)",
+        "configure and activate at start-up (for labs that do not drive lifecycles); a configure "
+        "that fails then ends the process with exit code 1",
     ),
     # Inputs (read at configure).
     "cameras": (
@@ -141,6 +145,11 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     ),
     "marker_lifetime_s": (1.0, "lifetime of the RViz markers"),
     "status_period_s": (1.0, "period of the `/diagnostics` status"),
+    "action_result_timeout_s": (
+        300,
+        "how long the `~/ground` action keeps a finished goal's result (masks included) for a "
+        "client that asks for it late; after it, such a client gets status UNKNOWN and no result",
+    ),
 }
 DYNAMIC = ("standing_query", "standing_mode", "max_rate_hz")
 # A camera's name is a ROS name token: it prefixes topics and parameters.
@@ -185,10 +194,9 @@ def parameter_camera(parameter: str) -> tuple[str, str]:
     return (camera, name) if name in DYNAMIC else ("", parameter)
 
 
-def declare_camera_parameters(node, cameras: list[str]) -> list[str]:
+def declare_camera_parameters(node, cameras: list[str]) -> None:
     """Declare the named cameras' standing-query parameters not yet declared, defaulting to the
-    plain ones' values now (a value given at launch wins); returns the names declared."""
-    declared = []
+    plain ones' values now (a value given at launch wins)."""
     for camera in cameras:
         for name in DYNAMIC if camera else ():
             parameter = camera_parameter(camera, name)
@@ -199,8 +207,23 @@ def declare_camera_parameters(node, cameras: list[str]) -> list[str]:
                     node.get_parameter(name).value,
                     ParameterDescriptor(description=description),
                 )
-                declared.append(parameter)
-    return declared
+
+
+def floats_from_whole_numbers(parameters: list[Parameter]) -> list[Parameter]:
+    """rclpy's pre-set parameters callback: a whole number given for a float parameter
+    (`ros2 param set /groundlmm_node max_rate_hz 2`) is set as that float, not refused for its
+    type."""
+
+    def is_float(name: str) -> bool:
+        default = PARAMETERS.get(parameter_camera(name)[1], (None,))[0]
+        return isinstance(default, float)
+
+    return [
+        Parameter(p.name, Parameter.Type.DOUBLE, float(p.value))
+        if p.type_ == Parameter.Type.INTEGER and is_float(p.name)
+        else p
+        for p in parameters
+    ]
 
 
 def markdown_table() -> str:
@@ -255,6 +278,7 @@ POSITIVE = (
     "max_new_tokens",
     "marker_lifetime_s",
     "status_period_s",
+    "action_result_timeout_s",
 )
 NOT_NEGATIVE = ("depth_stamp_tolerance_s", "max_rate_hz")
 

@@ -2,6 +2,10 @@
 GroundingNode on a multi-threaded executor, autostart, and a quick, quiet exit on Ctrl-C or
 SIGTERM (exit code 0), also while the model loads or the modules import.
 
+With autostart (the default) a configure that fails ends the process with exit code 1 after its
+error line, so `ros2 launch` reports the node as died instead of running on with nothing served.
+With autostart:=false the node stays up, unconfigured, for a lifecycle manager to configure again.
+
     groundlmm_node --ros-args --params-file params.yaml
     python -m groundlmm_ros.ros.process --ros-args ...
 
@@ -45,10 +49,11 @@ def main(args=None, engine_factory=None) -> None:
     use_node_dds_profile()
     # before rclpy.init, whose handler calls this one after its own
     signal.signal(signal.SIGTERM, _interrupt)
-    # the node and its executor, once made: _stop holds the last references
+    # the node and its executor, once made: after _serve, _stop holds the last references
     running = {}
+    code = 0
     try:
-        _serve(args, engine_factory, running)
+        code = _serve(args, engine_factory, running)
     except KeyboardInterrupt:
         pass
     finally:
@@ -60,10 +65,11 @@ def main(args=None, engine_factory=None) -> None:
     sys.stderr.flush()
     # and what C code (the ROS logger) has buffered
     ctypes.CDLL(None).fflush(None)
-    os._exit(0)
+    os._exit(code)
 
 
-def _serve(args, engine_factory, running: dict) -> None:
+def _serve(args, engine_factory, running: dict) -> int:
+    """Spin the node until the context shuts down: 0; 1 when autostart's configure failed."""
     # Imported here: a Ctrl-C while they load is the KeyboardInterrupt main ends on.
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
@@ -72,16 +78,24 @@ def _serve(args, engine_factory, running: dict) -> None:
 
     rclpy.init(args=args)
     factory = {} if engine_factory is None else {"engine_factory": engine_factory}
-    running["node"] = GroundingNode(**factory)
-    running["executor"] = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
-    running["executor"].add_node(running["node"])
-    if running["node"].get_parameter("autostart").value:
-        if running["node"].trigger_configure() == SUCCESS:
-            running["node"].trigger_activate()
+    node = GroundingNode(**factory)
+    executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+    executor.add_node(node)
+    # this frame's references go when it returns (or its KeyboardInterrupt is handled)
+    running.update(node=node, executor=executor)
+    if node.get_parameter("autostart").value:
+        if node.trigger_configure() != SUCCESS:
+            node.get_logger().error(
+                "autostart: configure failed, so the process ends (exit code 1); with "
+                "autostart:=false the node stays up, unconfigured, to be configured again"
+            )
+            return 1
+        node.trigger_activate()
     try:
-        running["executor"].spin()
+        executor.spin()
     except ExternalShutdownException:
         pass
+    return 0
 
 
 def _stop(running: dict) -> None:

@@ -151,9 +151,9 @@ class ClientNode:
     def action_server_ready(self, timeout: float) -> bool:
         return self._action.wait_for_server(timeout_sec=timeout)
 
-    def send_goals(self, goals: list) -> list[int]:
+    def send_goals(self, goals: list, request_result: bool = True) -> list[int]:
         """Send every goal at once; their records fill in as responses, feedback and results
-        arrive."""
+        arrive (without request_result, results only after request_results)."""
         keys = []
         for goal in goals:
             key, record = next(self._goal_ids), GoalRecord()
@@ -161,18 +161,28 @@ class ClientNode:
             sent = self._action.send_goal_async(
                 goal, feedback_callback=lambda fb, r=record: r.feedbacks.append(fb.feedback)
             )
-            sent.add_done_callback(functools.partial(self._on_goal_response, record))
+            sent.add_done_callback(
+                functools.partial(self._on_goal_response, record, request_result)
+            )
             keys.append(key)
         return keys
 
-    def _on_goal_response(self, record: GoalRecord, future) -> None:
+    def _on_goal_response(self, record: GoalRecord, request_result: bool, future) -> None:
         record.response_s = time.monotonic() - record.sent
         record.handle = future.result()
         record.accepted = record.handle.accepted
-        if record.accepted:
-            record.handle.get_result_async().add_done_callback(
-                functools.partial(self._on_result, record)
-            )
+        if record.accepted and request_result:
+            self._request_result(record)
+
+    def _request_result(self, record: GoalRecord) -> None:
+        record.handle.get_result_async().add_done_callback(
+            functools.partial(self._on_result, record)
+        )
+
+    def request_results(self, keys: list[int]) -> None:
+        """Ask for the results of goals sent with request_result=False."""
+        for key in keys:
+            self._request_result(self._goals[key])
 
     @staticmethod
     def _on_result(record: GoalRecord, future) -> None:

@@ -361,11 +361,14 @@ class Client:
     def query(self, text: str) -> None:
         self.query_pub.publish(String(data=text))
 
-    def send_goals(self, goals: list) -> list[int]:
+    def send_goals(self, goals: list, request_result: bool = True) -> list[int]:
         """Send Ground goals at once (from the client process); their keys for goals() and
-        cancel_goals()."""
+        cancel_goals(). Without request_result their results wait for request_results(keys)."""
         assert self.call("action_server_ready", 10.0, timeout=20.0), "no ~/ground action server"
-        return self.call("send_goals", goals)
+        return self.call("send_goals", goals, request_result)
+
+    def request_results(self, keys: list[int]) -> None:
+        self.call("request_results", keys)
 
     def goals(self, keys: list[int]) -> list[dict]:
         """Each goal so far: accepted, response_s, status (GoalStatus, once its result came),

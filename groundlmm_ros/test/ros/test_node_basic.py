@@ -77,7 +77,8 @@ def test_action_feedback_and_result(client):
 
 
 def test_action_cancel_stops_generation(client):
-    image = rgb_image(width=80, height=60, stamp_s=21.0, seed=4)
+    # seed 5: an answer that runs to max_new_tokens (long enough to cancel mid-answer)
+    image = rgb_image(width=80, height=60, stamp_s=21.0, seed=5)
     status, result, feedbacks = client.ground(
         "Describe the image.", mode="describe", image=image, cancel_after_feedback=True
     )
@@ -136,7 +137,8 @@ def test_lifecycle_transitions_and_back(client, node):
     assert client.state() == "active"
     assert client.change_state(Transition.TRANSITION_DEACTIVATE)
     assert client.state() == "inactive"
-    assert client.wait_for(lambda: client.query_pub.get_subscription_count() == 0, 5.0)
+    # the camera stops; the query topic stays, to answer that the node is not active
+    assert client.wait_for(lambda: client.image_pub.get_subscription_count() == 0, 5.0)
     status, result, _ = client.ground("the mug", image=rgb_image())
     assert status == GoalStatus.STATUS_ABORTED and "not active" in result.message
     assert client.change_state(Transition.TRANSITION_CLEANUP)
@@ -174,7 +176,7 @@ def test_shipped_demo_model_grounds_a_synthetic_scene(client):
 def test_sigint_mid_answer_shuts_down_cleanly(client, node):
     client.reconfigure(model="tiny-random")
     goal = Ground.Goal(
-        query="Describe the image.", mode="describe", image=rgb_image(80, 60, 21.0, seed=4)
+        query="Describe the image.", mode="describe", image=rgb_image(80, 60, 21.0, seed=5)
     )
     keys = client.send_goals([goal])  # a 200-token answer
     assert (

@@ -2,7 +2,8 @@
 on its own topic with its own frame's header, the action goal naming its camera, per-camera
 standing queries, fair shares when one camera floods the model, a batched step (both
 cameras' jobs at once) giving what each job gives alone, and after a reconfigure to
-`mask_format: cropped` masks that decode to the pixels the full ones had.
+`mask_format: cropped` masks that decode to the pixels the full ones had; a camera's standing query
+set before configure or at run time, kept across a reconfigure, and named in the start-up line.
 
 The node is gated (gated_node.py): a test lets model steps through one permit at a time, so every
 step's jobs are known in advance instead of depending on the machine's speed. Each test has a
@@ -12,6 +13,7 @@ node of its own.
 import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
+from lifecycle_msgs.msg import Transition
 from node_harness import (
     Client,
     NodeProcess,
@@ -285,3 +287,27 @@ def test_after_a_reconfigure_to_cropped_masks_each_decodes_to_the_full_pixels(no
     assert (cropped_phrase.mask.width, cropped_phrase.mask.height) == (box.width, box.height)
     assert (full_phrase.mask.width, full_phrase.mask.height) == (size[1], size[0])
     assert np.array_equal(phrase_mask(cropped_phrase, size), phrase_mask(full_phrase, size))
+
+
+def test_camera_parameters_before_configure_and_across_a_reconfigure():
+    node = NodeProcess({"cameras": ["left", "right"], "autostart": False})
+    client = Client()
+    try:
+        assert wait_for(lambda: "/lab/groundlmm_node" in client.call("node_names"), 60.0)
+        # unconfigured: a camera's standing query can be set; the plain one would do nothing
+        (result,) = client.set_parameters(**{"left.standing_query": "the mug"})
+        assert result.successful, (result.reason, node.output())
+        (plain,) = client.set_parameters(standing_query="the mug")
+        assert not plain.successful and "left.standing_query" in plain.reason
+        for transition in (Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE):
+            assert client.change_state(transition), node.output()
+        assert wait_for(lambda: "camera 'left': standing query 'the mug'" in node.output(), 10.0)
+        assert "camera 'right': no standing query" in node.output()
+        # set at run time, kept when the node is configured again
+        (result,) = client.set_parameters(**{"right.standing_query": "the bowl"})
+        assert result.successful, result.reason
+        client.reconfigure()
+        assert wait_for(lambda: "camera 'right': standing query 'the bowl'" in node.output(), 10.0)
+    finally:
+        client.close()
+        node.close()

@@ -1,5 +1,6 @@
 """groundlmm_node under bursts, over real DDS: 100 goals at once, a mixed burst of topic queries,
-goals and a standing query, and Ctrl-C / SIGTERM while configuring and while answering.
+goals and a standing query, Ctrl-C / SIGTERM while importing, configuring and answering, and
+autostart when configure fails.
 
 The node's model is the tiny random one behind a gate (gated_node.py): with the gate closed the
 model holds the query it runs, so the queue fills the same way on any machine.
@@ -219,5 +220,16 @@ def test_exit_within_5_s_when_the_teardown_hangs_holding_the_gil():
             and "Timeout (0:00:04)!" in node.output()
             and "hanging_teardown" in node.output()
         )
+    finally:
+        node.close()
+
+
+def test_autostart_ends_the_process_when_configure_fails():
+    node = NodeProcess({"model": "/no/such/model"})
+    try:
+        assert node.process.wait(60.0) == 1, node.output()
+        output = node.output()
+        assert "configure failed: cannot build model '/no/such/model'" in output
+        assert "autostart" in output and "Traceback" not in output, output
     finally:
         node.close()
