@@ -9,7 +9,6 @@ import torch
 import vlm_checks
 from images import random_rgb
 
-from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
@@ -19,6 +18,7 @@ from groundlmm_ros.models.qwen2_5_vl import (
     tiny_qwen2_5_vl,
     tiny_qwen_processor,
 )
+from groundlmm_ros.models.recorder import RECORDING_ATTENTION
 
 
 @pytest.fixture(scope="module")

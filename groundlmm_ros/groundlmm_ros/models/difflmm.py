@@ -32,7 +32,6 @@ from groundlmm_ros.models.backend import (
     CLIP_MEAN,
     CLIP_PREPROCESSING,
     CLIP_STD,
-    PAPER_CONVERSATION,
     LlavaStyleBackend,
     Preprocessing,
 )
@@ -460,7 +459,7 @@ class DiffLMMBackend(LlavaStyleBackend):
     template, pad-to-square preprocessing (as the checkpoint's config records it) and
     generation; this supplies the visual tokens."""
 
-    def __init__(self, model: DiffLMM, tokenizer, conversation: str = PAPER_CONVERSATION):
+    def __init__(self, model: DiffLMM, tokenizer, *, conversation: str = "", compile: bool = False):
         self.model = model.eval()
         if model.device.type == "cuda":  # cuDNN's half-precision convolutions are fastest in NHWC
             model.vision_tower.to(memory_format=torch.channels_last)
@@ -472,6 +471,7 @@ class DiffLMMBackend(LlavaStyleBackend):
             image_size=config.image_size,
             preprocessing=config.preprocessing,
             conversation=conversation,
+            compile=compile,
         )
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

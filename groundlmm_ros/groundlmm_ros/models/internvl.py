@@ -40,7 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class InternVLBackend(ChatTemplateBackend):
-    """tiles: (min, max) tiles per image; use_thumbnail: the map is the thumbnail's."""
+    """tiles: (min, max) tiles per image; use_thumbnail: the map is the thumbnail's; options:
+    ChatTemplateBackend's."""
 
     def __init__(
         self,
@@ -49,8 +50,9 @@ class InternVLBackend(ChatTemplateBackend):
         *,
         tiles: tuple[int, int] = REFERENCE_TILES,
         use_thumbnail: bool = False,
+        **options,
     ):
-        super().__init__(model, processor)
+        super().__init__(model, processor, **options)
         self.tiles = tiles
         self.use_thumbnail = use_thumbnail
 
@@ -102,13 +104,18 @@ def load_internvl(
     dtype: torch.dtype = torch.float32,
     tiles: tuple[int, int] = REFERENCE_TILES,
     use_thumbnail: bool = False,
+    **options,
 ) -> InternVLBackend:
     """A local -hf directory (or a cached hub id, offline), e.g. OpenGVLab/InternVL3-8B-hf."""
     model = InternVLForConditionalGeneration.from_pretrained(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
     return InternVLBackend(
-        model, AutoProcessor.from_pretrained(path), tiles=tiles, use_thumbnail=use_thumbnail
+        model,
+        AutoProcessor.from_pretrained(path),
+        tiles=tiles,
+        use_thumbnail=use_thumbnail,
+        **options,
     )
 
 
@@ -205,9 +212,8 @@ def tiny_internvl(
 
 
 def tiny_internvl_backend(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
 ) -> InternVLBackend:
     processor = tiny_internvl_processor()
-    return InternVLBackend(
-        tiny_internvl(processor.tokenizer, seed).to(device, dtype), processor, tiles=TINY_TILES
-    )
+    model = tiny_internvl(processor.tokenizer, seed).to(device, dtype)
+    return InternVLBackend(model, processor, tiles=TINY_TILES, **options)

@@ -33,12 +33,17 @@ from groundlmm_ros.models.chat_backend import ChatTemplateBackend
 
 class LlavaNextBackend(ChatTemplateBackend):
     """use_base_patches: the map is the base tile's grid instead of the high-resolution one
-    (the reference's --use-base-patches)."""
+    (the reference's --use-base-patches); options: ChatTemplateBackend's."""
 
     def __init__(
-        self, model: LlavaNextForConditionalGeneration, processor, *, use_base_patches: bool = False
+        self,
+        model: LlavaNextForConditionalGeneration,
+        processor,
+        *,
+        use_base_patches: bool = False,
+        **options,
     ):
-        super().__init__(model, processor)
+        super().__init__(model, processor, **options)
         self.use_base_patches = use_base_patches
 
     def image_features(self, inputs):
@@ -77,6 +82,7 @@ def load_llava_next(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     use_base_patches: bool = False,
+    **options,
 ) -> LlavaNextBackend:
     """A local llava-hf directory (or a cached hub id, offline), e.g.
     llava-hf/llava-v1.6-mistral-7b-hf."""
@@ -84,7 +90,7 @@ def load_llava_next(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
     return LlavaNextBackend(
-        model, AutoProcessor.from_pretrained(path), use_base_patches=use_base_patches
+        model, AutoProcessor.from_pretrained(path), use_base_patches=use_base_patches, **options
     )
 
 
@@ -165,7 +171,8 @@ def tiny_llava_next(
 
 
 def tiny_llava_next_backend(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
 ) -> LlavaNextBackend:
     processor = tiny_llava_next_processor()
-    return LlavaNextBackend(tiny_llava_next(processor.tokenizer, seed).to(device, dtype), processor)
+    model = tiny_llava_next(processor.tokenizer, seed).to(device, dtype)
+    return LlavaNextBackend(model, processor, **options)

@@ -20,16 +20,16 @@ import torch
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
-from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
+from groundlmm_ros.models.backend import CONVERSATIONS
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
 from groundlmm_ros.models.internvl import load_internvl, tiny_internvl_backend
 from groundlmm_ros.models.llava import load_llava
 from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
 from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
-from groundlmm_ros.models.static_decode import DECODINGS
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILES = ("auto", "on", "off")
 # What a model directory written by `groundlmm train` records in config.json's extra.training.
 RECORDED_SETTINGS = ("normalise", "combine", "conversation")
 
@@ -39,15 +39,12 @@ class Preset:
     """A model by name. `settings`: what the model carries that differs from the paper's
     defaults (Engine options, and "conversation", its prompt template)."""
 
-    backend: Callable[[str, torch.dtype, int], object] | None = (
-        None  # (device, dtype, seed) -> backend
-    )
-    directory: Callable[[], object] | None = (
-        None  # or: the model is this directory (its loader, its settings)
-    )
-    sam: Callable[[int], object] | None = (
-        None  # seed -> segment_anything Sam, when the preset ships one
-    )
+    # (device, dtype, seed, **backend options) -> backend
+    backend: Callable[..., object] | None = None
+    # or: the model is this directory (its loader, its settings)
+    directory: Callable[[], object] | None = None
+    # seed -> segment_anything Sam, when the preset ships one
+    sam: Callable[[int], object] | None = None
     settings: dict = field(default_factory=dict)
 
 
@@ -66,9 +63,13 @@ def demo_model_dir() -> Path:
 
 
 def hub(loader, repo_id: str, **settings) -> Preset:
-    """A model from the local Hugging Face cache (offline): loader(repo_id, device=, dtype=)."""
+    """A model from the local Hugging Face cache (offline): loader(repo_id, device=, dtype=,
+    **backend options)."""
     return Preset(
-        lambda device, dtype, seed: loader(repo_id, device=device, dtype=dtype), settings=settings
+        lambda device, dtype, seed, **options: loader(
+            repo_id, device=device, dtype=dtype, **options
+        ),
+        settings=settings,
     )
 
 
@@ -129,8 +130,9 @@ LOADERS: dict[str, Callable[..., object]] = {
 }
 
 
-def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object, dict]:
-    """A model directory's backend (by config.json "model_type") and the settings it records
+def _from_directory(path: str, device: str, dtype: torch.dtype, **options) -> tuple[object, dict]:
+    """A model directory's backend (by config.json "model_type", options: the backend's) and the
+    other settings it records
     (extra.training, written by `groundlmm train`: e.g. the mean-map setting its validation
     chose; the paper's default, on, would ruin the demo model's maps)."""
     config_path = os.path.join(path, "config.json")
@@ -148,7 +150,13 @@ def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object,
         )
     training = config.get("extra", {}).get("training", {})
     recorded = {name: training[name] for name in RECORDED_SETTINGS if name in training}
-    return LOADERS[model_type](path, device=device, dtype=dtype), recorded
+    # The template asked for, else the one the directory records.
+    conversation = options.pop("conversation", "") or recorded.pop("conversation", "")
+    recorded.pop("conversation", None)
+    backend = LOADERS[model_type](
+        path, device=device, dtype=dtype, conversation=conversation, **options
+    )
+    return backend, recorded
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -167,7 +175,7 @@ def build_engine(
     device: str = "cpu",
     dtype: str = "auto",
     conversation: str = "",
-    decoding: str = "auto",
+    compile: str = "auto",
     refiner: str = "auto",
     sam_checkpoint: str = "",
     sam_prompt: str = "point",
@@ -176,22 +184,15 @@ def build_engine(
 ) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
-    paper's models; models with their own chat template take none). decoding: a DECODINGS name
-    ("auto": "graphs" on CUDA where the model allows it, "dynamic" elsewhere). refiner: "auto"
+    paper's models; models with their own chat template take none). compile: the decoder's
+    per-token step under torch.compile, a COMPILES name ("auto": on for CUDA). refiner: "auto"
     (SAM when a checkpoint is given or the preset ships one, else the colour fallback), "sam",
     or a weight-free fallback: "colour" (ColourRefiner) or "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
     dtype = resolve_dtype(dtype, device)
-    requested_decoding = decoding
-    if decoding == "auto":
-        decoding = "graphs" if torch.device(device).type == "cuda" else "dynamic"
-    if decoding not in DECODINGS:
-        raise ValueError(
-            f"decoding must be auto or one of {', '.join(DECODINGS)}, got {decoding!r}"
-        )
-    if decoding == "graphs" and torch.device(device).type != "cuda":
-        raise ValueError("decoding 'graphs' needs a CUDA device")
+    if compile not in COMPILES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILES)}, got {compile!r}")
     if conversation and conversation not in CONVERSATIONS:
         raise ValueError(
             f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}"
@@ -199,29 +200,19 @@ def build_engine(
     preset = PRESETS.get(model)
     if refiner == "sam" and not sam_checkpoint and not (preset and preset.sam):
         raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
+    settings = dict(preset.settings) if preset else {}
+    backend_options = {
+        "conversation": conversation or settings.pop("conversation", ""),
+        "compile": compile == "on" or (compile == "auto" and torch.device(device).type == "cuda"),
+    }
     if preset and preset.backend:
-        backend, settings = preset.backend(device, dtype, seed), preset.settings
+        backend = preset.backend(device, dtype, seed, **backend_options)
     else:
         backend, recorded = _from_directory(
-            str(preset.directory()) if preset else model, device, dtype
+            str(preset.directory()) if preset else model, device, dtype, **backend_options
         )
-        settings = {**recorded, **(preset.settings if preset else {})}
+        settings = {**recorded, **settings}
     options = {**settings, **engine_options}
-    chosen_conversation = conversation or options.pop("conversation", "")
-    options.pop("conversation", None)
-    if backend.conversation is None:  # the model's own chat template (models/chat_backend.py)
-        if chosen_conversation:
-            raise ValueError(
-                f"{model} prompts with its own chat template; conversation {chosen_conversation!r} "
-                "is a LLaVA v1 template"
-            )
-    else:
-        backend.conversation = chosen_conversation or PAPER_CONVERSATION
-    if decoding != "dynamic" and not backend.static_decoding:
-        if requested_decoding != "auto":
-            raise ValueError(f"{model} decodes dynamically only (its LM takes per-prompt inputs)")
-        decoding = "dynamic"
-    backend.decoding = decoding
 
     sam = None
     if refiner in ("auto", "sam"):

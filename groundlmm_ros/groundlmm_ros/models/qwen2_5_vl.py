@@ -25,13 +25,13 @@ from transformers import (
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.chat_backend import ChatTemplateBackend, EncodedImage
 
-REFERENCE_MAX_PIXELS = (
-    1008 * 1008
-)  # the reference's AutoProcessor.from_pretrained(..., max_pixels=1008*1008)
+# the reference's AutoProcessor.from_pretrained(..., max_pixels=1008*1008)
+REFERENCE_MAX_PIXELS = 1008 * 1008
 
 
 class Qwen2_5_VLBackend(ChatTemplateBackend):
-    """max_pixels: the processor's cap on the resized image's area (its `size["longest_edge"]`)."""
+    """max_pixels: the processor's cap on the resized image's area (its `size["longest_edge"]`);
+    options: ChatTemplateBackend's."""
 
     def __init__(
         self,
@@ -39,8 +39,9 @@ class Qwen2_5_VLBackend(ChatTemplateBackend):
         processor,
         *,
         max_pixels: int = REFERENCE_MAX_PIXELS,
+        **options,
     ):
-        super().__init__(model, processor)
+        super().__init__(model, processor, **options)
         self.max_pixels = max_pixels
         self.merge = model.config.vision_config.spatial_merge_size
 
@@ -66,22 +67,18 @@ class Qwen2_5_VLBackend(ChatTemplateBackend):
             )
         return (rows, columns), None
 
-    def lm_kwargs(self, ids, visual_tokens: EncodedImage):
-        """(3, 1, S) positions of the whole prompt, as the model's generate computes them."""
+    def positions(self, ids, visual_tokens: EncodedImage):
+        """(3, 1, S) positions of the whole prompt, as the model's generate computes them, and
+        the first generated token's: the prompt's largest + 1, on all three axes (a generated
+        token at sequence index i is at i + the prompt's largest + 1 - S: get_rope_index's
+        mrope_position_deltas)."""
         input_ids = torch.tensor([ids], device=self.device)
         positions, _ = self.lm.model.get_rope_index(
             input_ids,
             (input_ids == self.image_token_id).int(),
             image_grid_thw=visual_tokens.inputs["image_grid_thw"],
         )
-        return {"position_ids": positions}
-
-    def step_kwargs(self, prompt, position):
-        """A generated token at sequence index `position` is at position + delta on all three axes,
-        delta = the prompt's largest position + 1 - its length (as the model's own generate
-        continues them: get_rope_index's mrope_position_deltas)."""
-        delta = int(prompt.lm_kwargs["position_ids"].max()) + 1 - prompt.embeds.shape[1]
-        return {"position_ids": torch.full((3, 1, 1), position + delta, device=self.device)}
+        return positions, int(positions.max()) + 1
 
 
 def load_qwen2_5_vl(
@@ -90,6 +87,7 @@ def load_qwen2_5_vl(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     max_pixels: int = REFERENCE_MAX_PIXELS,
+    **options,
 ) -> Qwen2_5_VLBackend:
     """A local Hugging Face directory (or a cached hub id, offline), e.g.
     Qwen/Qwen2.5-VL-7B-Instruct: safetensors weights, the processor (preprocessor_config.json,
@@ -97,7 +95,9 @@ def load_qwen2_5_vl(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
-    return Qwen2_5_VLBackend(model, AutoProcessor.from_pretrained(path), max_pixels=max_pixels)
+    return Qwen2_5_VLBackend(
+        model, AutoProcessor.from_pretrained(path), max_pixels=max_pixels, **options
+    )
 
 
 # -- tiny random Qwen2.5-VL (tests, the node without weights) ---------------------------------
@@ -206,8 +206,8 @@ def tiny_qwen2_5_vl(
 
 
 def tiny_qwen2_5_vl_backend(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
 ) -> Qwen2_5_VLBackend:
     processor = tiny_qwen_processor()
     model = tiny_qwen2_5_vl(processor.tokenizer, seed).to(device, dtype)
-    return Qwen2_5_VLBackend(model, processor, max_pixels=TINY_MAX_PIXELS)
+    return Qwen2_5_VLBackend(model, processor, max_pixels=TINY_MAX_PIXELS, **options)

@@ -124,11 +124,12 @@ def tiny_llava(
 
 
 def tiny_llava_backend(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
 ) -> LlavaBackend:
-    """Random tiny LLaVA with the tiny BPE tokenizer (tests, CI): weights from `seed`."""
+    """Random tiny LLaVA with the tiny BPE tokenizer (tests, CI): weights from `seed`;
+    options: LlavaBackend's."""
     tokenizer = tiny_tokenizer()
-    return LlavaBackend(tiny_llava(len(tokenizer), seed).to(device, dtype), tokenizer)
+    return LlavaBackend(tiny_llava(len(tokenizer), seed).to(device, dtype), tokenizer, **options)
 
 
 def tiny_sam(seed: int = 0, image_size: int = 64) -> Sam:
@@ -220,10 +221,11 @@ def tiny_difflmm_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
 
 
 def tiny_difflmm_backend(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
 ) -> DiffLMMBackend:
-    """Random tiny DiffLMM with the tiny BPE tokenizer (tests, CI): weights from `seed`."""
+    """Random tiny DiffLMM with the tiny BPE tokenizer (tests, CI): weights from `seed`;
+    options: DiffLMMBackend's."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     model = build_difflmm(tiny_difflmm_config(len(tokenizer), seed=seed), dtype, device)
-    return DiffLMMBackend(model, tokenizer)
+    return DiffLMMBackend(model, tokenizer, **options)

@@ -122,7 +122,7 @@ class GroundingNode(LifecycleNode):
                 params.model,
                 device=params.device,
                 dtype=params.dtype,
-                decoding=params.decoding,
+                compile=params.compile,
                 conversation=params.conversation,
                 refiner=params.refiner,
                 sam_checkpoint=params.sam_checkpoint,
@@ -131,7 +131,8 @@ class GroundingNode(LifecycleNode):
                 max_query_chars=params.max_query_length,
                 **params.engine_kwargs(),
             )
-            self._engine.warm_up()  # fixed-shape decoders (CUDA graphs) now, not on the first query
+            # The decoder's buckets (CUDA graphs, compiled steps) now, not on the first query.
+            self._engine.warm_up(len(params.cameras))
         except (
             Exception
         ) as error:  # a bad model path or preset must leave the node unconfigured, alive
