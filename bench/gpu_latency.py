@@ -57,9 +57,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros")
-)  # the package, uninstalled
+# the package, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))
 
 from segment_anything import sam_model_registry  # noqa: E402
 

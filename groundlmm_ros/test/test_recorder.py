@@ -37,9 +37,8 @@ def reference_maps(attentions, image_starts, n_image):
     for step in attentions:  # one tuple of layers per generated token
         per_row = []
         for b, start in enumerate(image_starts):
-            layers = torch.stack(
-                [layer[b, :, -1, start : start + n_image] for layer in step]
-            )  # (L, H, N)
+            # (L, H, N)
+            layers = torch.stack([layer[b, :, -1, start : start + n_image] for layer in step])
             per_row.append(layers.mean(dim=(0, 1)))
         steps.append(torch.stack(per_row))
     return torch.stack(steps, dim=1)

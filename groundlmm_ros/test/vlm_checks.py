@@ -82,9 +82,8 @@ def check_batch_of_one(backend, eager, picture) -> float:
     encoded = backend.encode(picture)
     ids, maps = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
     inputs = processor_batch(backend, [picture], [question])
-    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(
-        encoded, question
-    )  # the processor's prompt
+    # the processor's prompt
+    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(encoded, question)
     out = generate(eager, inputs, output_attentions=True)
     assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
     prompt = backend.prompt(encoded, question)
@@ -135,9 +134,8 @@ def force_attention_to_feature_zero(text_model, embed_tokens):
         for layer in text_model.layers:
             attention = layer.self_attn
             head_dim = attention.head_dim
-            pair = (
-                head_dim // 2 - 1
-            )  # rotate_half pairs dims (i, i + head_dim / 2); the last i turns slowest
+            # rotate_half pairs dims (i, i + head_dim / 2); the last i turns slowest
+            pair = head_dim // 2 - 1
             for projection in (attention.q_proj, attention.k_proj):
                 projection.weight.zero_()
                 if projection.bias is not None:

@@ -22,10 +22,10 @@ from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRe
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.backend import CONVERSATIONS
 from groundlmm_ros.models.difflmm_checkpoint import load_difflmm_backend, released_difflmm_backend
-from groundlmm_ros.models.internvl import load_internvl, tiny_internvl_backend
+from groundlmm_ros.models.internvl import load_internvl
 from groundlmm_ros.models.llava import load_llava
-from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
-from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
+from groundlmm_ros.models.llava_next import load_llava_next
+from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -95,13 +95,13 @@ PRESETS: dict[str, Preset] = {
     # released_difflmm_backend(adapter=..., base=..., sd=..., clip=...).
     "difflmm-7b": Preset(released_difflmm_backend),
     # Tiny random Qwen2.5-VL (same code as the real ones) + tiny random SAM: tests, CI, the node.
-    "tiny-qwen2.5-vl-random": tiny_random(tiny_qwen2_5_vl_backend),
+    "tiny-qwen2.5-vl-random": tiny_random(tiny.tiny_qwen2_5_vl_backend),
     # Qwen2.5-VL from the local Hugging Face cache (offline), max_pixels 1008 * 1008 and up to 1024
     # new tokens as the reference's aas/more_models/qwen2_5vl.py.
     "qwen2.5-vl-3b": hub(load_qwen2_5_vl, "Qwen/Qwen2.5-VL-3B-Instruct", max_new_tokens=1024),
     "qwen2.5-vl-7b": hub(load_qwen2_5_vl, "Qwen/Qwen2.5-VL-7B-Instruct", max_new_tokens=1024),
     # Tiny random LLaVA-NeXT + tiny random SAM: tests, CI.
-    "tiny-llava-next-random": tiny_random(tiny_llava_next_backend),
+    "tiny-llava-next-random": tiny_random(tiny.tiny_llava_next_backend),
     # LLaVA-NeXT (1.6) from the local Hugging Face cache (offline): the unpadded high-resolution
     # map and up to 1024 new tokens as the reference's aas/more_models/llava_next.py
     # (load_llava_next(use_base_patches=True): the base tile's 24 x 24 instead).
@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
         load_llava_next, "llava-hf/llava-v1.6-vicuna-7b-hf", max_new_tokens=1024
     ),
     # Tiny random InternVL + tiny random SAM: tests, CI.
-    "tiny-internvl-random": tiny_random(tiny_internvl_backend),
+    "tiny-internvl-random": tiny_random(tiny.tiny_internvl_backend),
     # InternVL3 (-hf, transformers' native InternVL) from the local Hugging Face cache (offline):
     # 3 to 9 tiles, the tiles' map and up to 1024 new tokens as the reference's
     # aas/more_models/internvl2_5.py.
