@@ -76,8 +76,9 @@ def compiled():
     }
 
 
-def test_the_compiled_step_gives_the_eager_steps_tokens_and_maps(compiled):
-    eager, fast = compiled["off"].backend, compiled["on"].backend
+def assert_compiled_step_is_the_eager_one(eager, fast):
+    """A batch of two rows of different lengths, compiled against eager: the same tokens, the
+    same maps."""
     assert (eager.decoder.compile, fast.decoder.compile) == (False, True)
     prompts = list(zip(eager.encode_batch([frame(0), frame(1, 60, 40)]), [QUESTION, "What?"]))
     expected = eager.generate_batch(prompts, [40, 30], [None] * 2, [None] * 2, stop_at_end=False)
@@ -85,6 +86,19 @@ def test_the_compiled_step_gives_the_eager_steps_tokens_and_maps(compiled):
     for (ids, maps), (expected_ids, expected_maps) in zip(got, expected):
         assert ids == expected_ids and len(ids) in (40, 30)
         torch.testing.assert_close(maps, expected_maps, atol=1e-5, rtol=0)
+
+
+def test_the_compiled_step_gives_the_eager_steps_tokens_and_maps(compiled):
+    assert_compiled_step_is_the_eager_one(compiled["off"].backend, compiled["on"].backend)
+
+
+def test_the_compiled_step_takes_qwen_3d_positions():
+    """Qwen2.5-VL's step has one more static input, its (3, B, 1) positions."""
+    eager, fast = (
+        build_engine("tiny-qwen2.5-vl-random", refiner="threshold", compile=setting).backend
+        for setting in ("off", "on")
+    )
+    assert_compiled_step_is_the_eager_one(eager, fast)
 
 
 def test_engine_results_are_the_same_compiled(compiled):

@@ -51,9 +51,10 @@ class Backend(Protocol):
         forward pass per token (on a memory-bound GPU a step of B rows costs about one).
         stop_at_end=False always makes max_new_tokens tokens (benchmarks of random models)."""
 
-    def warm_up(self, question: str, max_new_tokens: int, batch_sizes: list[int]) -> None:
+    def warm_up(self, question: str, max_new_tokens: int, batch_sizes: list[int]) -> float:
         """Prepare whatever the first answers to `question` in batches of `batch_sizes` would
-        otherwise build (the decoder's fixed-shape buffers, CUDA graphs, compiled steps)."""
+        otherwise build (the decoder's fixed-shape buffers, CUDA graphs, compiled steps).
+        -> the seconds it took."""
 
     def teacher_force_batch(
         self, question: str, sequences: list[tuple[Any, list[int]]]

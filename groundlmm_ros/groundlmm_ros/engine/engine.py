@@ -107,10 +107,10 @@ class Engine:
         self.nms_iou = nms_iou
         self.seed = seed
 
-    def warm_up(self, batch: int = 1) -> None:
+    def warm_up(self, batch: int = 1) -> float:
         """Before the first query: the backend's decoder for describe answers of steps of up to
-        `batch` requests (e.g. one per camera)."""
-        self.backend.warm_up(GCG_QUESTION, self.max_new_tokens, list(range(1, batch + 1)))
+        `batch` requests (e.g. one per camera). -> the seconds it took."""
+        return self.backend.warm_up(GCG_QUESTION, self.max_new_tokens, list(range(1, batch + 1)))
 
     def check(self, image, query, mode, max_new_tokens) -> None:
         """Raise InputError for anything the model must not see."""

@@ -15,7 +15,6 @@ and chat template.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -26,8 +25,6 @@ from PIL import Image
 from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.decoder import Decoder, Prompt, Row
 from groundlmm_ros.models.recorder import RECORDING_ATTENTION
-
-log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA's conversation templates for one user turn (llava/conversation.py in LLaVA and in the
@@ -235,21 +232,15 @@ class Backend:
     def teacher_force(self, visual_tokens, question, answer_ids) -> torch.Tensor:
         return self.teacher_force_batch(question, [(visual_tokens, answer_ids)])[0]
 
-    def warm_up(self, question: str, max_new_tokens: int, batch_sizes: list[int]) -> None:
+    def warm_up(self, question: str, max_new_tokens: int, batch_sizes: list[int]) -> float:
         """Prepares the decoder's buckets for answers to `question` in batches of `batch_sizes`
-        rows (captures CUDA graphs, compiles), on a blank frame, and logs what it took."""
+        rows (captures CUDA graphs, compiles), on a blank frame. -> the seconds it took."""
         start = time.perf_counter()
         blank = np.zeros((*WARM_UP_FRAME, 3), dtype=np.uint8)
         with torch.inference_mode():
             prompt = self.prompt(self.encode(blank), question)
         self.decoder.warm_up(prompt, batch_sizes, max_new_tokens)
-        log.info(
-            "decoder warm-up (batches %s, graphs %s, compile %s): %.1f s",
-            sorted(set(batch_sizes)),
-            self.decoder.graphs,
-            self.decoder.compile,
-            time.perf_counter() - start,
-        )
+        return time.perf_counter() - start
 
 
 class LlavaStyleBackend(Backend):

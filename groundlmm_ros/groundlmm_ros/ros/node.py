@@ -132,7 +132,8 @@ class GroundingNode(LifecycleNode):
                 **params.engine_kwargs(),
             )
             # The decoder's buckets (CUDA graphs, compiled steps) now, not on the first query.
-            self._engine.warm_up(len(params.cameras))
+            seconds = self._engine.warm_up(len(params.cameras))
+            self.get_logger().info(f"decoder warm-up (compile {params.compile}): {seconds:.1f} s")
         except (
             Exception
         ) as error:  # a bad model path or preset must leave the node unconfigured, alive
