@@ -202,22 +202,29 @@ class Decoder:
         forward pass -> per row the maps (T, rows * columns) of its T answer tokens: position
         t - 1 for token t, as generation reads them."""
         embeds, positions, pads = left_padded(prompts, len(prompts))
-        length = embeds.shape[1]
         rows = max(answer_lengths)
-        record = AttentionRecord.of(self.lm, len(prompts), rows, length, rows=rows)
-        slots = torch.arange(length, device=embeds.device)
-        self.lm(
-            inputs_embeds=embeds,
-            attention_mask=attention_masks(self.text_config, slots, length, pads),
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=1,
-            attention_record=record,
-        )
+        record = AttentionRecord.of(self.lm, len(prompts), rows, embeds.shape[1], rows=rows)
+        self.prefill(embeds, positions, pads, record)
         return [
             self._maps(record, i, p, int(pads[i]), slice(rows - n, rows))
             for i, (p, n) in enumerate(zip(prompts, answer_lengths))
         ]
+
+    def prefill(self, embeds, positions, pads, record: AttentionRecord, cache=None):
+        """One pass over left-padded prompts (B, S, hidden) at their own length, recording
+        record.rows trailing rows each; into `cache` (a static cache: keys are its slots) or
+        without one (keys are the S positions). -> the last position's logits (B, 1, vocab)."""
+        slots = torch.arange(embeds.shape[1], device=embeds.device)
+        keys = embeds.shape[1] if cache is None else cache.layers[0].max_cache_len
+        return self.lm(
+            inputs_embeds=embeds,
+            attention_mask=attention_masks(self.text_config, slots, keys, pads),
+            position_ids=positions,
+            cache=cache,
+            use_cache=cache is not None,
+            logits_to_keep=1,
+            attention_record=record,
+        ).logits
 
     @staticmethod
     def _maps(record, index: int, prompt: Prompt, pad: int, rows: slice) -> torch.Tensor:
@@ -244,16 +251,7 @@ class Decoder:
         length = cache_length(embeds.shape[1] + longest)
         buffers = self.buffers_for(embeds.shape[0], length, cache_length(longest), positions)
         buffers.rewind()
-        slots = torch.arange(embeds.shape[1], device=embeds.device)
-        logits = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=attention_masks(self.text_config, slots, length, pads),
-            position_ids=positions,
-            cache=buffers.cache,
-            use_cache=True,
-            logits_to_keep=1,
-            attention_record=buffers.record,
-        ).logits
+        logits = self.prefill(embeds, positions, pads, buffers.record, buffers.cache)
         buffers.token.copy_(logits[:, -1:].argmax(-1))
         buffers.slot.fill_(embeds.shape[1])
         buffers.pads.copy_(pads)
