@@ -1,8 +1,8 @@
 """Greedy decoding and teacher forcing of 1..N prompts at fixed shapes, with the attention
 recorder on: the one decoder every backend uses, on the CPU and on a GPU.
 
-A prompt (models/backend.py: Prompt) is one row: its embeddings, its positions, its image
-columns. Rows of a batch are left-padded to one length, masked and positioned as if alone.
+A Prompt (a backend builds it) is one row: its embeddings, its positions, its image columns.
+Rows of a batch are left-padded to one length, masked and positioned as if alone.
 
 - Teacher forcing is one prefill without a cache that records each row's T trailing rows.
 - Generation is a prefill into a static KV cache, then one fixed-shape step per token for all
@@ -98,7 +98,9 @@ def attention_masks(text_config, query_slots, keys: int, pads):
     causal = key_slots[None, :] <= query_slots[:, None]
     allowed = causal[None] & (key_slots[None, None, :] >= pads[:, None, None])
     masks = {}
-    for layer_type, options in zip(*get_layer_types_and_kwargs(text_config)):
+    # One mask per layer type (the layers of a type share it).
+    layer_types = dict(zip(*get_layer_types_and_kwargs(text_config)))
+    for layer_type, options in layer_types.items():
         if layer_type == "sliding_attention":
             window = key_slots[None, :] > query_slots[:, None] - options["sliding_window"]
             mask = allowed & window[None]
