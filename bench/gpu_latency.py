@@ -1,16 +1,19 @@
-"""Per-stage latency of DiffLMM + attend-and-segment on a GPU, eager and fast side by side.
+"""Per-stage latency of DiffLMM + attend-and-segment on a GPU, eager and fast side by side,
+and what N cameras' batched steps give against one camera's.
 
-    python bench/gpu_latency.py            # DiffLMM-7B + SAM ViT-H, random weights, on cuda
-    python bench/gpu_latency.py --tiny     # the same code paths with tiny models on CPU (CI)
+    python bench/gpu_latency.py --cameras 4   # DiffLMM-7B + SAM ViT-H, random weights, on cuda
+    python bench/gpu_latency.py --tiny --cameras 4   # the same code paths, tiny models, CPU (CI)
+    bench/gpu_check.sh                        # the prepared GPU run (wheels, compile on)
 
 Builds the real-shaped models directly on the device (no download, no checkpoint):
 DiffLMM-7B from difflmm_7b_config() (SD v1.5 VAE + UNet, CLIP ViT-L/14-336, Vicuna-7B
 shapes) and SAM ViT-H from segment_anything's builder. Two paths on 640x480 frames:
 
-  eager: dynamic KV cache, SAM's image encoder in float32 after the LMM
-  fast:  fixed-shape decoding (StaticCache, map rows in place; CUDA graphs on CUDA, captured
-         by warm_up before the first query), SAM's encoder under bfloat16 autocast, started
-         before the LMM, every phrase in one prompt call
+  eager: the decoder's per-token step run eagerly (no CUDA graph, not compiled), SAM's image
+         encoder in float32 after the LMM
+  fast:  the step captured as a CUDA graph per bucket on CUDA (warm_up, before the first
+         query), torch.compile'd with --compile (auto: on for CUDA); SAM's encoder under
+         bfloat16 autocast, every phrase of a frame in one prompt call
 
 and two modes: refer (encoder, the one teacher-forced pass, heat map, SAM) and describe
 (encoder, prefill, --new-tokens decoded tokens; the end token is ignored so random weights
@@ -18,21 +21,27 @@ run the full length; heat maps and SAM for --phrases phrases). Each mode runs st
 device synchronised around each stage: where the time goes) and end to end (no inner
 synchronisation: what a query costs, with the fast path's overlap). Figures are medians over
 --repeats runs after one warm-up, each on a new frame (SAM embeds a repeated frame once).
-The last line is JSON with every figure (ms), the peak GPU memory of each path, the graph
-capture time, and the fast path's agreement with the eager one on a describe answer:
-same_tokens and maps_max_abs_diff. spaCy's noun chunking is not timed (CPU, a few ms).
+Then, per path, --cameras N frames as the node's batched step takes them (one encoder call,
+one teacher-forced pass or one decoding pass per token for all, then each camera's heat maps and
+SAM) against one frame: results per second in describe and refer and their ratio; decode
+ms/token at B=1 and B=N; the weight-read bound (the LM's weight bytes at the bandwidth of a
+measured device-to-device copy) and the B=1 step's ratio to it.
+The last line is JSON with every figure (ms), the peak GPU memory of each path, the warm-up
+(capture + compile) seconds, and the parity keys: the fast path's agreement with the eager one
+on describe answers of 1..N rows (per batch size: same_tokens and maps_max_abs_diff; the
+top-level same_tokens and maps_max_abs_diff over all of them). spaCy's noun chunking is not
+timed (CPU, a few ms).
 
 The prompt is tokenized by the tiny BPE tokenizer (the real Vicuna tokenizer is not
 available without a download); its length is in the JSON ("prompt_tokens"), and the 576
 image tokens dominate it either way.
 
 On a GPU machine without internet access, bring the wheels the machine lacks (diffusers,
-segment-anything, a transformers as new as requirements.txt's), e.g.
+segment-anything, a transformers as new as requirements.txt's, and its regex), e.g.
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp -d .whl diffusers==0.42.1 segment-anything==1.0 transformers==5.24.0
-and there
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
-    PYTHONPATH=/tmp/site python3 bench/gpu_latency.py
+        --implementation cp -d .whl diffusers==0.42.1 segment-anything==1.0 \
+        transformers==5.24.0 regex
+and there run bench/gpu_check.sh (it installs .whl/*.whl into /tmp/site and runs this).
 """
 
 from __future__ import annotations
@@ -48,15 +57,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros")
-)  # the package, uninstalled
+# the package, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))
 
 from segment_anything import sam_model_registry  # noqa: E402
 
 from groundlmm_ros.engine import heatmap  # noqa: E402
 from groundlmm_ros.engine.refiners import SamRefiner  # noqa: E402
 from groundlmm_ros.models import tiny  # noqa: E402
+from groundlmm_ros.models.decoder import Decoder  # noqa: E402
 from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm, difflmm_7b_config  # noqa: E402
 
 QUESTION = "Describe the image in detail."
@@ -97,7 +106,7 @@ def build(args):
         with torch.device(device):
             sam = sam_model_registry["vit_h"]()
     sam = sam.to(device).eval()
-    if args.compile:  # fixed shapes: compile once, reuse for every image
+    if args.compile_encoder:  # fixed shapes: compile once, reuse for every image
         tower = model.vision_tower
         tower.vae.encoder = torch.compile(tower.vae.encoder)
         tower.clip = torch.compile(tower.clip)
@@ -107,11 +116,18 @@ def build(args):
             for i, block in enumerate(blocks):
                 blocks[i] = torch.compile(block)
         unet.mid_block = torch.compile(unet.mid_block)
-    backend = DiffLMMBackend(model, tokenizer)
-    backend.end_ids = set()  # fixed-length answers: random weights would stop anywhere
+    compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    backends = {
+        "eager": DiffLMMBackend(model, tokenizer),
+        "fast": DiffLMMBackend(model, tokenizer, compile=compile),
+    }
+    # The eager path: the same decoder without a graph or compiled step.
+    backends["eager"].decoder = Decoder(backends["eager"].lm, graphs=False)
+    for backend in backends.values():
+        backend.end_ids = set()  # fixed-length answers: random weights would stop anywhere
     refiners = {"eager": SamRefiner(sam, encoder_dtype=torch.float32), "fast": SamRefiner(sam)}
     StageTimer(device).sync()
-    return backend, refiners, time.perf_counter() - start
+    return backends, refiners, time.perf_counter() - start
 
 
 class NoTimer(StageTimer):
@@ -168,6 +184,117 @@ def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
     return len(answer_ids)
 
 
+def cameras_step(backend, refiner, images, mode, new_tokens, n_phrases) -> None:
+    """One batched step of the node for `images` (one per camera), end to end."""
+    visual = backend.encode_batch(images)
+    if mode == "refer":
+        answer_ids = backend.encode_text(EXPRESSION)
+        maps = backend.teacher_force_batch(QUESTION, [(v, answer_ids) for v in visual])
+        phrases = [[len(answer_ids) - 1]]
+    else:
+        n = len(images)
+        answers = backend.generate_batch(
+            [(v, QUESTION) for v in visual], [new_tokens] * n, [None] * n, [None] * n
+        )
+        maps = [answer_maps for _, answer_maps in answers]
+        spread = np.linspace(0, new_tokens - 2, n_phrases).astype(int)
+        phrases = [[i, i + 1] for i in spread]
+    # The step's frames through SAM's encoder together, then each frame's phrases in one call.
+    refiner.set_images(images)
+    for i, (image, image_maps) in enumerate(zip(images, maps)):
+        heat, points = heat_maps(backend, image_maps, phrases, image.shape[:2])
+        refiner.refine(i, heat, points)
+
+
+def decode_ms_per_token(backend, images, new_tokens) -> float:
+    """Decoding alone, all rows together: ms per step after the first token."""
+    arrivals = []
+    n = len(images)
+    backend.generate_batch(
+        [(v, QUESTION) for v in backend.encode_batch(images)],
+        [new_tokens] * n,
+        [lambda ids: arrivals.append(time.perf_counter())] + [None] * (n - 1),
+        [None] * n,
+    )
+    return 1000 * (arrivals[-1] - arrivals[0]) / max(len(arrivals) - 1, 1)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes per second a device-to-device copy moves (read + write) of 256 MiB (64 on a CPU)."""
+    source = torch.ones(2**28 if device.type == "cuda" else 2**26, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    timer = StageTimer(device)
+    target.copy_(source)
+    timer.sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    timer.sync()
+    return 2 * 10 * source.numel() / (time.perf_counter() - start)
+
+
+def compare_cameras(backend, refiner, frames, device, args) -> dict:
+    """Results per second of one camera against N cameras' batched steps, decode ms/token at B=1
+    and B=N, and the B=1 step against the weight-read bound."""
+    figures = {}
+    n = args.cameras
+    for mode in ("refer", "describe"):
+        seconds = {}
+        for count in (1, n):
+            runs = []
+            for repeat in range(args.repeats + 1):
+                images = [
+                    f[::-1].copy() if repeat % 2 else f for f in frames[repeat : repeat + count]
+                ]
+                StageTimer(device).sync()
+                start = time.perf_counter()
+                cameras_step(backend, refiner, images, mode, args.new_tokens, args.phrases)
+                StageTimer(device).sync()
+                if repeat:  # the first run warms up
+                    runs.append(time.perf_counter() - start)
+            seconds[count] = statistics.median(runs)
+        one, many = 1 / seconds[1], n / seconds[n]
+        figures[mode] = {
+            "one_camera_results_per_s": round(one, 3),
+            f"{n}_cameras_results_per_s": round(many, 3),
+            "speedup": round(many / one, 3),
+        }
+    weight_bytes = sum(p.numel() * p.element_size() for p in backend.lm.parameters())
+    bound_ms = 1000 * weight_bytes / copy_bandwidth(device)
+    decode = {b: decode_ms_per_token(backend, frames[:b], args.new_tokens) for b in (1, n)}
+    figures.update(
+        {
+            "decode_ms_per_token_b1": round(decode[1], 3),
+            f"decode_ms_per_token_b{n}": round(decode[n], 3),
+            "weight_read_bound_ms": round(bound_ms, 5),
+            "b1_to_bound_ratio": round(decode[1] / bound_ms, 3),
+        }
+    )
+    return figures
+
+
+def parity(backends, frames, args) -> dict:
+    """The fast path's describe answers against the eager path's, for 1..N rows."""
+    by_batch = {}
+    for b in range(1, args.cameras + 1):
+        answers = {}
+        for path, backend in backends.items():
+            visual = backend.encode_batch(frames[:b])
+            answers[path] = backend.generate_batch(
+                [(v, QUESTION) for v in visual], [args.new_tokens] * b, [None] * b, [None] * b
+            )
+        same = all(f[0] == e[0] for f, e in zip(answers["fast"], answers["eager"]))
+        difference = max(
+            float((f[1].float() - e[1].float()).abs().max())
+            if f[1].shape == e[1].shape
+            else float("inf")
+            for f, e in zip(answers["fast"], answers["eager"])
+        )
+        by_batch[str(b)] = {"same_tokens": same, "maps_max_abs_diff": difference}
+        print(f"parity B={b}: same tokens {same}, max map difference {difference:.2e}", flush=True)
+    return by_batch
+
+
 def median_ms(runs: list[dict[str, float]]) -> dict[str, float]:
     names = runs[0].keys()
     figures = {f"{n}_ms": round(1000 * statistics.median(r[n] for r in runs), 3) for n in names}
@@ -183,9 +310,8 @@ def measure(backend, refiner, frames, device, args, fast) -> dict:
     results = {}
     for mode in ("refer", "describe"):
         staged, end_to_end = [], []
-        for repeat, image in enumerate(
-            frames
-        ):  # the first run warms up (kernels, allocator, compile)
+        # The first run warms up (kernels, allocator, compile).
+        for repeat, image in enumerate(frames[: args.repeats + 1]):
             timer = StageTimer(device)
             tokens = run(backend, refiner, image, timer, mode, fast, args.new_tokens, args.phrases)
             timer.sync()
@@ -224,8 +350,15 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--phrases", type=int, default=8, help="phrases grounded in describe mode")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cameras", type=int, default=1, help="cameras of one batched step")
     parser.add_argument(
         "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the fast path's decoder step under torch.compile (auto: on for CUDA)",
+    )
+    parser.add_argument(
+        "--compile-encoder",
         action="store_true",
         help="torch.compile the VAE encoder, CLIP and the UNet's blocks",
     )
@@ -238,13 +371,14 @@ def main(argv=None):
         torch.set_num_threads(min(2, torch.get_num_threads()))
     torch.manual_seed(0)
 
-    backend, refiners, build_s = build(args)
+    backends, refiners, build_s = build(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     base = (np.random.default_rng(0).random((480, 640, 3)) * 255).astype(np.uint8)
     frames = []
-    for repeat in range(args.repeats + 1):  # a new frame per run: SAM embeds a repeated frame once
+    # A new frame per run (SAM embeds a repeated frame once), enough for N cameras' runs.
+    for repeat in range(args.repeats + args.cameras + 1):
         frame = base.copy()
         frame[0, 0, 0] = repeat
         frames.append(frame)
@@ -254,44 +388,44 @@ def main(argv=None):
         "model": "tiny-difflmm" if args.tiny else "difflmm-7b (random weights)",
         "sam": "tiny" if args.tiny else "vit_h (random weights)",
         "dtype": args.dtype,
-        "compile": args.compile,
+        "compile": backends["fast"].decoder.compile,
+        "compile_encoder": args.compile_encoder,
+        "cameras": args.cameras,
         "repeats": args.repeats,
         "image": [480, 640],
         "build_s": round(build_s, 2),
         "weights_gib": round(weights_gib, 2) if cuda else None,
     }
-    decodings = {"eager": "dynamic", "fast": "graphs" if cuda else "static"}
-    for path, decoding in decodings.items():
-        backend.decoding = decoding
+    for path, backend in backends.items():
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
-        backend.warm_up(QUESTION, args.new_tokens)
+        backend.warm_up(QUESTION, args.new_tokens, list(range(1, args.cameras + 1)))
         StageTimer(device).sync()
-        warm_up_ms = round(1000 * (time.perf_counter() - start), 3)
+        warm_up_s = round(time.perf_counter() - start, 3)
+        print(f"{path} warm-up (capture + compile): {warm_up_s:.1f} s", flush=True)
+        figures = measure(backend, refiners[path], frames, device, args, fast=path == "fast")
+        cameras = compare_cameras(backend, refiners[path], frames, device, args)
+        print(f"{path} cameras: {json.dumps(cameras)}", flush=True)
         summary[path] = {
-            "decoding": decoding,
-            "warm_up_ms": warm_up_ms,
-            **measure(backend, refiners[path], frames, device, args, fast=path == "fast"),
+            "graphs": backend.decoder.graphs,
+            "compile": backend.decoder.compile,
+            "warm_up_s": warm_up_s,
+            **figures,
+            "cameras": cameras,
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if cuda
             else None,
         }
 
-    # The fast path against the eager one on one describe answer.
-    visual = backend.encode(frames[0])
-    answers = {}
-    for path, decoding in decodings.items():
-        backend.decoding = decoding
-        answers[path] = backend.generate(visual, QUESTION, args.new_tokens)
-    (eager_ids, eager_maps), (fast_ids, fast_maps) = answers["eager"], answers["fast"]
+    by_batch = parity(backends, frames, args)
+    backend = backends["fast"]
     before, after = backend.prompt_ids(QUESTION)
     summary.update(
         prompt_tokens=len(before) + backend.grid[0] * backend.grid[1] + len(after),
-        same_tokens=fast_ids == eager_ids,
-        maps_max_abs_diff=float((fast_maps.float() - eager_maps.float()).abs().max())
-        if fast_maps.shape == eager_maps.shape
-        else None,
+        parity=by_batch,
+        same_tokens=all(p["same_tokens"] for p in by_batch.values()),
+        maps_max_abs_diff=max(p["maps_max_abs_diff"] for p in by_batch.values()),
     )
     print(json.dumps(summary))
 

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros")
-)  # the package, uninstalled
+# the package, uninstalled
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))
 
 from groundlmm_ros.engine.engine import GCG_QUESTION  # noqa: E402
 from groundlmm_ros.evaluation import held_out_scenes, phrase_names, point_in_mask  # noqa: E402
@@ -88,11 +87,12 @@ def feature_figures(backend, count: int) -> dict:
         projected = model.mm_projector(unet, clip)  # (n, G*G, hidden)
     grid = unet.shape[-1]
     cell = SCENE_SIZE // grid
+    # each (n, C, G, G)
     maps = {
         "unet": unet,
         "clip": clip.transpose(1, 2).unflatten(2, (grid, grid)),
         "projected": projected.transpose(1, 2).unflatten(2, (grid, grid)),
-    }  # each (n, C, G, G)
+    }
     features = {f"{name}_3x3": [] for name in maps} | {"clip_mean": [], "projected_mean": []}
     shapes = []
     for k, scene in enumerate(scenes):

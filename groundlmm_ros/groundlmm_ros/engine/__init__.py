@@ -1,1 +1,1 @@
-"""ROS-free attend-and-segment: recorder, phrases, heat maps, refiners and the Engine."""
+"""ROS-free, model-free attend-and-segment: phrases, heat maps, refiners and the Engine."""

@@ -13,6 +13,7 @@ on their own; each gets what it would get alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -110,11 +111,14 @@ class Engine:
         self.nms_iou = nms_iou
         self.seed = seed
 
-    def warm_up(self, cameras: int = 1) -> None:
-        """Before the first query: the backend's fixed-shape decoders for a describe answer, and
-        the refiner's encoder for steps of up to `cameras` frames."""
-        self.backend.warm_up(GCG_QUESTION, self.max_new_tokens)
-        self.refiner.warm_up(cameras)
+    def warm_up(self, batch: int = 1) -> float:
+        """Before the first query: the backend's decoder for describe answers of steps of up to
+        `batch` requests (e.g. one per camera), and the refiner's encoder for steps of up to
+        `batch` frames. -> the seconds it took."""
+        start = time.perf_counter()
+        self.backend.warm_up(GCG_QUESTION, self.max_new_tokens, list(range(1, batch + 1)))
+        self.refiner.warm_up(batch)
+        return time.perf_counter() - start
 
     def check(self, image, query, mode, max_new_tokens) -> None:
         """Raise InputError for anything the model must not see: a bad image, a query that

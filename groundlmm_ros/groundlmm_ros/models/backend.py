@@ -1,28 +1,30 @@
-"""The engine's Backend (engine/backend.py) for LLaVA-style models, and the parts they share.
+"""The engine's Backend (engine/backend.py) for the models here, and the LLaVA v1 family.
 
-A backend turns an image into visual tokens (N_image x hidden embeddings laid
-out on a grid, e.g. 24x24), splices them into the LLaVA v1 prompt in place of
-"<image>", and runs a transformers causal LM on `inputs_embeds` with the
-attention recorder on: greedy generation (describe) or one teacher-forced pass
-(refer). A new model subclasses LlavaStyleBackend and supplies only
-`encode_image` (pixel_values -> visual tokens) plus its LM and tokenizer.
+A backend turns an image into visual tokens and a question into a prompt: one row of
+embeddings, positions and image columns (models/decoder.py: Prompt). Every backend answers
+with the same decoder (models/decoder.py), which runs its transformers causal LM on
+`inputs_embeds` with the attention recorder on: greedy generation (describe) or one
+teacher-forced prefill (refer), for one prompt or a batch of them.
+
+Backend holds what every model shares (the LM, its tokenizer, the decoder); a model family
+supplies its images and prompts: LlavaStyleBackend here (LLaVA-1.5, DiffLMM: pad to square,
+the LLaVA v1 template, visual tokens in place of "<image>"; a new model supplies only
+`encode_image`), ChatTemplateBackend (models/chat_backend.py) for models with a processor
+and chat template.
 """
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
 from groundlmm_ros.engine.types import InputError
-from groundlmm_ros.models.static_decode import StaticDecoder, cache_length, take_token
-
-log = logging.getLogger(__name__)
+from groundlmm_ros.models.decoder import Decoder, Prompt, Row
+from groundlmm_ros.models.recorder import RECORDING_ATTENTION
 
 IMAGE_PLACEHOLDER = "<image>"
 # LLaVA's conversation templates for one user turn (llava/conversation.py in LLaVA and in the
@@ -108,33 +110,145 @@ def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
     return torch.from_numpy(normalised).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-@dataclass
-class Prompt:
-    embeds: torch.Tensor  # (1, S, hidden) the whole prompt in the LM's dtype
-    image_start: int  # index of the first visual token in the sequence
-    n_image: int  # visual tokens, = grid[0] * grid[1] here; more where some are not on the map
-    lm_kwargs: dict = field(
-        default_factory=dict
-    )  # more LM inputs for the whole prompt (e.g. 3D positions)
-    grid_columns: torch.Tensor | None = (
-        None  # which of the n_image tokens form the map, row-major; None: all
-    )
+# What warm_up encodes: a blank frame of a common camera size (the LLaVA family's prompt does not
+# depend on it; a chat model's image-token count does).
+WARM_UP_FRAME = (480, 640)
 
 
-class LlavaStyleBackend:
-    """The engine's Backend for LLaVA-style models: preprocessing, prompt assembly, generation,
-    teacher forcing.
+class Backend:
+    """What every model shares behind the engine's Backend protocol: the LM (its text
+    attention switched to the recording SDPA), the tokenizer, the end tokens, and the decoder.
+    A model family supplies `encode_batch`, `grid_of` and `prompt`.
 
-    lm: a transformers causal LM taking `inputs_embeds` (LlavaForConditionalGeneration,
-    LlamaForCausalLM, ...); its text attention is switched to the recording SDPA.
-    Subclasses implement `encode_image`.
-    """
+    text_attention: what set_attn_implementation gets (the whole LM, or {"text_config": ...}
+    for multimodal wrappers whose vision tower keeps its own attention). compile: the
+    decoder's per-token step under torch.compile."""
 
     pads_to_square = True
-    # Fixed-shape decoding (models/static_decode.py) needs an LM whose step takes nothing but the
-    # token and its cache position; backends with per-prompt LM inputs set this False.
-    static_decoding = True
-    decoding = "dynamic"  # a DECODINGS name (build_engine sets it)
+
+    def __init__(self, lm, tokenizer, *, end_ids: set[int], text_attention, compile: bool = False):
+        self.lm = lm.eval()
+        self.tokenizer = tokenizer
+        self.end_ids = set(end_ids)
+        self.lm.set_attn_implementation(text_attention)
+        self.decoder = Decoder(self.lm, compile=compile)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.get_input_embeddings().weight.dtype
+
+    # -- family-specific ---------------------------------------------------------------------
+
+    def encode_batch(self, images: list[np.ndarray]) -> list:
+        raise NotImplementedError
+
+    def grid_of(self, visual_tokens) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def prompt(self, visual_tokens, question: str, answer_ids=()) -> Prompt:
+        raise NotImplementedError
+
+    # -- text --------------------------------------------------------------------------------
+
+    def encode(self, image: np.ndarray):
+        return self.encode_batch([image])[0]
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """(len(ids), hidden) input embeddings."""
+        return self.lm.get_input_embeddings()(torch.tensor(ids, device=self.device))
+
+    # -- answers -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, prompts, max_new_tokens, on_token, should_stop, stop_at_end=True
+    ) -> list[tuple[list[int], torch.Tensor] | Exception]:
+        """Per (visual tokens, question) what it gets decoded alone with its own limit, on_token
+        and should_stop: (ids, maps (T, rows * columns)), or the exception that ended it
+        (Cancelled, what its on_token raised, a question the template refuses, or a failed
+        forward pass, which ends every row). All rows decode together, one pass per token."""
+        if not len(prompts) == len(max_new_tokens) == len(on_token) == len(should_stop):
+            raise ValueError("generate_batch needs one limit, on_token and should_stop per prompt")
+        results: list = [None] * len(prompts)
+        built, rows = {}, {}
+        for i, (visual, question) in enumerate(prompts):
+            try:
+                built[i] = self.prompt(visual, question)
+            except Exception as error:  # this row's result
+                results[i] = error
+            else:
+                rows[i] = Row(max_new_tokens[i], on_token[i], should_stop[i])
+        if built:
+            try:
+                self.decoder.generate(
+                    list(built.values()), list(rows.values()), self.end_ids, stop_at_end
+                )
+            except Exception as error:  # a failed pass ends every row of it
+                return [error if result is None else result for result in results]
+        for i, row in rows.items():
+            results[i] = row.ended if isinstance(row.ended, Exception) else (row.ids, row.maps)
+        return results
+
+    def generate(
+        self,
+        visual_tokens,
+        question,
+        max_new_tokens,
+        on_token=None,
+        should_stop=None,
+        stop_at_end=True,
+    ):
+        """generate_batch of one: (ids, maps), or raises what ended it."""
+        (result,) = self.generate_batch(
+            [(visual_tokens, question)], [max_new_tokens], [on_token], [should_stop], stop_at_end
+        )
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def teacher_force_batch(self, question, sequences) -> list[torch.Tensor]:
+        """sequences: (visual tokens, answer ids) pairs, one image each (the same image or
+        not), in ONE teacher-forced pass: per pair its maps (T, rows * columns), position t - 1
+        for token t, as generation reads them."""
+        answers = [list(ids) for _, ids in sequences]
+        if not answers or not all(answers):
+            raise ValueError("teacher forcing needs at least one answer token per answer")
+        prompts = [
+            self.prompt(visual, question, ids[:-1]) for (visual, _), ids in zip(sequences, answers)
+        ]
+        return self.decoder.teacher_force(prompts, [len(ids) for ids in answers])
+
+    def teacher_force(self, visual_tokens, question, answer_ids) -> torch.Tensor:
+        return self.teacher_force_batch(question, [(visual_tokens, answer_ids)])[0]
+
+    def warm_up(self, question: str, max_new_tokens: int, batch_sizes: list[int]) -> float:
+        """Prepares the decoder's buckets for answers to `question` in batches of `batch_sizes`
+        rows (captures CUDA graphs, compiles), on a blank frame. -> the seconds it took."""
+        start = time.perf_counter()
+        blank = np.zeros((*WARM_UP_FRAME, 3), dtype=np.uint8)
+        with torch.inference_mode():
+            prompt = self.prompt(self.encode(blank), question)
+        self.decoder.warm_up(prompt, batch_sizes, max_new_tokens)
+        return time.perf_counter() - start
+
+
+class LlavaStyleBackend(Backend):
+    """LLaVA-style models: square-padded pixels, visual tokens on a fixed grid in place of
+    "<image>" in the LLaVA v1 template.
+
+    lm: a transformers causal LM taking `inputs_embeds` (LlavaForConditionalGeneration,
+    LlamaForCausalLM, ...). Subclasses implement `encode_image`."""
 
     def __init__(
         self,
@@ -144,31 +258,23 @@ class LlavaStyleBackend:
         grid: tuple[int, int],
         image_size: int,
         preprocessing: Preprocessing = CLIP_PREPROCESSING,
-        conversation: str = PAPER_CONVERSATION,
+        conversation: str = "",
+        text_attention=RECORDING_ATTENTION,
+        compile: bool = False,
     ):
-        self.lm = lm.eval()
-        self.tokenizer = tokenizer
+        conversation = conversation or PAPER_CONVERSATION
+        llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
+        super().__init__(
+            lm,
+            tokenizer,
+            end_ids={tokenizer.eos_token_id},
+            text_attention=text_attention,
+            compile=compile,
+        )
         self.grid = grid
         self.image_size = image_size
         self.preprocessing = preprocessing
-        llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
         self.conversation = conversation
-        self._decoders: dict[tuple[int, int, int], StaticDecoder] = {}
-        self.end_ids = {tokenizer.eos_token_id}
-        self.lm.set_attn_implementation(self._attention_target())
-
-    def _attention_target(self):
-        """What set_attn_implementation gets: the whole LM by default; multimodal
-        wrappers route only their text model to the recorder."""
-        return RECORDING_ATTENTION
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm.get_input_embeddings().weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm.get_input_embeddings().weight.dtype
 
     # -- image -> visual tokens ------------------------------------------------
 
@@ -196,17 +302,6 @@ class LlavaStyleBackend:
             )
         return list(tokens)
 
-    def encode(self, image: np.ndarray) -> torch.Tensor:
-        return self.encode_batch([image])[0]
-
-    # -- text --------------------------------------------------------------------
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     # -- prompt ------------------------------------------------------------------
 
     def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
@@ -224,10 +319,6 @@ class LlavaStyleBackend:
             ids_after = ids_after[1:]
         return ids_before, ids_after
 
-    def embed(self, ids: list[int]) -> torch.Tensor:
-        """(len(ids), hidden) input embeddings."""
-        return self.lm.get_input_embeddings()(torch.tensor(ids, device=self.device))
-
     def prompt(
         self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int] = ()
     ) -> Prompt:
@@ -239,286 +330,11 @@ class LlavaStyleBackend:
                 self.embed(ids_after + list(answer_ids)),
             ]
         )
-        return Prompt(embeds.unsqueeze(0), len(ids_before), visual_tokens.shape[0])
-
-    # -- language model with the recorder on ---------------------------------------
-
-    def step_kwargs(self, prompt: Prompt, position: int) -> dict:
-        """More LM inputs for the one new token at sequence index `position` (none here:
-        the LM counts positions itself; Qwen2.5-VL's 3D positions need them)."""
-        return {}
-
-    @staticmethod
-    def on_grid(prompt: Prompt, maps: torch.Tensor) -> torch.Tensor:
-        """(T, n_image) recorded maps -> (T, rows * columns) on the map grid."""
-        return maps if prompt.grid_columns is None else maps[:, prompt.grid_columns.to(maps.device)]
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        visual_tokens,
-        question,
-        max_new_tokens,
-        on_token=None,
-        should_stop=None,
-        stop_at_end=True,
-    ):
-        """Greedy decoding over inputs_embeds with a KV cache. The map of token t is
-        recorded by the forward pass that predicts it (its input ends with token t-1).
-        decoding "dynamic": a DynamicCache and a list of map rows; "static" / "graphs": fixed
-        shapes (models/static_decode.py), the same tokens and maps."""
-        return self._generate_alone(
-            self.prompt(visual_tokens, question), max_new_tokens, on_token, should_stop, stop_at_end
+        length = embeds.shape[0]
+        return Prompt(
+            embeds.unsqueeze(0),
+            torch.arange(length, device=self.device)[None],
+            length,
+            len(ids_before),
+            visual_tokens.shape[0],
         )
-
-    def _generate_alone(self, prompt: Prompt, max_new_tokens, on_token, should_stop, stop_at_end):
-        if self.decoding != "dynamic":
-            decoder = self._static_decoder(
-                prompt.embeds.shape[1] + max_new_tokens, prompt.image_start, prompt.n_image
-            )
-            ids, maps = decoder.generate(
-                prompt.embeds, max_new_tokens, on_token, should_stop, self.end_ids, stop_at_end
-            )
-            return ids, self.on_grid(prompt, maps)
-        recorder = Recorder([prompt.image_start], prompt.n_image, rows=1)
-        ids: list[int] = []
-        with recorder:
-            out = self.lm(
-                inputs_embeds=prompt.embeds, use_cache=True, logits_to_keep=1, **prompt.lm_kwargs
-            )
-            while not take_token(
-                ids,
-                int(out.logits[0, -1].argmax()),
-                max_new_tokens,
-                on_token,
-                should_stop,
-                self.end_ids,
-                stop_at_end,
-            ):
-                position = prompt.embeds.shape[1] + len(ids) - 1
-                out = self.lm(
-                    inputs_embeds=self.embed([ids[-1]]).unsqueeze(0),
-                    cache=out.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **self.step_kwargs(prompt, position),
-                )
-        return ids, self.on_grid(prompt, recorder.maps()[0])
-
-    @torch.inference_mode()
-    def generate_batch(
-        self, prompts, max_new_tokens, on_token, should_stop, stop_at_end=True
-    ) -> list[tuple[list[int], torch.Tensor] | Exception]:
-        """Per (visual tokens, question) what generate gives it alone with its own limit,
-        on_token and should_stop, or the exception that ended it: Cancelled, what its on_token
-        raised, or a failed forward pass (which ends every row of that pass).
-
-        Prompts that can share forward passes (_passes: as many image tokens, no prompt-specific
-        LM inputs) decode together, one pass per step for all of them (_generate_padded); the
-        others, and a batch of one, one at a time as generate does (static decoding included)."""
-        if not len(prompts) == len(max_new_tokens) == len(on_token) == len(should_stop):
-            raise ValueError("generate_batch needs one limit, on_token and should_stop per prompt")
-        results: list = [None] * len(prompts)
-        built: dict[int, Prompt] = {}
-        for i, (visual, question) in enumerate(prompts):
-            try:
-                built[i] = self.prompt(visual, question)
-            except Exception as error:  # e.g. a question the template refuses: this row's
-                results[i] = error
-        for group in self._passes(built):
-            try:
-                if len(group) == 1:
-                    (i,) = group
-                    results[i] = self._generate_alone(
-                        built[i], max_new_tokens[i], on_token[i], should_stop[i], stop_at_end
-                    )
-                else:
-                    # Also under static decoding: a memory-bound GPU step reads the weights once
-                    # for all rows, and one fixed-shape decoder per batch layout is not worth it.
-                    outcomes = self._generate_padded(
-                        [built[i] for i in group],
-                        [max_new_tokens[i] for i in group],
-                        [on_token[i] for i in group],
-                        [should_stop[i] for i in group],
-                        stop_at_end,
-                    )
-                    for i, outcome in zip(group, outcomes):
-                        results[i] = outcome
-            except Exception as error:  # this pass's rows end; other passes go on
-                for i in group:
-                    results[i] = error
-        return results
-
-    def _generate_padded(self, prompts, max_new_tokens, on_token, should_stop, stop_at_end):
-        """Prompts with as many image tokens decoded together on a DynamicCache: left-padded to
-        one length, masked and positioned as if alone, the mask one column longer per step. A
-        row ends at its own end token or limit, or with its own exception; an ended row's
-        tokens still go in (the batch keeps its shape) but are no longer taken. -> per row (its
-        ids, its maps) or its exception."""
-        embeds, mask, pads = self._left_padded(prompts)
-        recorder = Recorder(
-            [pad + p.image_start for p, pad in zip(prompts, pads)], prompts[0].n_image, rows=1
-        )
-        ids: list[list[int]] = [[] for _ in prompts]
-        ended: list[bool | Exception] = [False] * len(prompts)  # True: complete
-        with recorder:
-            out = self.lm(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),  # as if unpadded
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            while True:
-                next_ids = out.logits[:, -1].argmax(-1)  # (B,)
-                for row, next_id in enumerate(next_ids.tolist()):
-                    if ended[row] is False:
-                        try:
-                            ended[row] = take_token(
-                                ids[row],
-                                next_id,
-                                max_new_tokens[row],
-                                on_token[row],
-                                should_stop[row],
-                                self.end_ids,
-                                stop_at_end,
-                            )
-                        except Exception as error:  # this row's result, not the batch's
-                            ended[row] = error
-                if all(end is not False for end in ended):
-                    break
-                mask = F.pad(mask, (0, 1), value=1)
-                out = self.lm(
-                    inputs_embeds=self.lm.get_input_embeddings()(next_ids[:, None]),
-                    attention_mask=mask,
-                    position_ids=mask.sum(-1, keepdim=True) - 1,
-                    cache=out.cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-        maps = recorder.maps()  # (B, longest answer, n_image)
-        return [
-            end
-            if isinstance(end, Exception)
-            else (row_ids, self.on_grid(p, maps[row, : len(row_ids)]))
-            for row, (p, row_ids, end) in enumerate(zip(prompts, ids, ended))
-        ]
-
-    def _static_decoder(self, tokens: int, image_start: int, n_image: int) -> StaticDecoder:
-        """The decoder of the cache bucket that holds `tokens` positions, built on first use. A
-        CUDA graph that cannot be captured leaves the static path without graphs, with a warning."""
-        key = (cache_length(tokens), image_start, n_image)
-        if key not in self._decoders:
-            try:
-                self._decoders[key] = StaticDecoder(self.lm, *key, graphs=self.decoding == "graphs")
-            except RuntimeError as error:
-                if self.decoding != "graphs":
-                    raise
-                log.warning(
-                    "CUDA graph capture failed (%s): decoding with a static cache, without graphs",
-                    error,
-                )
-                self._decoders[key] = StaticDecoder(self.lm, *key, graphs=False)
-        return self._decoders[key]
-
-    def warm_up(self, question: str, max_new_tokens: int) -> None:
-        """Builds (and on CUDA captures) the decoder an answer to `question` will use, so the first
-        query does not pay for it. Nothing to do for dynamic decoding."""
-        if self.decoding == "dynamic":
-            return
-        before, after = self.prompt_ids(question)
-        n_image = self.grid[0] * self.grid[1]
-        self._static_decoder(
-            len(before) + n_image + len(after) + max_new_tokens, len(before), n_image
-        )
-
-    def _teacher_force_alone(self, prompt: Prompt, rows: int) -> torch.Tensor:
-        recorder = Recorder([prompt.image_start], prompt.n_image, rows=rows)
-        with recorder:
-            self.lm(
-                inputs_embeds=prompt.embeds, use_cache=False, logits_to_keep=1, **prompt.lm_kwargs
-            )
-        return self.on_grid(prompt, recorder.maps()[0])
-
-    def teacher_force(self, visual_tokens, question, answer_ids):
-        """One forward pass over prompt + answer[:-1]; its last len(answer) rows are the
-        positions that predict answer[0..T-1] (position t-1 for token t), as in generate."""
-        return self.teacher_force_batch(question, [(visual_tokens, answer_ids)])[0]
-
-    @torch.inference_mode()
-    def teacher_force_batch(self, question, sequences) -> list[torch.Tensor]:
-        """sequences: (visual tokens, answer ids) pairs, one image each (the same image or not).
-        Each -> its maps (T_i, rows * columns), what teacher_force gives it alone. Sequences with
-        as many image tokens share ONE forward pass (every image here: the recorder reads one
-        column count per pass); prompts with their own model inputs (Qwen2.5-VL's 3D positions)
-        take one pass each."""
-        answers = [list(ids) for _, ids in sequences]
-        if not answers or not all(answers):
-            raise ValueError("teacher forcing needs at least one answer token per answer")
-        prompts = [
-            self.prompt(visual, question, ids[:-1]) for (visual, _), ids in zip(sequences, answers)
-        ]
-        maps: list[torch.Tensor | None] = [None] * len(prompts)
-        for group in self._passes(dict(enumerate(prompts))):
-            if prompts[group[0]].lm_kwargs:  # a group of one
-                group_maps = [self._teacher_force_alone(prompts[i], len(answers[i])) for i in group]
-            else:
-                group_maps = self._teacher_force_padded(
-                    [prompts[i] for i in group], [answers[i] for i in group]
-                )
-            for i, one in zip(group, group_maps):
-                maps[i] = one
-        return maps
-
-    @staticmethod
-    def _passes(prompts: dict[int, Prompt]) -> list[list[int]]:
-        """Which prompts (by index) can share one forward pass: those with as many image tokens
-        (the recorder reads one column count per pass). Prompts with their own LM inputs
-        (Qwen2.5-VL's 3D positions, which padding would have to shift) take one pass each."""
-        if any(p.lm_kwargs for p in prompts.values()):
-            return [[i] for i in prompts]
-        by_count: dict[int, list[int]] = {}
-        for i, p in prompts.items():
-            by_count.setdefault(p.n_image, []).append(i)
-        return list(by_count.values())
-
-    def _left_padded(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Prompt embeddings left-padded to one length -> (embeds (B, L, hidden), attention
-        mask (B, L), each row's padding)."""
-        length = max(p.embeds.shape[1] for p in prompts)
-        pads = [length - p.embeds.shape[1] for p in prompts]
-        hidden = prompts[0].embeds.shape[2]
-        embeds = torch.cat(
-            [
-                torch.cat([prompts[0].embeds.new_zeros(1, pad, hidden), p.embeds], dim=1)
-                for p, pad in zip(prompts, pads)
-            ]
-        )
-        mask = torch.tensor([[0] * pad + [1] * (length - pad) for pad in pads], device=self.device)
-        return embeds, mask, pads
-
-    def _teacher_force_padded(
-        self, prompts: list[Prompt], answers: list[list[int]]
-    ) -> list[torch.Tensor]:
-        """prompt + answer[:-1] sequences with as many image tokens in ONE forward pass:
-        left-padded to one length (so every answer ends at the last position), masked and
-        positioned as if alone, each row's image columns where its prompt has them."""
-        embeds, mask, pads = self._left_padded(prompts)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as if unpadded
-        rows = max(map(len, answers))
-        recorder = Recorder(
-            [pad + p.image_start for p, pad in zip(prompts, pads)], prompts[0].n_image, rows=rows
-        )
-        with recorder:
-            self.lm(
-                inputs_embeds=embeds,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-        maps = recorder.maps()  # (B, rows, n_image)
-        return [
-            self.on_grid(p, maps[i, rows - len(ids) :])
-            for i, (p, ids) in enumerate(zip(prompts, answers))
-        ]

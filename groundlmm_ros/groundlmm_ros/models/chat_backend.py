@@ -7,7 +7,7 @@ into that image's run of image tokens, and the vision tower gives their embeddin
 is the chat template's text tokenized as the processor tokenizes it, the placeholder replaced
 by that run. The recorder reads the run's columns; `layout` says which of them form the map
 (row-major) and the grid's shape, which differs from image to image.
-Generation, teacher forcing and text come from LlavaStyleBackend (models/backend.py).
+Text, generation and teacher forcing come from Backend (models/backend.py).
 """
 
 from __future__ import annotations
@@ -18,44 +18,53 @@ import numpy as np
 import torch
 from PIL import Image
 
-from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.engine.types import InputError
-from groundlmm_ros.models.backend import LlavaStyleBackend, Prompt
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.decoder import Prompt
+from groundlmm_ros.models.recorder import RECORDING_ATTENTION
 
 
 @dataclass
 class EncodedImage:
-    image_ids: list[int]  # the processor's token run for this image (placeholder expanded)
-    features: torch.Tensor  # (n_image, hidden) LM embeddings of the run's image-token positions
-    inputs: dict  # the processor's image tensors (pixel_values, image_grid_thw, image_sizes ...)
-    grid: tuple[int, int]  # (rows, columns) of the map
-    grid_columns: (
-        torch.Tensor | None
-    )  # indices into the n_image tokens that form the map, row-major; None: all
+    # the processor's token run for this image (placeholder expanded)
+    image_ids: list[int]
+    # (n_image, hidden) LM embeddings of the run's image-token positions
+    features: torch.Tensor
+    # the processor's image tensors (pixel_values, image_grid_thw, image_sizes ...)
+    inputs: dict
+    # (rows, columns) of the map
+    grid: tuple[int, int]
+    # indices into the n_image tokens that form the map, row-major; None: all
+    grid_columns: torch.Tensor | None
 
 
-class ChatTemplateBackend(LlavaStyleBackend):
+class ChatTemplateBackend(Backend):
     """model: a transformers *ForConditionalGeneration with `config.image_token_id`; processor: its
     processor (image processor, tokenizer, chat template). Only the text model records.
     Subclasses supply `image_features` and `layout`.
 
-    From LlavaStyleBackend it takes text, embeddings, generation and teacher forcing; its
-    __init__, square-pixel preprocessing and LLaVA v1 prompt do not apply (encode and prompt are
-    this class's)."""
+    conversation: none; these models prompt with their own chat template, so a LLaVA v1
+    template is refused. compile: the decoder's (models/backend.py)."""
 
     pads_to_square = False
-    conversation = None  # the model's own chat template; build_engine refuses LLaVA's templates
-    static_decoding = False  # its prompts carry model inputs (positions) the static step does not
 
-    def __init__(self, model, processor):
-        self.lm = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.image_token_id = model.config.image_token_id
+    def __init__(self, model, processor, *, conversation: str = "", compile: bool = False):
+        if conversation:
+            raise ValueError(
+                f"{type(model).__name__} prompts with its own chat template; conversation "
+                f"{conversation!r} is a LLaVA v1 template"
+            )
         eos = model.generation_config.eos_token_id
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        self.end_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-        self.lm.set_attn_implementation({"text_config": RECORDING_ATTENTION})
+        eos = eos if eos is not None else processor.tokenizer.eos_token_id
+        super().__init__(
+            model,
+            processor.tokenizer,
+            end_ids=set(eos) if isinstance(eos, (list, tuple)) else {eos},
+            text_attention={"text_config": RECORDING_ATTENTION},
+            compile=compile,
+        )
+        self.processor = processor
+        self.image_token_id = model.config.image_token_id
 
     # -- image ------------------------------------------------------------------
 
@@ -140,14 +149,17 @@ class ChatTemplateBackend(LlavaStyleBackend):
             raise ValueError("the image tokens are not one contiguous run")
         embeds = self.embed(ids)
         embeds[start : start + n_image] = visual_tokens.features.to(self.device, self.dtype)
+        positions, next_position = self.positions(ids, visual_tokens)
         return Prompt(
             embeds.unsqueeze(0),
+            positions,
+            next_position,
             start,
             n_image,
-            self.lm_kwargs(ids, visual_tokens),
             visual_tokens.grid_columns,
         )
 
-    def lm_kwargs(self, ids: list[int], visual_tokens: EncodedImage) -> dict:
-        """More LM inputs for the whole prompt (none by default)."""
-        return {}
+    def positions(self, ids: list[int], visual_tokens: EncodedImage) -> tuple[torch.Tensor, int]:
+        """The prompt's position ids (1, S) and the first generated token's position: one
+        position per token by default."""
+        return torch.arange(len(ids), device=self.device)[None], len(ids)

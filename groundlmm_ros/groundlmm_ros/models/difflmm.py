@@ -32,7 +32,6 @@ from groundlmm_ros.models.backend import (
     CLIP_MEAN,
     CLIP_PREPROCESSING,
     CLIP_STD,
-    PAPER_CONVERSATION,
     LlavaStyleBackend,
     Preprocessing,
 )
@@ -257,9 +256,8 @@ class SDCLIPBlock(nn.Module):
     def forward(self, sd_features: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
         """(B, C_sd, G, G) UNet features + (B, N, C_clip) raw CLIP tokens -> (B, N, hidden)."""
         b, _, g, _ = sd_features.shape
-        y = self.sd_norm_layer(sd_features.permute(0, 2, 3, 1)).permute(
-            0, 3, 1, 2
-        )  # LayerNorm over channels
+        # LayerNorm over channels
+        y = self.sd_norm_layer(sd_features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         y = self.sd_proj_layer(y)  # (B, C_proj, G, G)
         clip_map = clip_tokens.transpose(1, 2).reshape(b, -1, g, g)  # (B, C_clip, G, G), row-major
         y = torch.cat([y, clip_map], dim=1).flatten(2).transpose(1, 2)  # (B, N, C_proj + C_clip)
@@ -460,7 +458,7 @@ class DiffLMMBackend(LlavaStyleBackend):
     template, pad-to-square preprocessing (as the checkpoint's config records it) and
     generation; this supplies the visual tokens."""
 
-    def __init__(self, model: DiffLMM, tokenizer, conversation: str = PAPER_CONVERSATION):
+    def __init__(self, model: DiffLMM, tokenizer, *, conversation: str = "", compile: bool = False):
         self.model = model.eval()
         if model.device.type == "cuda":  # cuDNN's half-precision convolutions are fastest in NHWC
             model.vision_tower.to(memory_format=torch.channels_last)
@@ -472,6 +470,7 @@ class DiffLMMBackend(LlavaStyleBackend):
             image_size=config.image_size,
             preprocessing=config.preprocessing,
             conversation=conversation,
+            compile=compile,
         )
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

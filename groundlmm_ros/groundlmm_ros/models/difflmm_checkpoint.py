@@ -373,9 +373,10 @@ def released_difflmm_backend(
     base=RELEASED_BASE,
     sd=RELEASED_SD,
     clip=RELEASED_CLIP,
+    **options,
 ) -> DiffLMMBackend:
     """The released DiffLMM-7B behind the backend protocol. Each of adapter/base/sd/clip is a
-    directory or a cached hub id (default: the usual ids)."""
+    directory or a cached hub id (default: the usual ids); options: DiffLMMBackend's."""
     model, tokenizer = load_released_difflmm(
         _local(adapter),
         _local(base),
@@ -385,11 +386,12 @@ def released_difflmm_backend(
         device=device,
         seed=seed,
     )
-    return DiffLMMBackend(model, tokenizer)
+    return DiffLMMBackend(model, tokenizer, **options)
 
 
 def load_difflmm_backend(
-    path, device: str = "cpu", dtype: torch.dtype = torch.float32
+    path, device: str = "cpu", dtype: torch.dtype = torch.float32, **options
 ) -> DiffLMMBackend:
-    """A local-layout DiffLMM directory (save_difflmm) behind the backend protocol."""
-    return DiffLMMBackend(*load_difflmm(path, dtype=dtype, device=device))
+    """A local-layout DiffLMM directory (save_difflmm) behind the backend protocol; options:
+    DiffLMMBackend's (conversation, compile)."""
+    return DiffLMMBackend(*load_difflmm(path, dtype=dtype, device=device), **options)

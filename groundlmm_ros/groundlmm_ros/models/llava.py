@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.models.backend import CLIP_PREPROCESSING, LlavaStyleBackend
+from groundlmm_ros.models.recorder import RECORDING_ATTENTION
 
 
 class LlavaBackend(LlavaStyleBackend):
@@ -14,7 +14,14 @@ class LlavaBackend(LlavaStyleBackend):
     only the text model records. Pixels as LLaVA-1.5 was trained: pad to square with CLIP's
     mean colour, CLIP's mean/std."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, tokenizer):
+    def __init__(
+        self,
+        model: LlavaForConditionalGeneration,
+        tokenizer,
+        *,
+        conversation: str = "",
+        compile: bool = False,
+    ):
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
         super().__init__(
@@ -23,10 +30,10 @@ class LlavaBackend(LlavaStyleBackend):
             grid=(side, side),
             image_size=vision.image_size,
             preprocessing=CLIP_PREPROCESSING,
+            conversation=conversation,
+            text_attention={"text_config": RECORDING_ATTENTION},
+            compile=compile,
         )
-
-    def _attention_target(self):
-        return {"text_config": RECORDING_ATTENTION}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N_image, hidden): CLIP layer `vision_feature_layer` (-2),
@@ -41,10 +48,11 @@ class LlavaBackend(LlavaStyleBackend):
 
 
 def load_llava(
-    path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **options
 ) -> LlavaBackend:
-    """A local llava-hf directory (or a cached hub id, offline): weights as safetensors."""
+    """A local llava-hf directory (or a cached hub id, offline): weights as safetensors.
+    options: LlavaBackend's (conversation, compile)."""
     model = LlavaForConditionalGeneration.from_pretrained(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
-    return LlavaBackend(model, AutoTokenizer.from_pretrained(path))
+    return LlavaBackend(model, AutoTokenizer.from_pretrained(path), **options)

@@ -20,7 +20,7 @@ import torch
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
-from groundlmm_ros.models.backend import CONVERSATIONS, PAPER_CONVERSATION
+from groundlmm_ros.models.backend import CONVERSATIONS
 from groundlmm_ros.models.difflmm_checkpoint import (
     RELEASED_ADAPTER,
     RELEASED_BASE,
@@ -29,14 +29,14 @@ from groundlmm_ros.models.difflmm_checkpoint import (
     load_difflmm_backend,
     released_difflmm_backend,
 )
-from groundlmm_ros.models.internvl import load_internvl, tiny_internvl_backend
+from groundlmm_ros.models.internvl import load_internvl
 from groundlmm_ros.models.llava import load_llava
-from groundlmm_ros.models.llava_next import load_llava_next, tiny_llava_next_backend
-from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl, tiny_qwen2_5_vl_backend
-from groundlmm_ros.models.static_decode import DECODINGS
+from groundlmm_ros.models.llava_next import load_llava_next
+from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+COMPILES = ("auto", "on", "off")
 # What a model directory written by `groundlmm train` records in config.json's extra.training.
 RECORDED_SETTINGS = ("normalise", "combine", "conversation")
 
@@ -49,8 +49,8 @@ class Preset:
 
     about: str
     needs: str = "nothing"
-    # (device, dtype, seed) -> backend
-    backend: Callable[[str, torch.dtype, int], object] | None = None
+    # (device, dtype, seed, **backend options) -> backend
+    backend: Callable[..., object] | None = None
     # or: the model is this directory (its loader and its recorded settings)
     directory: Callable[[], object] | None = None
     # seed -> segment_anything Sam, when the preset ships one
@@ -73,11 +73,14 @@ def demo_model_dir() -> Path:
 
 
 def hub(about: str, loader, repo_id: str, **settings) -> Preset:
-    """A model from the local Hugging Face cache (offline): loader(repo_id, device=, dtype=)."""
+    """A model from the local Hugging Face cache (offline): loader(repo_id, device=, dtype=,
+    **backend options)."""
     return Preset(
         about,
         f"`{repo_id}` in the Hugging Face cache",
-        lambda device, dtype, seed: loader(repo_id, device=device, dtype=dtype),
+        lambda device, dtype, seed, **options: loader(
+            repo_id, device=device, dtype=dtype, **options
+        ),
         settings=settings,
     )
 
@@ -123,7 +126,7 @@ PRESETS: dict[str, Preset] = {
         released_difflmm_backend,
         settings={"max_new_tokens": PAPER_ANSWER_TOKENS},
     ),
-    "tiny-qwen2.5-vl-random": tiny_random("Qwen2.5-VL", tiny_qwen2_5_vl_backend),
+    "tiny-qwen2.5-vl-random": tiny_random("Qwen2.5-VL", tiny.tiny_qwen2_5_vl_backend),
     # max_pixels 1008 * 1008 as the reference's aas/more_models/qwen2_5vl.py.
     "qwen2.5-vl-3b": hub(
         "Qwen2.5-VL-3B-Instruct",
@@ -137,7 +140,7 @@ PRESETS: dict[str, Preset] = {
         "Qwen/Qwen2.5-VL-7B-Instruct",
         max_new_tokens=REFERENCE_ANSWER_TOKENS,
     ),
-    "tiny-llava-next-random": tiny_random("LLaVA-NeXT", tiny_llava_next_backend),
+    "tiny-llava-next-random": tiny_random("LLaVA-NeXT", tiny.tiny_llava_next_backend),
     # The unpadded high-resolution map as the reference's aas/more_models/llava_next.py
     # (load_llava_next(use_base_patches=True): the base tile's 24 x 24 instead).
     "llava-next-mistral-7b": hub(
@@ -152,7 +155,7 @@ PRESETS: dict[str, Preset] = {
         "llava-hf/llava-v1.6-vicuna-7b-hf",
         max_new_tokens=REFERENCE_ANSWER_TOKENS,
     ),
-    "tiny-internvl-random": tiny_random("InternVL", tiny_internvl_backend),
+    "tiny-internvl-random": tiny_random("InternVL", tiny.tiny_internvl_backend),
     # transformers' native InternVL: 3 to 9 tiles and the tiles' map as the reference's
     # aas/more_models/internvl2_5.py.
     "internvl3-2b": hub(
@@ -179,8 +182,9 @@ LOADERS: dict[str, Callable[..., object]] = {
 }
 
 
-def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object, dict]:
-    """A model directory's backend (by config.json "model_type") and the settings it records
+def _from_directory(path: str, device: str, dtype: torch.dtype, **options) -> tuple[object, dict]:
+    """A model directory's backend (by config.json "model_type", options: the backend's) and the
+    other settings it records
     (extra.training, written by `groundlmm train`: e.g. the mean-map setting its validation
     chose; the paper's default, on, would ruin the demo model's maps)."""
     config_path = os.path.join(path, "config.json")
@@ -196,7 +200,14 @@ def _from_directory(path: str, device: str, dtype: torch.dtype) -> tuple[object,
         raise ValueError(
             f"{config_path}: model_type {model_type!r} has no loader (known: {', '.join(LOADERS)})"
         )
-    return LOADERS[model_type](path, device=device, dtype=dtype), recorded_settings(config)
+    recorded = recorded_settings(config)
+    # The template asked for, else the one the directory records.
+    conversation = options.pop("conversation", "") or recorded.pop("conversation", "")
+    recorded.pop("conversation", None)
+    backend = LOADERS[model_type](
+        path, device=device, dtype=dtype, conversation=conversation, **options
+    )
+    return backend, recorded
 
 
 def recorded_settings(config: dict) -> dict:
@@ -221,7 +232,7 @@ def build_engine(
     device: str = "cpu",
     dtype: str = "auto",
     conversation: str = "",
-    decoding: str = "auto",
+    compile: str = "auto",
     refiner: str = "auto",
     sam_checkpoint: str = "",
     sam_prompt: str = "point",
@@ -230,22 +241,15 @@ def build_engine(
 ) -> Engine:
     """model: a PRESETS name or a model directory. Its settings apply, then engine_options.
     conversation: a prompt template of CONVERSATIONS ("": the model's own; the paper's for the
-    paper's models; models with their own chat template take none). decoding: a DECODINGS name
-    ("auto": "graphs" on CUDA where the model allows it, "dynamic" elsewhere). refiner: "auto"
+    paper's models; models with their own chat template take none). compile: the decoder's
+    per-token step under torch.compile, a COMPILES name ("auto": on for CUDA). refiner: "auto"
     (SAM when a checkpoint is given or the preset ships one, else the colour fallback), "sam",
     or a weight-free fallback: "colour" (ColourRefiner) or "threshold" (ThresholdRefiner)."""
     if refiner not in REFINERS:
         raise ValueError(f"refiner must be one of {REFINERS}, got {refiner!r}")
     dtype = resolve_dtype(dtype, device)
-    requested_decoding = decoding
-    if decoding == "auto":
-        decoding = "graphs" if torch.device(device).type == "cuda" else "dynamic"
-    if decoding not in DECODINGS:
-        raise ValueError(
-            f"decoding must be auto or one of {', '.join(DECODINGS)}, got {decoding!r}"
-        )
-    if decoding == "graphs" and torch.device(device).type != "cuda":
-        raise ValueError("decoding 'graphs' needs a CUDA device")
+    if compile not in COMPILES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILES)}, got {compile!r}")
     if conversation and conversation not in CONVERSATIONS:
         raise ValueError(
             f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}"
@@ -253,29 +257,19 @@ def build_engine(
     preset = PRESETS.get(model)
     if refiner == "sam" and not sam_checkpoint and not (preset and preset.sam):
         raise ValueError("refiner='sam' needs sam_checkpoint (a sam_vit_*.pth file)")
+    settings = dict(preset.settings) if preset else {}
+    backend_options = {
+        "conversation": conversation or settings.pop("conversation", ""),
+        "compile": compile == "on" or (compile == "auto" and torch.device(device).type == "cuda"),
+    }
     if preset and preset.backend:
-        backend, settings = preset.backend(device, dtype, seed), preset.settings
+        backend = preset.backend(device, dtype, seed, **backend_options)
     else:
         backend, recorded = _from_directory(
-            str(preset.directory()) if preset else model, device, dtype
+            str(preset.directory()) if preset else model, device, dtype, **backend_options
         )
-        settings = {**recorded, **(preset.settings if preset else {})}
+        settings = {**recorded, **settings}
     options = {**settings, **engine_options}
-    chosen_conversation = conversation or options.pop("conversation", "")
-    options.pop("conversation", None)
-    if backend.conversation is None:  # the model's own chat template (models/chat_backend.py)
-        if chosen_conversation:
-            raise ValueError(
-                f"{model} prompts with its own chat template; conversation {chosen_conversation!r} "
-                "is a LLaVA v1 template"
-            )
-    else:
-        backend.conversation = chosen_conversation or PAPER_CONVERSATION
-    if decoding != "dynamic" and not backend.static_decoding:
-        if requested_decoding != "auto":
-            raise ValueError(f"{model} decodes dynamically only (its LM takes per-prompt inputs)")
-        decoding = "dynamic"
-    backend.decoding = decoding
 
     sam = None
     if refiner in ("auto", "sam"):
@@ -284,7 +278,7 @@ def build_engine(
         elif preset and preset.sam:
             sam = preset.sam(seed).to(device)
     if sam is not None:
-        chosen = SamRefiner(sam, sam_prompt)
+        chosen = SamRefiner(sam, sam_prompt, compile=backend_options["compile"])
     else:
         chosen = ThresholdRefiner() if refiner == "threshold" else ColourRefiner()
 

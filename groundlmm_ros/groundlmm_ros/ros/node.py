@@ -276,7 +276,7 @@ class GroundingNode(LifecycleNode):
             params.model,
             device=params.device,
             dtype=params.dtype,
-            decoding=params.decoding,
+            compile=params.compile,
             conversation=params.conversation,
             refiner=params.refiner,
             sam_checkpoint=params.sam_checkpoint,
@@ -285,8 +285,10 @@ class GroundingNode(LifecycleNode):
             max_query_length=params.max_query_length,
             **params.engine_kwargs(),
         )
-        # fixed-shape decoders (CUDA graphs) now, not on the first query
-        engine.warm_up()
+        # The decoder's buckets (CUDA graphs, compiled steps) and SAM's encoder for steps of up to
+        # one frame per camera now, not on the first query.
+        seconds = engine.warm_up(len(params.cameras))
+        self.get_logger().info(f"warm-up (compile {params.compile}): {seconds:.1f} s")
         return engine
 
     def _camera_results(self, camera: str, params) -> ResultPublisher:

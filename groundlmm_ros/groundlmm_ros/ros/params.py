@@ -59,10 +59,9 @@ PARAMETERS: dict[str, tuple[object, str]] = {
         "`auto` (`float16` on CUDA, as the paper runs its models; `float32` on the CPU), "
         "`float32`, `float16` or `bfloat16`",
     ),
-    "decoding": (
+    "compile": (
         "auto",
-        "`auto` (`graphs` on CUDA, `dynamic` elsewhere), `dynamic`, `static` (fixed-shape "
-        "cache) or `graphs` (static, the per-token step replayed as a CUDA graph)",
+        "the decoder's per-token step under torch.compile: `auto` (on for CUDA), `on` or `off`",
     ),
     "conversation": (
         "",

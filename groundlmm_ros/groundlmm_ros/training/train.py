@@ -411,7 +411,7 @@ def train(
     train_vae(vae, pixels, budget, log)
     config.vae = dict(vae.config)
     model = DiffLMM(config, vae=vae).to(device)  # drops the decoder; tower frozen, eval mode
-    backend = DiffLMMBackend(model, tokenizer, DEMO_CONVERSATION)
+    backend = DiffLMMBackend(model, tokenizer, conversation=DEMO_CONVERSATION)
     train_clip(model, pixels, [s.caption for s in scenes], budget, log, recipe.tag_layer)
     train_denoiser(model, pixels, budget, log)
     log("computing the frozen tower's features of every training scene")

@@ -1,12 +1,13 @@
 """The recorder's maps equal the reference's: eager generate(output_attentions=True), the newest
-query row over the image columns, mean over all layers and heads."""
+query row over the image columns, mean over all layers and heads; alone and in a left-padded
+batch decoded together."""
 
 import pytest
 import torch
 from images import random_rgb
 
-from groundlmm_ros.engine.recorder import RECORDING_ATTENTION, Recorder
 from groundlmm_ros.models.llava import LlavaBackend
+from groundlmm_ros.models.recorder import RECORDING_ATTENTION, AttentionRecord
 from groundlmm_ros.models.tiny import tiny_llava, tiny_tokenizer
 
 NEW_TOKENS = 6
@@ -36,9 +37,8 @@ def reference_maps(attentions, image_starts, n_image):
     for step in attentions:  # one tuple of layers per generated token
         per_row = []
         for b, start in enumerate(image_starts):
-            layers = torch.stack(
-                [layer[b, :, -1, start : start + n_image] for layer in step]
-            )  # (L, H, N)
+            # (L, H, N)
+            layers = torch.stack([layer[b, :, -1, start : start + n_image] for layer in step])
             per_row.append(layers.mean(dim=(0, 1)))
         steps.append(torch.stack(per_row))
     return torch.stack(steps, dim=1)
@@ -77,13 +77,14 @@ def test_batch_of_one_matches_eager_generate(backend, eager):
 
 
 def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
-    """Two prompts of different lengths, left-padded: each row's image columns start at
-    its own offset and the padding must stay masked."""
+    """Two prompts of different lengths decoded together (left-padded): each row's image columns
+    start at its own offset and the padding must stay masked."""
     questions = [
         "Describe the image in detail.",
         "What is on the table next to the red mug and the lamp?",
     ]
-    prompts = [backend.prompt(backend.encode(image(seed)), q) for seed, q in zip((1, 2), questions)]
+    visual = [backend.encode(image(seed)) for seed in (1, 2)]
+    prompts = [backend.prompt(v, q) for v, q in zip(visual, questions)]
     length = max(p.embeds.shape[1] for p in prompts)
     pad = backend.embed([backend.tokenizer.pad_token_id])[None]  # (1, 1, hidden)
     embeds, mask, starts = [], [], []
@@ -95,31 +96,18 @@ def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
     embeds, mask = torch.cat(embeds), torch.tensor(mask)
     assert starts[0] != starts[1]
 
-    recorder = Recorder(starts, prompts[0].n_image)
-    with recorder, torch.inference_mode():
-        recorded = backend.lm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
+    got = backend.generate_batch(
+        list(zip(visual, questions)), [NEW_TOKENS] * 2, [None] * 2, [None] * 2, stop_at_end=False
+    )
     out = eager_generate(eager, embeds, mask)
-    assert torch.equal(recorded[:, -NEW_TOKENS:], out.sequences[:, -NEW_TOKENS:])
     expected = reference_maps(out.attentions, starts, prompts[0].n_image)
-    torch.testing.assert_close(recorder.maps(), expected, atol=1e-5, rtol=0)
-
-    # The padded rows agree with each prompt run alone (padding really is masked).
-    for b, p in enumerate(prompts):
-        alone = Recorder([p.image_start], p.n_image)
-        with alone, torch.inference_mode():
-            backend.lm.generate(
-                inputs_embeds=p.embeds,
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-            )
-        torch.testing.assert_close(recorder.maps()[b], alone.maps()[0], atol=1e-5, rtol=0)
+    for b, (ids, maps) in enumerate(got):
+        assert ids == out.sequences[b, -NEW_TOKENS:].tolist()
+        torch.testing.assert_close(maps, expected[b], atol=1e-5, rtol=0)
+        # The row decoded alone gets the same (padding really is masked).
+        alone_ids, alone = backend.generate(visual[b], questions[b], NEW_TOKENS, stop_at_end=False)
+        assert alone_ids == ids
+        torch.testing.assert_close(maps, alone, atol=1e-5, rtol=0)
 
 
 def test_teacher_forcing_reads_the_rows_generation_reads(backend):
@@ -132,36 +120,39 @@ def test_teacher_forcing_reads_the_rows_generation_reads(backend):
     torch.testing.assert_close(forced, generated, atol=1e-5, rtol=0)
 
     prompt = backend.prompt(visual, question, ids)  # the whole answer as input
-    own_position = Recorder([prompt.image_start], prompt.n_image, rows=len(ids))
-    with own_position, torch.inference_mode():
-        backend.lm(inputs_embeds=prompt.embeds)
-    assert (own_position.maps()[0] - generated).abs().max() > 1e-4
+    length = prompt.embeds.shape[1]
+    own_position = AttentionRecord.of(backend.lm, 1, len(ids), length, rows=len(ids))
+    with torch.inference_mode():
+        backend.lm(inputs_embeds=prompt.embeds, attention_record=own_position)
+    columns = slice(prompt.image_start, prompt.image_start + prompt.n_image)
+    assert (own_position.read(0, slice(None), columns) - generated).abs().max() > 1e-4
 
 
-def test_memory_is_tokens_times_image_tokens(backend):
-    visual = backend.encode(image(5))
-    prompt = backend.prompt(visual, "Describe the image in detail.")
-    recorder = Recorder([prompt.image_start], prompt.n_image)
-    with recorder, torch.inference_mode():
-        backend.lm.generate(
-            inputs_embeds=prompt.embeds,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    assert recorder.nbytes == NEW_TOKENS * prompt.n_image * 4
+def test_memory_is_rows_times_keys(backend, eager):
+    """A record holds one float per recorded row and key column, where the reference keeps
+    layers x heads x queries x keys per step."""
+    prompt = backend.prompt(backend.encode(image(5)), "Describe the image in detail.")
+    keys = prompt.embeds.shape[1] + NEW_TOKENS
+    record = AttentionRecord.of(backend.lm, 1, NEW_TOKENS, keys)
+    assert record.nbytes == NEW_TOKENS * keys * 4
+    out = eager_generate(eager, prompt.embeds)
+    eager_bytes = sum(
+        layer.numel() * layer.element_size() for step in out.attentions for layer in step
+    )
+    assert eager_bytes > 10 * record.nbytes
 
 
-def test_inactive_recorder_leaves_plain_sdpa(backend):
-    """Outside a Recorder the registered attention is SDPA: same logits as the stock 'sdpa'."""
+def test_recording_leaves_plain_sdpa(backend):
+    """The registered attention is SDPA, recording or not: the same logits as the stock 'sdpa'."""
     tokenizer = backend.tokenizer
     plain = tiny_llava(len(tokenizer), seed=3)
     plain.set_attn_implementation({"text_config": "sdpa"})
     prompt = backend.prompt(backend.encode(image(6)), "Describe the image in detail.")
+    length = prompt.embeds.shape[1]
+    record = AttentionRecord.of(backend.lm, 1, 1, length)
     with torch.inference_mode():
-        torch.testing.assert_close(
-            backend.lm(inputs_embeds=prompt.embeds).logits,
-            plain(inputs_embeds=prompt.embeds).logits,
-        )
-    with pytest.raises(RuntimeError, match="saw no attention"):
-        Recorder([0], 4).maps()
+        expected = plain(inputs_embeds=prompt.embeds).logits
+        torch.testing.assert_close(backend.lm(inputs_embeds=prompt.embeds).logits, expected)
+        recorded = backend.lm(inputs_embeds=prompt.embeds, attention_record=record).logits
+        torch.testing.assert_close(recorded, expected)
+    assert record.recorded() == 1 and record.maps.sum() > 0

@@ -192,9 +192,8 @@ def test_engine_describe_and_refer(refiner):
     assert isinstance(engine.backend, DiffLMMBackend) and engine.backend.grid == (8, 8)
     image = scene(45, 60)
     described = engine.ground(image, "Describe the image in detail.", "describe", max_new_tokens=12)
-    assert (
-        isinstance(described, Grounding) and described.phrases
-    )  # random words, but spaCy finds a chunk
+    # random words, but spaCy finds a chunk
+    assert isinstance(described, Grounding) and described.phrases
     for phrase in described.phrases:
         assert phrase.mask.shape == (45, 60) and phrase.heatmap.shape == (45, 60)
         assert described.answer[phrase.char_start : phrase.char_end] == phrase.text
@@ -237,11 +236,8 @@ def test_a_trained_directory_brings_its_own_settings(tmp_path):
     }
     save_difflmm(backend.model, backend.tokenizer, tmp_path / "trained")
     plain = build_engine(str(tmp_path / "plain"), refiner="threshold")
-    assert (plain.normalise, plain.combine, plain.backend.conversation) == (
-        True,
-        "max",
-        "llava_v1",
-    )  # the paper's
+    # the paper's
+    assert (plain.normalise, plain.combine, plain.backend.conversation) == (True, "max", "llava_v1")
     trained = build_engine(str(tmp_path / "trained"), refiner="threshold")
     assert (trained.normalise, trained.combine, trained.backend.conversation) == (
         False,

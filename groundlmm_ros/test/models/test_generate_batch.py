@@ -1,12 +1,16 @@
-"""LlavaStyleBackend.generate_batch: several prompts (one per camera) decoded greedily together,
-one forward pass per token for all of them, each row getting what generate gives it alone, on
-the tiny random LLaVA and DiffLMM and the shipped demo model."""
+"""Backend.generate_batch: 1 to 4 prompts (one per camera) decoded greedily together by the one
+fixed-shape decoder, one forward pass per token for all of them, each row getting what it gets
+decoded alone (the same tokens, maps to 1e-6); rows of different prompt lengths, ending at their
+end token or their limit, cancelled or failing on their own. On the tiny random LLaVA and
+DiffLMM, the shipped demo model and every chat-template backend."""
 
 import pytest
 import torch
 from test_engine_batch import count_lm_passes, images
 
 from groundlmm_ros.engine.types import Cancelled
+from groundlmm_ros.models.backend import LlavaStyleBackend
+from groundlmm_ros.models.decoder import batch_bucket
 from groundlmm_ros.models.presets import build_engine
 
 # Different lengths, so the batch is really left-padded.
@@ -23,14 +27,35 @@ LIMITS = [40, 30, 40, 12]
 MAP_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module", params=["tiny-random", "tiny-difflmm-random", "demo"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        "tiny-random",
+        "tiny-difflmm-random",
+        "demo",
+        "tiny-qwen2.5-vl-random",
+        "tiny-llava-next-random",
+        "tiny-internvl-random",
+    ],
+)
 def backend(request):
     backend = build_engine(request.param, refiner="threshold").backend
     if request.param != "demo":  # the demo model ends its answers itself
-        # Random weights seldom emit their end token: here the fourth token of the first
-        # prompt's answer ends answers, so some rows end at it and others at their limits.
-        visual = backend.encode(images()[0])
-        backend.end_ids = {backend.generate(visual, QUESTIONS[0], 4, stop_at_end=False)[0][3]}
+        # Random weights seldom emit their end token: here a token of the first prompt's answer
+        # ends answers, one that another answer lacks and the middle two do not begin with, so
+        # some rows end at it and others at their limits, and rows 1 and 2 go past 3 tokens.
+        prompts = list(zip(backend.encode_batch(images()), QUESTIONS))
+        free = [
+            backend.generate(visual, question, n, stop_at_end=False)[0]
+            for (visual, question), n in zip(prompts, LIMITS)
+        ]
+        backend.end_ids = {
+            next(
+                t
+                for t in free[0][1:]
+                if any(t not in ids for ids in free[1:]) and t not in free[1][:4] + free[2][:4]
+            )
+        }
     return backend
 
 
@@ -41,8 +66,23 @@ def prompts(backend):
 
 @pytest.fixture(scope="module")
 def alone(backend, prompts):
-    """What generate gives each prompt alone, with its limit."""
-    return [backend.generate(visual, question, n) for (visual, question), n in zip(prompts, LIMITS)]
+    """What generate gives each prompt alone, with its limit. For the LLaVA family, whose LM
+    takes nothing but embeddings, these are the tokens of transformers' own greedy generate
+    (a dynamic cache) too."""
+    answers = [backend.generate(v, question, n) for (v, question), n in zip(prompts, LIMITS)]
+    if isinstance(backend, LlavaStyleBackend):
+        for (visual, question), n, (ids, _) in zip(prompts, LIMITS, answers):
+            embeds = backend.prompt(visual, question).embeds
+            with torch.inference_mode():
+                out = backend.lm.generate(
+                    inputs_embeds=embeds,
+                    max_new_tokens=n,
+                    do_sample=False,
+                    eos_token_id=sorted(backend.end_ids),
+                    pad_token_id=backend.tokenizer.pad_token_id,
+                )
+            assert out[0].tolist() == ids
+    return answers
 
 
 def assert_same(got, expected):
@@ -53,7 +93,8 @@ def assert_same(got, expected):
     torch.testing.assert_close(maps, expected_maps, atol=MAP_ATOL, rtol=0)
 
 
-def test_each_row_gets_what_generate_gives_it_alone_in_one_pass_per_token(backend, prompts, alone):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_each_row_gets_what_it_gets_alone_in_one_pass_per_token(backend, prompts, alone, rows):
     lengths = [len(ids) for ids, _ in alone]
     ended = [ids[-1] in backend.end_ids for ids, _ in alone]
     # Both ways to end are covered: a row at its end token before the longest row, one at its
@@ -61,19 +102,19 @@ def test_each_row_gets_what_generate_gives_it_alone_in_one_pass_per_token(backen
     assert any(end and n < max(lengths) for end, n in zip(ended, lengths))
     assert any(not end and n == limit for end, n, limit in zip(ended, lengths, LIMITS))
     assert len({backend.prompt(*p).embeds.shape[1] for p in prompts}) > 1
-    streamed = [[] for _ in prompts]
+    streamed = [[] for _ in range(rows)]
     passes, handle = count_lm_passes(backend.lm)
     try:
         got = backend.generate_batch(
-            prompts,
-            LIMITS,
+            prompts[:rows],
+            LIMITS[:rows],
             [lambda ids, seen=seen: seen.append(list(ids)) for seen in streamed],
-            [None] * len(prompts),
+            [None] * rows,
         )
     finally:
         handle.remove()
-    # One prefill and (longest answer - 1) steps, every pass with all four rows.
-    assert passes == [len(prompts)] * max(lengths)
+    # One prefill and (longest answer - 1) steps, every pass with all rows (3 in a bucket of 4).
+    assert passes == [batch_bucket(rows)] * max(lengths[:rows])
     for result, expected, seen in zip(got, alone, streamed):
         assert_same(result, expected)
         ids = result[0]
@@ -99,21 +140,3 @@ def test_a_rows_own_failure_ends_only_that_row(backend, prompts, alone):
     assert got[2] is refused
     assert_same(got[0], alone[0])
     assert_same(got[3], alone[3])
-
-
-def test_a_batch_of_one_is_generate_and_static_decoding_batches_dynamically():
-    static = build_engine("tiny-random", refiner="threshold", decoding="static").backend
-    visual = static.encode_batch(images()[:2])
-    pairs = list(zip(visual, QUESTIONS))
-    expected = [static.generate(v, q, 9, stop_at_end=False) for v, q in pairs]
-    assert len(static._decoders) == 1  # generate alone took the fixed-shape decoder
-    passes, handle = count_lm_passes(static.lm)
-    try:
-        (one,) = static.generate_batch(pairs[:1], [9], [None], [None], stop_at_end=False)
-        two = static.generate_batch(pairs, [9, 9], [None, None], [None, None], stop_at_end=False)
-    finally:
-        handle.remove()
-    assert passes == [1] * 9 + [2] * 9  # alone: the static decoder's passes; two: batched
-    assert_same(one, expected[0])
-    for got, alone_result in zip(two, expected):
-        assert_same(got, alone_result)

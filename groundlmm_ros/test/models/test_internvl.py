@@ -8,14 +8,14 @@ import vlm_checks
 
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
-from groundlmm_ros.models.internvl import (
-    TINY_TILE,
-    TINY_TILES,
-    InternVLBackend,
+from groundlmm_ros.models.internvl import InternVLBackend
+from groundlmm_ros.models.presets import build_engine
+from groundlmm_ros.models.tiny import (
+    TINY_INTERNVL_TILE,
+    TINY_INTERNVL_TILES,
     tiny_internvl,
     tiny_internvl_processor,
 )
-from groundlmm_ros.models.presets import build_engine
 
 SIDE = 4  # tokens per tile side: 32-pixel tiles, 4-pixel patches, 0.5 pixel shuffle
 
@@ -23,7 +23,9 @@ SIDE = 4  # tokens per tile side: 32-pixel tiles, 4-pixel patches, 0.5 pixel shu
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_internvl_processor()
-    return InternVLBackend(tiny_internvl(processor.tokenizer, seed=3), processor, tiles=TINY_TILES)
+    return InternVLBackend(
+        tiny_internvl(processor.tokenizer, seed=3), processor, tiles=TINY_INTERNVL_TILES
+    )
 
 
 def reference_tiles(height, width, min_num, max_num):
@@ -45,7 +47,8 @@ def reference_tiles(height, width, min_num, max_num):
         if diff < best_diff:
             best, best_diff = ratio, diff
         elif (
-            diff == best_diff and width * height > 0.5 * TINY_TILE * TINY_TILE * ratio[0] * ratio[1]
+            diff == best_diff
+            and width * height > 0.5 * TINY_INTERNVL_TILE * TINY_INTERNVL_TILE * ratio[0] * ratio[1]
         ):
             best = ratio
     return best
@@ -71,7 +74,7 @@ def reference_map_order(columns, rows):
 ) = vlm_checks.parity_tests("internvl", tiny_internvl)
 
 
-@pytest.mark.parametrize("tiles", [TINY_TILES, (3, 9)])
+@pytest.mark.parametrize("tiles", [TINY_INTERNVL_TILES, (3, 9)])
 @pytest.mark.parametrize("height, width", [(48, 80), (80, 48), (40, 40), (30, 100), (100, 45)])
 def test_layout_is_the_references(backend, height, width, tiles):
     columns, rows = reference_tiles(height, width, *tiles)
@@ -103,15 +106,15 @@ def test_point_lands_on_the_attended_image_token(
     forced, monkeypatch, use_thumbnail, height, width, cell
 ):
     processor, model = forced
-    backend = InternVLBackend(model, processor, tiles=TINY_TILES, use_thumbnail=use_thumbnail)
-    columns, rows = reference_tiles(height, width, *TINY_TILES)
+    backend = InternVLBackend(
+        model, processor, tiles=TINY_INTERNVL_TILES, use_thumbnail=use_thumbnail
+    )
+    columns, rows = reference_tiles(height, width, *TINY_INTERNVL_TILES)
     n_tiled = rows * columns * SIDE * SIDE
     if use_thumbnail:
         grid = (SIDE, SIDE)
-        cell = (
-            cell[0] * SIDE // (rows * SIDE),
-            cell[1] * SIDE // (columns * SIDE),
-        )  # the same place, coarser
+        # the same place, coarser
+        cell = (cell[0] * SIDE // (rows * SIDE), cell[1] * SIDE // (columns * SIDE))
         index = n_tiled + cell[0] * SIDE + cell[1]
     else:
         grid = (rows * SIDE, columns * SIDE)
@@ -134,10 +137,9 @@ def test_describe_and_refer_end_to_end():
 
 
 def test_model_directory_loads_like_the_preset(tmp_path):
-    def tiny_tiles(
-        backend,
-    ):  # the tiny model's tiling (a real directory's loader keeps the reference's 3 to 9)
-        backend.tiles = TINY_TILES
+    # the tiny model's tiling (a real directory's loader keeps the reference's 3 to 9)
+    def tiny_tiles(backend):
+        backend.tiles = TINY_INTERNVL_TILES
 
     vlm_checks.check_directory_round_trip(
         build_engine("tiny-internvl-random", refiner="threshold"),

@@ -8,14 +8,14 @@ from transformers.image_processing_utils import select_best_resolution
 
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
-from groundlmm_ros.models.llava_next import (
-    TINY_PATCH,
-    TINY_PINPOINTS,
-    LlavaNextBackend,
+from groundlmm_ros.models.llava_next import LlavaNextBackend
+from groundlmm_ros.models.presets import build_engine
+from groundlmm_ros.models.tiny import (
+    TINY_NEXT_PATCH,
+    TINY_NEXT_PINPOINTS,
     tiny_llava_next,
     tiny_llava_next_processor,
 )
-from groundlmm_ros.models.presets import build_engine
 
 BASE_SIDE = 4  # 32-pixel tiles of 8-pixel patches
 
@@ -29,8 +29,8 @@ def backend():
 def reference_unpadded_grid(height, width):
     """The reference's get_unpad_feature_size (aas/more_models/llava_next.py), on the best
     any-resolution canvas in patches: -> (rows, columns) of the high-resolution map."""
-    best_height, best_width = select_best_resolution((height, width), TINY_PINPOINTS)
-    feature_width, feature_height = best_width // TINY_PATCH, best_height // TINY_PATCH
+    best_height, best_width = select_best_resolution((height, width), TINY_NEXT_PINPOINTS)
+    feature_width, feature_height = best_width // TINY_NEXT_PATCH, best_height // TINY_NEXT_PATCH
     if width / height > feature_width / feature_height:
         new_height = int(height * feature_width / width)
         return feature_height - 2 * ((feature_height - new_height) // 2), feature_width

@@ -9,23 +9,19 @@ import torch
 import vlm_checks
 from images import random_rgb
 
-from groundlmm_ros.engine.recorder import RECORDING_ATTENTION
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
-from groundlmm_ros.models.qwen2_5_vl import (
-    TINY_MAX_PIXELS,
-    Qwen2_5_VLBackend,
-    tiny_qwen2_5_vl,
-    tiny_qwen_processor,
-)
+from groundlmm_ros.models.qwen2_5_vl import Qwen2_5_VLBackend
+from groundlmm_ros.models.recorder import RECORDING_ATTENTION
+from groundlmm_ros.models.tiny import TINY_QWEN_MAX_PIXELS, tiny_qwen2_5_vl, tiny_qwen_processor
 
 
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_qwen_processor()
     return Qwen2_5_VLBackend(
-        tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_MAX_PIXELS
+        tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_QWEN_MAX_PIXELS
     )
 
 
@@ -90,10 +86,9 @@ def test_describe_and_refer_end_to_end():
 
 
 def test_model_directory_loads_like_the_preset(tmp_path):
-    def tiny_cap(
-        backend,
-    ):  # the tiny model's cap (a real directory's loader keeps the reference's 1008 * 1008)
-        backend.max_pixels = TINY_MAX_PIXELS
+    # the tiny model's cap (a real directory's loader keeps the reference's 1008 * 1008)
+    def tiny_cap(backend):
+        backend.max_pixels = TINY_QWEN_MAX_PIXELS
 
     vlm_checks.check_directory_round_trip(
         build_engine("tiny-qwen2.5-vl-random", refiner="threshold"),
@@ -119,7 +114,7 @@ def test_mixed_full_and_sliding_window_layers_match_eager():
     backend = Qwen2_5_VLBackend(
         tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding),
         processor,
-        max_pixels=TINY_MAX_PIXELS,
+        max_pixels=TINY_QWEN_MAX_PIXELS,
     )
     assert backend.lm.config.text_config.layer_types == ["full_attention", "sliding_attention"]
     eager = tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding)

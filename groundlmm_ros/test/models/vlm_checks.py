@@ -3,7 +3,7 @@ test_qwen2_5_vl.py, test_llava_next.py and test_internvl.py.
 
 Parity: the reference's read-out (eager generate(output_attentions=True) on the model's own
 processor inputs, the newest query row over the image-token columns, mean over layers and
-heads) against the recorder, batch of one and a left-padded batch of two.
+heads) against the recorder, batch of one and a left-padded batch of two decoded together.
 Forced attention: a model whose every query attends to one chosen image token must put the
 heat map's maximum inside that token's image region.
 """
@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from images import random_rgb
 from PIL import Image
-
-from groundlmm_ros.engine.recorder import Recorder
 
 NEW_TOKENS = 6
 QUESTIONS = (
@@ -84,14 +82,13 @@ def check_batch_of_one(backend, eager, picture) -> float:
     encoded = backend.encode(picture)
     ids, maps = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
     inputs = processor_batch(backend, [picture], [question])
-    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(
-        encoded, question
-    )  # the processor's prompt
+    # the processor's prompt
+    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(encoded, question)
     out = generate(eager, inputs, output_attentions=True)
     assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
     prompt = backend.prompt(encoded, question)
-    expected = backend.on_grid(
-        prompt, reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0]
+    expected = prompt.on_grid(
+        reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0]
     )
     rows, columns = backend.grid_of(encoded)
     assert maps.shape == expected.shape == (NEW_TOKENS, rows * columns)
@@ -103,28 +100,28 @@ def check_batch_of_one(backend, eager, picture) -> float:
 
 
 def check_left_padded_batch(backend, eager, pictures) -> float:
-    """Two prompts of different lengths, left-padded: the recorder on the model's own generate
-    equals eager per row, and each row equals backend.generate on that prompt alone."""
+    """Two prompts of different lengths decoded together: each row equals eager generate on the
+    processor's left-padded batch, and the row decoded alone. Returns the max abs difference."""
     inputs = processor_batch(backend, pictures, QUESTIONS)
     starts = image_starts(backend, inputs.input_ids)
     assert starts[0] != starts[1]
     n_image = int((inputs.input_ids[0] == backend.image_token_id).sum())
-    recorder = Recorder(starts, n_image)
-    with recorder:
-        recorded = generate(backend.lm, inputs)
     out = generate(eager, inputs, output_attentions=True)
-    assert torch.equal(recorded.sequences[:, -NEW_TOKENS:], out.sequences[:, -NEW_TOKENS:])
     expected = reference_maps(out.attentions, starts, n_image)
-    torch.testing.assert_close(recorder.maps(), expected, atol=1e-5, rtol=0)
-    for b, (picture, question) in enumerate(zip(pictures, QUESTIONS)):
-        encoded = backend.encode(picture)
-        ids, alone = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
+    encoded = [backend.encode(picture) for picture in pictures]
+    together = backend.generate_batch(
+        list(zip(encoded, QUESTIONS)), [NEW_TOKENS] * 2, [None] * 2, [None] * 2, stop_at_end=False
+    )
+    difference = 0.0
+    for b, ((ids, maps), question) in enumerate(zip(together, QUESTIONS)):
         assert ids == out.sequences[b, -NEW_TOKENS:].tolist()
-        prompt = backend.prompt(encoded, question)
-        torch.testing.assert_close(
-            alone, backend.on_grid(prompt, recorder.maps()[b]), atol=1e-5, rtol=0
-        )
-    return float((recorder.maps() - expected).abs().max())
+        prompt = backend.prompt(encoded[b], question)
+        torch.testing.assert_close(maps, prompt.on_grid(expected[b]), atol=1e-5, rtol=0)
+        difference = max(difference, float((maps - prompt.on_grid(expected[b])).abs().max()))
+        alone_ids, alone = backend.generate(encoded[b], question, NEW_TOKENS, stop_at_end=False)
+        assert alone_ids == ids
+        torch.testing.assert_close(maps, alone, atol=1e-5, rtol=0)
+    return difference
 
 
 def force_attention_to_feature_zero(text_model, embed_tokens):
@@ -137,9 +134,8 @@ def force_attention_to_feature_zero(text_model, embed_tokens):
         for layer in text_model.layers:
             attention = layer.self_attn
             head_dim = attention.head_dim
-            pair = (
-                head_dim // 2 - 1
-            )  # rotate_half pairs dims (i, i + head_dim / 2); the last i turns slowest
+            # rotate_half pairs dims (i, i + head_dim / 2); the last i turns slowest
+            pair = head_dim // 2 - 1
             for projection in (attention.q_proj, attention.k_proj):
                 projection.weight.zero_()
                 if projection.bias is not None:
