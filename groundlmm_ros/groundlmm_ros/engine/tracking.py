@@ -113,6 +113,8 @@ class TrackSet:
         if len(masks) != len(labels):
             raise ValueError(f"{len(masks)} masks but {len(labels)} labels")
         reference = self._snapshot if self._snapshot is not None else self.masks
+        # A camera whose resolution changed matches nothing: its objects start new tracks.
+        reference = {i: m for i, m in reference.items() if m.shape == frame.shape[:2]}
         matched = self._match(list(masks), reference)
         ids = []
         for i, (mask, label) in enumerate(zip(masks, labels)):
