@@ -138,6 +138,9 @@ def test_bad_input_is_refused(sam2):
     tracker.seed(image, [np.ones(SIZE, bool)], [1])
     with pytest.raises(ValueError, match="seeded size"):
         tracker.track(np.zeros((32, 32, 3), np.uint8))
+    # Seeded with nothing (a grounding that found nothing): nothing tracked, no error.
+    tracker.seed(image, [], [])
+    assert tracker.track(image) == {} and track_batch([tracker], [image]) == [{}]
     with pytest.raises(ValueError, match="random weights need"):
         build_sam2_video("/no/such/dir", random_weights=True)
 

@@ -21,7 +21,10 @@ grounded() matches the new masks to the tracks by mask IoU (greedy, best pair fi
 `match_iou`) against the masks the tracks had when grounding_started() was called (the frame
 the LMM saw), so an identity survives a re-grounding that lands frames later. A new mask
 without a match starts a new track; a track without a match ends and is reported lost by the
-next track(). A grounding that ends without a result: grounding_failed(); it is due again
+next track(). The tracker is re-seeded from the grounded frame itself: when the LMM takes a
+few frames, tracking resumes from where the objects were then (the colour tracker searches
+around that place; SAM 2 takes it as its newest conditioning frame). A grounding that ends
+without a result: grounding_failed(); it is due again
 when the period has passed since grounding_started() (or at once while a track is weak).
 """
 

@@ -145,6 +145,8 @@ class Sam2Tracker:
             self.session.reset_inference_session()
             self.ids = []
         self.size = frame.shape[:2]
+        if not ids:
+            return
         self.session.video_height, self.session.video_width = self.size
         self.ids = self.ids + [i for i in ids if i not in self.ids]
         self.processor.add_inputs_to_inference_session(
@@ -161,6 +163,8 @@ class Sam2Tracker:
             raise ValueError("Sam2Tracker.track needs a seed first")
         if frame.shape[:2] != self.size:
             raise ValueError(f"frame {frame.shape[:2]} is not at the seeded size {self.size}")
+        if not self.ids:
+            return {}
         return self._step(self.pixels([frame])[0], None)
 
     def _step(self, pixels: torch.Tensor, features: dict | None) -> dict[int, Tracked]:
@@ -232,13 +236,16 @@ def track_batch(trackers: list[Sam2Tracker], frames: list) -> list[dict[int, Tra
     for tracker, frame in zip(trackers, frames):
         if tracker.size is None or frame.shape[:2] != tracker.size:
             raise ValueError("every tracker needs a seed and a frame at its seeded size")
-    pixels = trackers[0].pixels(list(frames))
-    encoded = trackers[0].model.get_image_features(pixels, return_dict=True)
-    results = []
-    for b, tracker in enumerate(trackers):
+    busy = [i for i, tracker in enumerate(trackers) if tracker.ids]
+    results: list[dict[int, Tracked]] = [{} for _ in trackers]
+    if not busy:
+        return results
+    pixels = trackers[busy[0]].pixels([frames[i] for i in busy])
+    encoded = trackers[busy[0]].model.get_image_features(pixels, return_dict=True)
+    for b, i in enumerate(busy):
         features = {
             "vision_feats": [f[:, b : b + 1] for f in encoded.fpn_hidden_states],
             "vision_pos_embeds": [p[:, b : b + 1] for p in encoded.fpn_position_encoding],
         }
-        results.append(tracker._step(pixels[b], features))
+        results[i] = trackers[i]._step(pixels[b], features)
     return results
