@@ -33,6 +33,7 @@ from groundlmm_ros.models.internvl import load_internvl
 from groundlmm_ros.models.llava import load_llava
 from groundlmm_ros.models.llava_next import load_llava_next
 from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl
+from groundlmm_ros.models.sam2_tracker import load_sam2_video, sam2_video_config, sam2_video_random
 
 REFINERS = ("auto", "sam", "colour", "threshold")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -283,3 +284,101 @@ def build_engine(
         chosen = ThresholdRefiner() if refiner == "threshold" else ColourRefiner()
 
     return Engine(backend, chosen, seed=seed, **options)
+
+
+@dataclass
+class TrackerPreset:
+    """A SAM 2 video model by name: where its released weights sit in the Hugging Face cache,
+    and its size (the Hiera image encoder's Sam2HieraDetConfig fields; everything else of
+    SAM 2.1 is the same at every size, transformers' Sam2VideoConfig defaults), so it can also
+    be built with random weights where the weights are not on disk."""
+
+    about: str
+    repo_id: str
+    hiera: dict
+    image_size: int = 1024
+    hidden: int = 256
+    video: dict = field(default_factory=dict)
+
+
+def hiera(width: int, heads: int, blocks: list[int], global_blocks: list[int], **more) -> dict:
+    """Sam2HieraDetConfig fields of a Hiera: widths and heads double at every stage."""
+    return dict(
+        hidden_size=width,
+        num_attention_heads=heads,
+        blocks_per_stage=blocks,
+        embed_dim_per_stage=[width * 2**i for i in range(4)],
+        num_attention_heads_per_stage=[heads * 2**i for i in range(4)],
+        global_attention_blocks=global_blocks,
+        **more,
+    )
+
+
+# The released SAM 2.1 checkpoints (the sam2 repository's sam2.1_hiera_{t,s,b+,l}.yaml).
+TRACKERS: dict[str, TrackerPreset] = {
+    "sam2.1-tiny": TrackerPreset(
+        "SAM 2.1 Hiera-T (38.9 M)",
+        "facebook/sam2.1-hiera-tiny",
+        hiera(96, 1, [1, 2, 7, 2], [5, 7, 9]),
+    ),
+    "sam2.1-small": TrackerPreset(
+        "SAM 2.1 Hiera-S (46 M)",
+        "facebook/sam2.1-hiera-small",
+        hiera(96, 1, [1, 2, 11, 2], [7, 10, 13]),
+    ),
+    "sam2.1-base-plus": TrackerPreset(
+        "SAM 2.1 Hiera-B+ (80.8 M)",
+        "facebook/sam2.1-hiera-base-plus",
+        hiera(
+            112,
+            2,
+            [2, 3, 16, 3],
+            [12, 16, 20],
+            window_positional_embedding_background_size=[14, 14],
+        ),
+    ),
+    "sam2.1-large": TrackerPreset(
+        "SAM 2.1 Hiera-L (224.4 M)",
+        "facebook/sam2.1-hiera-large",
+        hiera(144, 2, [2, 6, 36, 4], [23, 33, 43], window_size_per_stage=[8, 4, 16, 8]),
+    ),
+    # Built in code only: 64 px input; the memory attention needs a width above SAM 2's memory
+    # channels (64), which transformers hard-codes. Weights drawn 10x wider than transformers'
+    # 0.02: at 0.02 the object-score head gives ~0 and SAM 2 calls every object absent.
+    "tiny-random": TrackerPreset(
+        "random tiny SAM 2, built in code: tests, CI",
+        "",
+        hiera(
+            16,
+            1,
+            [1, 1, 2, 1],
+            [3],
+            window_size_per_stage=[4, 4, 4, 2],
+            window_positional_embedding_background_size=[2, 2],
+        ),
+        image_size=64,
+        hidden=128,
+        video=dict(
+            memory_attention_num_layers=1,
+            memory_attention_feed_forward_hidden_size=64,
+            memory_fuser_intermediate_dim=64,
+            initializer_range=0.2,
+        ),
+    ),
+}
+
+
+def build_sam2_video(
+    name: str, device: str = "cpu", dtype: torch.dtype | None = None, random_weights: bool = False
+):
+    """(Sam2VideoModel, Sam2VideoProcessor) of a TRACKERS name or a local SAM 2 directory.
+    random_weights: the preset's size with random weights (benchmarks; "tiny-random" always)."""
+    preset = TRACKERS.get(name)
+    if preset is None:
+        if random_weights:
+            raise ValueError(f"random weights need a TRACKERS name ({', '.join(TRACKERS)})")
+        return load_sam2_video(name, device, dtype)
+    if random_weights or not preset.repo_id:
+        config = sam2_video_config(preset.hiera, preset.image_size, preset.hidden, **preset.video)
+        return sam2_video_random(config, device, dtype)
+    return load_sam2_video(preset.repo_id, device, dtype)

@@ -79,10 +79,11 @@ def shape_polygon(shape: str, centre: tuple[int, int], radius: int, angle: float
 
 
 def draw_shape_mask(
-    shape: str, centre: tuple[int, int], radius: int, angle: float, size: int
+    shape: str, centre: tuple[int, int], radius: int, angle: float, size: int | tuple[int, int]
 ) -> np.ndarray:
-    """(size, size) bool mask of one whole (unoccluded) shape."""
-    canvas = np.zeros((size, size), np.uint8)
+    """(size, size) (or size = (H, W)) bool mask of one whole (unoccluded) shape, clipped to
+    the canvas."""
+    canvas = np.zeros(size if isinstance(size, tuple) else (size, size), np.uint8)
     if shape == "circle":
         cv2.circle(canvas, centre, radius, 1, thickness=-1, lineType=cv2.LINE_8)
     else:

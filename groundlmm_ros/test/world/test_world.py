@@ -69,3 +69,35 @@ def test_same_seed_same_scenes_and_bad_input_refused():
         make_scene(rng, max_objects=0)
     with pytest.raises(ValueError, match="unknown shape"):
         draw_shape_mask("hexagon", (10, 10), 5, 0.0, 64)
+
+
+def test_sequences_move_occlude_and_leave_with_true_masks():
+    from groundlmm_ros.world.sequences import Mover, Sequence, random_movers
+
+    movers = random_movers(np.random.default_rng(1), 3, size=(96, 160)) + [
+        Mover("red", "circle", 12, (150, 40), (4.0, 0.0), bounce=False)
+    ]
+    sequence = Sequence(movers, size=(96, 160), seed=1, grain=0.0)
+    overlapped = False
+    for t in range(0, 200, 5):
+        frame = sequence.frame(t)
+        assert frame.image.shape == (96, 160, 3) and len(frame.masks) == 4
+        union = np.zeros((96, 160), bool)
+        for mask, colour in zip(frame.masks, sequence.colours):
+            assert (frame.image[mask] == colour).all()
+            assert not (union & mask).any()
+            union |= mask
+        whole = [
+            draw_shape_mask(m.shape, m.centre(t, 96, 160), m.radius, m.spin * t, (96, 160))
+            for m in movers
+        ]
+        overlapped |= any((whole[i] & whole[j]).any() for i in range(3) for j in range(i + 1, 3))
+        # Bouncing movers stay whole in view; the one that does not bounce is gone by frame 6.
+        for m, mask, full in zip(movers[:3], frame.masks[:3], whole[:3]):
+            x, y = m.centre(t, 96, 160)
+            assert m.radius <= x <= 160 - m.radius and m.radius <= y <= 96 - m.radius
+            assert not (mask & ~full).any()
+        assert frame.masks[3].any() == (t <= 5)
+    assert overlapped
+    again = Sequence(movers, size=(96, 160), seed=1, grain=0.0).frame(35)
+    np.testing.assert_array_equal(again.image, sequence.frame(35).image)
