@@ -18,8 +18,6 @@ default) on the plain names.
 
 from __future__ import annotations
 
-import gc
-import sys
 import threading
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -49,7 +47,7 @@ from groundlmm_ros.ros.params import (
     read_parameters,
 )
 from groundlmm_ros.ros.results import ResultPublisher, log_query_problem
-from groundlmm_ros.ros.worker import Job, Worker
+from groundlmm_ros.ros.worker import Job, Worker, release_cached_memory
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 # goal, result and cancel requests kept until taken
@@ -306,11 +304,7 @@ class GroundingNode(LifecycleNode):
             self.undeclare_parameter(parameter)
         self._status_timer = self._action_server = self._params = self._engine = None
         self._outputs, self._camera_outputs, self._camera_parameters = {}, {}, []
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            # hand the freed GPU memory back to the device
-            torch.cuda.empty_cache()
+        release_cached_memory()
 
     def _log_worker_error(self, text: str) -> None:
         # after Ctrl-C, publishing fails by design: nothing to report

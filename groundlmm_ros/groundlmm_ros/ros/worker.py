@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
+import sys
 import threading
 import time
 import traceback
@@ -273,6 +275,18 @@ class Worker:
         except Exception as error:  # the model must never take the node down
             results = [error] * len(ready)
         engine_s = time.perf_counter() - start  # every job of the batch waited this long for it
+        out_of_memory = [result for result in results if is_out_of_memory(result)]
+        if out_of_memory:
+            for error in out_of_memory:
+                # its traceback holds the failed step's frames, and so their tensors
+                error.__traceback__ = None
+            # what the failed step held goes back to the device before the next step
+            release_cached_memory()
+            self._log_error(
+                f"out of memory in a model step of {len(ready)} queries "
+                f"({len(out_of_memory)} failed): {out_of_memory[0]}; cached memory freed, "
+                "the next step runs"
+            )
         for outcome, result in zip(ready, results, strict=True):
             outcome.engine_s = engine_s
             if isinstance(result, Grounding):
@@ -330,6 +344,8 @@ class Worker:
             outcome.error = f"cancelled: {self._stopping}" if self._stopping else "cancelled"
         elif isinstance(error, InputError):
             outcome.error = f"input refused by the engine: {error}"
+        elif is_out_of_memory(error):
+            outcome.error = f"out of memory: {type(error).__name__}: {error}"
         else:
             trace = "".join(traceback.format_exception(error))
             self._log_error(f"model error on query {job.query!r}:\n{trace}")
@@ -341,3 +357,18 @@ class Worker:
         # a failed reply must not stop the worker
         except Exception:
             self._log_error(f"finishing a job failed:\n{traceback.format_exc()}")
+
+
+def is_out_of_memory(result) -> bool:
+    """Whether a step's result is torch's out-of-memory error (CUDA's or another device's)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(result, torch.OutOfMemoryError)
+
+
+def release_cached_memory() -> None:
+    """Collect what has no reference left and hand the cached GPU memory back to the device
+    (torch is imported only where a model runs)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
