@@ -217,6 +217,7 @@ class GroundingNode(LifecycleNode):
             max_image_pixels=params.max_image_pixels,
             max_new_tokens=params.max_new_tokens,
             log_error=self._log_worker_error,
+            clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
         )
         # the standing queries as set now
         for camera in params.cameras:
