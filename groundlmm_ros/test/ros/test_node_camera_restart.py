@@ -17,9 +17,10 @@ from node_harness import HERE, NAMESPACE, NodeProcess, connect, start, wait_for
 pytestmark = [pytest.mark.ros, pytest.mark.node, pytest.mark.timeout(180)]
 
 STANDING = "the standing mug"
+# node_harness (in argv[1]) imports images, from the folder above
 DRIVER = """
-import sys, time
-sys.path.insert(0, sys.argv[1])
+import os, sys, time
+sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]
 import rclpy
 from sensor_msgs.msg import Image
 from node_harness import rgb_image
