@@ -8,6 +8,7 @@ Images are (H, W, 3) uint8 RGB, heat maps (H, W) float32 and points (x, y) in th
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -318,7 +319,15 @@ def load_sam(checkpoint: str, device: str = "cpu"):
     """A segment_anything checkpoint (sam_vit_{h,l,b}_*.pth), loaded with weights_only=True
     (the library's own builder unpickles without it). The variant comes from the
     encoder width stored in the file."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # A truncated or corrupt file fails deep in torch's loader, naming no file (and the unpickler's
+    # message is pages about weights_only): the file and the error's type say it.
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ValueError(
+            f"{checkpoint}: cannot be read as a SAM checkpoint, truncated or corrupt "
+            f"({type(error).__name__})"
+        ) from error
     widths = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
     key = "image_encoder.patch_embed.proj.weight"
     if key not in state or state[key].shape[0] not in widths:

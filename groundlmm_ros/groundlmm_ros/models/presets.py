@@ -195,7 +195,10 @@ def _from_directory(path: str, device: str, dtype: torch.dtype, **options) -> tu
             "config.json"
         )
     with open(config_path) as f:
-        config = json.load(f)
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path}: not valid JSON ({error})") from error
     model_type = config.get("model_type")
     if model_type not in LOADERS:
         raise ValueError(

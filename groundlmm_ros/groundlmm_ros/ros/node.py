@@ -20,8 +20,6 @@ default) on the plain names.
 
 from __future__ import annotations
 
-import gc
-import sys
 import threading
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
@@ -52,7 +50,7 @@ from groundlmm_ros.ros.params import (
     read_parameters,
 )
 from groundlmm_ros.ros.results import ResultPublisher, log_query_problem
-from groundlmm_ros.ros.worker import Job, Worker
+from groundlmm_ros.ros.worker import Job, Worker, release_cached_memory
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 # goal, result and cancel requests kept until taken
@@ -190,6 +188,7 @@ class GroundingNode(LifecycleNode):
             max_image_pixels=params.max_image_pixels,
             max_new_tokens=params.max_new_tokens,
             log_error=self._log_worker_error,
+            clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
         )
         # the standing queries as set now
         standing = {camera: self._standing_of(camera) for camera in params.cameras}
@@ -257,11 +256,7 @@ class GroundingNode(LifecycleNode):
                 self.destroy_lifecycle_publisher(publisher)
         self._status_timer = self._action_server = self._params = self._engine = None
         self._outputs, self._queries, self._depth, self.results = {}, [], {}, {}
-        gc.collect()
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            # hand the freed GPU memory back to the device
-            torch.cuda.empty_cache()
+        release_cached_memory()
 
     def _log_worker_error(self, text: str) -> None:
         # after Ctrl-C, publishing fails by design: nothing to report

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import gc
+import sys
 import threading
 import time
 import traceback
@@ -98,7 +100,8 @@ class CameraInputs:
         self.frames_unused = 0  # frames replaced by a newer one before any query used them
         self.standing: tuple[str, str, float] = ("", "describe", 0.0)  # query, mode, max_rate_hz
         self.standing_version = 0  # frame version of the last standing run
-        self.standing_next = 0.0  # monotonic time before which no standing run starts
+        # the worker's clock at the last standing run; None: none since the query was set
+        self.standing_last: float | None = None
 
     def put_frame(self, msg) -> None:
         if not self.frame_used:
@@ -108,7 +111,7 @@ class CameraInputs:
 
     def set_standing(self, query: str, mode: str, max_rate_hz: float) -> None:
         self.standing = (query, mode, max_rate_hz)
-        self.standing_next = 0.0
+        self.standing_last = None
 
     def _standing_pending(self) -> bool:
         return bool(self.standing[0]) and self.frame_version > self.standing_version
@@ -117,22 +120,33 @@ class CameraInputs:
         """Its next queued job, else its standing job when due (once per new frame)."""
         if self.queue:
             return self.queue.popleft()
-        query, mode, rate = self.standing
-        if self._standing_pending() and now >= self.standing_next:
+        query, mode, _ = self.standing
+        if self._standing_pending() and self._standing_wait(now) <= 0:
             self.standing_version = self.frame_version
-            self.standing_next = now + (1.0 / rate if rate > 0 else 0.0)
+            self.standing_last = now
             return Job(query, mode, "standing", self.reply, camera=self.name)
         return None
 
     def due_in(self, now: float) -> float | None:
         """Seconds until its standing job is due; None when nothing is pending."""
-        return self.standing_next - now if self._standing_pending() else None
+        return self._standing_wait(now) if self._standing_pending() else None
+
+    def _standing_wait(self, now: float) -> float:
+        """Seconds of the clock until max_rate_hz allows the next standing run. A clock that went
+        back (a replayed bag starting over) allows it at once."""
+        rate, last = self.standing[2], self.standing_last
+        if rate <= 0 or last is None or now < last:
+            return 0.0
+        return last + 1.0 / rate - now
 
 
 class Worker:
     """Owns the engine while serving: one thread; per camera the newest frame, a bounded queue
     and a standing query. cameras: camera name -> (its resolved image topic, the Reply of its
-    standing query); their order is the cameras' order."""
+    standing query); their order is the cameras' order. clock: seconds now, by which max_rate_hz
+    spaces the standing runs (the node's clock: simulated time under use_sim_time); while one is
+    pending the worker reads it again whenever a frame arrives and when the wait it computed (as
+    wall seconds) ends."""
 
     def __init__(
         self,
@@ -143,8 +157,10 @@ class Worker:
         max_image_pixels: int,
         max_new_tokens: int,
         log_error: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
     ):
         self._engine = engine
+        self._clock = clock
         self._queue_size = queue_size
         self._max_image_pixels = max_image_pixels
         self._max_new_tokens = max_new_tokens
@@ -217,7 +233,7 @@ class Worker:
         stopping."""
         with self._wake:
             while not self._stopping:
-                now = time.monotonic()
+                now = self._clock()
                 jobs = [job for camera in self.cameras.values() if (job := camera.take(now))]
                 if jobs:
                     return jobs
@@ -273,6 +289,18 @@ class Worker:
         except Exception as error:  # the model must never take the node down
             results = [error] * len(ready)
         engine_s = time.perf_counter() - start  # every job of the batch waited this long for it
+        out_of_memory = [result for result in results if is_out_of_memory(result)]
+        if out_of_memory:
+            for error in out_of_memory:
+                # its traceback holds the failed step's frames, and so their tensors
+                error.__traceback__ = None
+            # what the failed step held goes back to the device before the next step
+            release_cached_memory()
+            self._log_error(
+                f"out of memory in a model step of {len(ready)} queries "
+                f"({len(out_of_memory)} failed): {out_of_memory[0]}; cached memory freed, "
+                "the next step runs"
+            )
         for outcome, result in zip(ready, results, strict=True):
             outcome.engine_s = engine_s
             if isinstance(result, Grounding):
@@ -330,6 +358,8 @@ class Worker:
             outcome.error = f"cancelled: {self._stopping}" if self._stopping else "cancelled"
         elif isinstance(error, InputError):
             outcome.error = f"input refused by the engine: {error}"
+        elif is_out_of_memory(error):
+            outcome.error = f"out of memory: {type(error).__name__}: {error}"
         else:
             trace = "".join(traceback.format_exception(error))
             self._log_error(f"model error on query {job.query!r}:\n{trace}")
@@ -341,3 +371,18 @@ class Worker:
         # a failed reply must not stop the worker
         except Exception:
             self._log_error(f"finishing a job failed:\n{traceback.format_exc()}")
+
+
+def is_out_of_memory(result) -> bool:
+    """Whether a step's result is torch's out-of-memory error (CUDA's or another device's)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(result, torch.OutOfMemoryError)
+
+
+def release_cached_memory() -> None:
+    """Collect what has no reference left and hand the cached GPU memory back to the device
+    (torch is imported only where a model runs)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

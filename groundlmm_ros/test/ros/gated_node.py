@@ -14,6 +14,8 @@ the test can interrupt the node in the middle of configure. Every wait ends afte
 with an error, so a test that forgets the gate fails instead of hanging. With
 GATE_DIR/hang_at_exit, a model step held at the gate when the node stops its worker (the first
 step of its teardown) blocks in a C call that holds the GIL, as a deadlocked DDS teardown does.
+While GATE_DIR/out_of_memory exists, a model step that passes the gate takes it away and raises
+torch.OutOfMemoryError instead of running, as a step that outgrows the GPU's memory does.
 """
 
 import ctypes
@@ -22,6 +24,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from groundlmm_ros.engine.types import Cancelled
 from groundlmm_ros.models.presets import build_engine
@@ -51,7 +55,8 @@ class Gate:
         self._permits = itertools.count()
 
     def flag(self, name: str) -> Path:
-        """GATE_DIR/name: "hold_configure", "configuring", "hang_at_exit", "open"."""
+        """GATE_DIR/name: "hold_configure", "configuring", "hang_at_exit", "open",
+        "out_of_memory"."""
         return self.folder / name
 
     def open(self) -> None:
@@ -126,6 +131,12 @@ class GatedEngine:
             if self._gate.flag("hang_at_exit").exists():
                 hanging_teardown()
             return [cancelled] * len(requests)
+        out_of_memory = self._gate.flag("out_of_memory")
+        if out_of_memory.exists():
+            out_of_memory.unlink()
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB (raised by gated_node)"
+            )
         return self._engine.ground_batch(requests)
 
 

@@ -17,9 +17,9 @@ from node_harness import HERE, NAMESPACE, NodeProcess, connect, start, wait_for
 pytestmark = [pytest.mark.ros, pytest.mark.node, pytest.mark.timeout(180)]
 
 STANDING = "the standing mug"
+# node_harness (in argv[1]) imports images, from the folder above
 DRIVER = """
 import os, sys, time
-# node_harness (test/ros) and the helpers it imports (test/)
 sys.path[:0] = [sys.argv[1], os.path.dirname(sys.argv[1])]
 import rclpy
 from sensor_msgs.msg import Image
