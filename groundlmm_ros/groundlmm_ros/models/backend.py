@@ -234,7 +234,11 @@ class Backend:
 
     def warm_up(self, question: str, max_new_tokens: int, batch_sizes: list[int]) -> float:
         """Prepares the decoder's buckets for answers to `question` in batches of `batch_sizes`
-        rows (captures CUDA graphs, compiles), on a blank frame. -> the seconds it took."""
+        rows (captures CUDA graphs, compiles), on a blank frame. -> the seconds it took. An
+        eager decoder has nothing to prepare: its buffers cost nothing to build on first use,
+        and the model stays unrun until the first query."""
+        if not (self.decoder.graphs or self.decoder.compile):
+            return 0.0
         start = time.perf_counter()
         blank = np.zeros((*WARM_UP_FRAME, 3), dtype=np.uint8)
         with torch.inference_mode():
