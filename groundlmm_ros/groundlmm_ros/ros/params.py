@@ -140,7 +140,8 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     # Standing query (dynamic).
     "standing_query": (
         "",
-        "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time)",
+        "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time); "
+        "with `tracking` on, grounded once and then tracked",
     ),
     "standing_mode": ("describe", "mode of the standing query: `describe` or `refer`"),
     "max_rate_hz": (1.0, "most standing-query results per second (0: as fast as the model allows)"),
