@@ -189,7 +189,8 @@ class CameraInputs:
     def _tracking_pending(self, tracking: Tracking) -> bool:
         if tracking.standing and (not self.standing[0] or self.requery):
             return False
-        return tracking.tracks.tracking and self.frame is not tracking.last_frame
+        new_frame = self.frame is not None and self.frame is not tracking.last_frame
+        return new_frame and tracking.tracks.tracking
 
     def take_tracking(self, now: float) -> list[tuple[Tracking, object]]:
         """(tracking, frame) for each of its Trackings due to track its newest frame."""
