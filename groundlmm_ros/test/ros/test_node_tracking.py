@@ -1,15 +1,17 @@
 """Ground, then track, over real DDS: groundlmm_node (the shipped demo model, the colour tracker)
 in its own process. A standing refer query is grounded on one frame, then every later frame
 gets a tracked result on `grounding`, at most `tracking_rate_hz`, with the frame's header and
-the same track id; a re-grounding comes once `reground_period_s` of frame stamps has passed.
+the same track id and 3D centroids from the depth frame; a re-grounding comes once
+`reground_period_s` of frame stamps has passed.
 A Ground goal with `track` gets tracked feedback until it is cancelled, and ends canceled."""
 
 import time
 
+import numpy as np
 import pytest
 from action_msgs.msg import GoalStatus
 from node_harness import stamped_header
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CameraInfo, Image
 
 from groundlmm_msgs.action import Ground
 from groundlmm_ros.ros.conversion import numpy_to_image
@@ -21,6 +23,7 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.ros, pytest.mark.node]
 FPS = 20.0
 TRACKING_RATE_HZ = 8.0
 REGROUND_PERIOD_S = 1.0
+DEPTH_M = 1.5
 QUERY = "the purple circle"
 # The purple circle drifts right; the green square stays clear of it.
 SEQUENCE = Sequence(
@@ -43,6 +46,7 @@ def node():
             "tracking": "colour",
             "tracking_rate_hz": TRACKING_RATE_HZ,
             "reground_period_s": REGROUND_PERIOD_S,
+            "use_depth": True,
         }
     )
     yield process
@@ -54,12 +58,15 @@ def frame(t: int) -> Image:
 
 
 def stream(client, frames: range) -> dict:
-    """Publish the frames at FPS (stamps 1 / FPS apart); -> header stamp -> frame number."""
+    """Publish the frames at FPS (stamps 1 / FPS apart), each after its depth frame (a wall
+    DEPTH_M away); -> header stamp -> frame number."""
     stamps = {}
     start = time.monotonic()
     for t in frames:
         image = frame(t)
         stamps[(image.header.stamp.sec, image.header.stamp.nanosec)] = t
+        wall = np.full(SEQUENCE.size, DEPTH_M, np.float32)
+        client.depth_pub.publish(numpy_to_image(wall, "32FC1", image.header))
         client.image_pub.publish(image)
         time.sleep(max(0.0, start + (t - frames.start + 1) / FPS - time.monotonic()))
     return stamps
@@ -72,6 +79,10 @@ def stamp_key(stamp) -> tuple[int, int]:
 def test_standing_query_is_grounded_then_tracked_at_the_tracking_rate(node, client):
     results = client.set_parameters(standing_query=QUERY, standing_mode="refer", max_rate_hz=0.0)
     assert all(r.successful for r in results), [r.reason for r in results]
+    height, width = SEQUENCE.size
+    k = [100.0, 0.0, width / 2, 0.0, 100.0, height / 2, 0.0, 0.0, 1.0]
+    client.info_pub.publish(CameraInfo(header=frame(0).header, width=width, height=height, k=k))
+    assert client.wait_status("camera_infos_received", 1), "node did not count camera_info"
     before = len(client.results)
     start = time.monotonic()
     stamps = stream(client, range(0, 80))
@@ -100,6 +111,11 @@ def test_standing_query_is_grounded_then_tracked_at_the_tracking_rate(node, clie
         assert p.phrase == QUERY and 0 < p.score <= 1 and p.bbox.width > 0
         assert stamp_key(r.last_grounded) in {stamp_key(g.header.stamp) for g in grounded}
         assert stamps[stamp_key(r.header.stamp)] > stamps[stamp_key(r.last_grounded)]
+    # depth works on tracked masks as on grounded ones: centroids on the wall, and ~/points
+    depths = [r.phrases[0].centroid.z for r in tracked if np.isfinite(r.phrases[0].centroid.z)]
+    assert depths and all(z == pytest.approx(DEPTH_M) for z in depths)
+    clouds = {stamp_key(c.header.stamp) for c in client.clouds}
+    assert clouds & {stamp_key(r.header.stamp) for r in tracked}
     # re-grounded once the period passed on the frames' clock, not before
     grounded_at = [stamps[stamp_key(g.header.stamp)] / FPS for g in grounded]
     assert len(grounded) >= 2, grounded_at
