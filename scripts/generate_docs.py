@@ -1,7 +1,9 @@
 """Write every generated piece of documentation from its one home (`make docs`).
 
-- docs/models.md's preset table, from models/presets.py's PRESETS and LOADERS;
-- params.py's PRESET_NAMES (the `model` parameter's description lists them), from PRESETS;
+- docs/models.md's preset and tracker tables, from models/presets.py's PRESETS, LOADERS and
+  TRACKERS;
+- params.py's PRESET_NAMES and TRACKER_NAMES (the `model` and `tracker_model` parameters'
+  descriptions list them), from PRESETS and TRACKERS;
 - docs/node.md's parameter table and config/params.yaml, from ros/params.py's PARAMETERS.
 
 `--check` writes nothing and exits 1 naming the stale files (test_docs.py runs the same check).
@@ -33,16 +35,17 @@ def between(text: str, name: str, generated: str) -> str:
     return pattern.sub(lambda m: m.group(1) + generated + "\n" + m.group(2), text, count=1)
 
 
-def preset_names_source(names) -> str:
-    """The PRESET_NAMES assignment as ruff formats it."""
-    return "PRESET_NAMES = (\n" + "".join(f'    "{name}",\n' for name in names) + ")"
+def names_source(variable: str, names) -> str:
+    """A tuple of names assigned to `variable`, as ruff formats it."""
+    return f"{variable} = (\n" + "".join(f'    "{name}",\n' for name in names) + ")"
 
 
-def with_preset_names(source: str, names) -> str:
-    pattern = re.compile(r'PRESET_NAMES = \((\n    "[^"\n]*",)*\n\)')
+def with_names(source: str, variable: str, names) -> str:
+    """params.py's source with `variable = (...)` holding `names`."""
+    pattern = re.compile(rf'{variable} = \((\n    "[^"\n]*",)*\n\)')
     if not pattern.search(source):
-        raise ValueError("ros/params.py has no PRESET_NAMES = (...) to write")
-    return pattern.sub(lambda _: preset_names_source(names), source, count=1)
+        raise ValueError(f"ros/params.py has no {variable} = (...) to write")
+    return pattern.sub(lambda _: names_source(variable, names), source, count=1)
 
 
 def models_table() -> str:
@@ -87,6 +90,19 @@ def models_table() -> str:
         "| `model` | what it is | needs on disk | settings | answer tokens |\n|---|---|---|---|---|"
     )
     return "\n".join([header, *rows])
+
+
+def trackers_table() -> str:
+    """docs/models.md's tracker table: one row per TRACKERS preset."""
+    from groundlmm_ros.models.presets import TRACKERS
+
+    rows = [
+        f"| `{name}` | {preset.about} | "
+        + (f"`{preset.repo_id}` in the Hugging Face cache" if preset.repo_id else "nothing")
+        + " |"
+        for name, preset in TRACKERS.items()
+    ]
+    return "\n".join(["| `tracker_model` | what it is | needs on disk |", "|---|---|---|", *rows])
 
 
 def yaml_value(value) -> str:
@@ -135,14 +151,17 @@ def params_module(source: str) -> types.ModuleType:
 
 def generated_files() -> dict[Path, str]:
     """Every file holding generated text -> its content as it should be."""
-    from groundlmm_ros.models.presets import PRESETS
+    from groundlmm_ros.models.presets import PRESETS, TRACKERS
 
-    params_source = with_preset_names(PARAMS_PY.read_text(), PRESETS)
+    params_source = with_names(PARAMS_PY.read_text(), "PRESET_NAMES", PRESETS)
+    params_source = with_names(params_source, "TRACKER_NAMES", TRACKERS)
     params = params_module(params_source)
     return {
         PARAMS_PY: params_source,
         NODE_MD: between(NODE_MD.read_text(), "parameters", params.markdown_table()),
-        MODELS_MD: between(MODELS_MD.read_text(), "presets", models_table()),
+        MODELS_MD: between(
+            between(MODELS_MD.read_text(), "presets", models_table()), "trackers", trackers_table()
+        ),
         PARAMS_YAML: params_yaml(params),
     }
 

@@ -6,6 +6,11 @@ no executor thread. When its turn comes the worker calls `started`, which hands
 the goal to the executor (EXECUTING); its execute callback then holds one
 executor thread only while the model answers it. A goal that was never queued
 starts at once and ends ABORTED with the reason.
+
+A goal with `track` goes on after its grounding: the grounding and then each tracked frame
+come as feedback `tracked` (and on `grounding`) until the goal is cancelled; it then ends
+CANCELED with the last of them as its result (its execute callback holds its executor thread
+all that time).
 """
 
 from __future__ import annotations
@@ -56,11 +61,22 @@ class GoalRun:
     def cancel_requested(self) -> bool:
         return self.handle.is_cancel_requested
 
+    def tracked(self, outcome) -> None:
+        """A goal that tracks: its grounding, then each tracked frame, published on `grounding`
+        and as feedback."""
+        result = self._results.publish(outcome)
+        if outcome.grounding is not None:
+            self._result = result
+        if self._context.ok():
+            self.handle.publish_feedback(Ground.Feedback(tracked=result))
+
     def finished(self, outcome) -> None:
-        """Publish its GroundingResult, then let the execute callback end the goal with it (also
-        when publishing failed: the goal is never lost)."""
+        """Publish its GroundingResult (a tracking goal's last one went out already), then let
+        the execute callback end the goal with it (also when publishing failed: the goal is
+        never lost)."""
         try:
-            self._result = self._results.publish(outcome)
+            if outcome.tracks is None:
+                self._result = self._results.publish(outcome)
         finally:
             self._outcome = outcome
             self._finished.set()
@@ -80,7 +96,7 @@ class GoalRun:
         if outcome is None:
             self._end(self.handle.abort)
             return Ground.Result(success=False, message="the node is shutting down")
-        if self._result is not None and self._result.success:
+        if self._result is not None and self._result.success and not outcome.error:
             self._end(self.handle.succeed)
             return Ground.Result(result=self._result, success=True)
         self._end(
@@ -89,7 +105,7 @@ class GoalRun:
             else self.handle.abort
         )
         # the same failed GroundingResult that went out on `grounding` (empty if delivering it
-        # failed)
+        # failed); a tracking goal's last tracked result
         return Ground.Result(
             result=self._result or GroundingResult(),
             success=False,

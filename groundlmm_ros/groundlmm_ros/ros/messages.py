@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point
 from sensor_msgs.msg import Image, RegionOfInterest
@@ -16,6 +19,18 @@ from groundlmm_ros.ros.conversion import image_to_numpy, mask_to_image, mask_to_
 # mono8 of the source image's size; "cropped", mono8 of its bbox (the bbox gives the offset);
 # "png", the full mask as a PNG file: far fewer bytes over a robot's network and in a terminal.
 MASK_FORMATS = ("full", "cropped", "png")
+
+
+@dataclass
+class Tracks:
+    """What tracking adds to a result: each phrase's track id (0: untracked) and lost flag;
+    tracked: the phrases were tracked onto the frame, not grounded on it; last_grounded: the
+    stamp of the frame they were grounded on (None: the result's own)."""
+
+    ids: list[int]
+    lost: list[bool]
+    tracked: bool = False
+    last_grounded: Time | None = None
 
 
 def mask_message(
@@ -64,11 +79,16 @@ def grounding_result(
     inference_time: float,
     centroids: list[np.ndarray],
     mask_format: str = "full",
+    tracks: Tracks | None = None,
 ) -> GroundingResult:
     """A GroundingResult: header = the source image's; centroids are (3,) metres per phrase
-    (NaN: unknown); masks in `mask_format` (MASK_FORMATS)."""
+    (NaN: unknown); masks in `mask_format` (MASK_FORMATS); `tracks`: the phrases' track ids
+    and whether the result is tracked (None: a grounding without tracking)."""
+    tracks = tracks or Tracks([0] * len(grounding.phrases), [False] * len(grounding.phrases))
     phrases = []
-    for phrase, xyz in zip(grounding.phrases, centroids, strict=True):
+    for phrase, xyz, track_id, lost in zip(
+        grounding.phrases, centroids, tracks.ids, tracks.lost, strict=True
+    ):
         x, y, width, height = phrase.bbox
         phrases.append(
             GroundedPhrase(
@@ -83,6 +103,8 @@ def grounding_result(
                 ),
                 mask=mask_message(phrase.mask, phrase.bbox, header, mask_format),
                 centroid=Point(x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+                track_id=int(track_id),
+                lost=bool(lost),
             )
         )
     return GroundingResult(
@@ -94,14 +116,22 @@ def grounding_result(
         phrases=phrases,
         model=model,
         inference_time=float(inference_time),
+        source="tracked" if tracks.tracked else "grounded",
+        last_grounded=tracks.last_grounded or header.stamp,
     )
 
 
 def failed_result(
-    query: str, mode: str, reason: str, header: Header | None, model: str, inference_time: float
+    query: str,
+    mode: str,
+    reason: str,
+    header: Header | None,
+    model: str,
+    inference_time: float,
+    source: str = "grounded",
 ) -> GroundingResult:
-    """The GroundingResult of an accepted query that could not be grounded: success false,
-    message = why."""
+    """The GroundingResult of an accepted query that could not be grounded (or a frame that
+    could not be tracked: source "tracked"): success false, message = why."""
     return GroundingResult(
         header=header or Header(),
         success=False,
@@ -110,6 +140,7 @@ def failed_result(
         mode=mode,
         model=model,
         inference_time=float(inference_time),
+        source=source,
     )
 
 

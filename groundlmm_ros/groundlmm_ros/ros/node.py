@@ -50,7 +50,7 @@ from groundlmm_ros.ros.params import (
     read_parameters,
 )
 from groundlmm_ros.ros.results import ResultPublisher, log_query_problem
-from groundlmm_ros.ros.worker import Job, Worker, release_cached_memory
+from groundlmm_ros.ros.worker import Job, Tracking, Worker, release_cached_memory
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 # goal, result and cancel requests kept until taken
@@ -106,6 +106,8 @@ class GroundingNode(LifecycleNode):
         # While configured: the parameters read at configure, the engine, the action server, the
         # node's own outputs, the query subscriptions, per camera its depth frames and results.
         self._params = self._engine = self._action_server = self._status_timer = None
+        # with tracking on: makes one camera's (or goal's) TrackSet
+        self._new_tracks = None
         self._outputs: dict = {}
         self._queries: list = []
         self._depth: dict[str, depth.DepthBuffer] = {}
@@ -143,6 +145,15 @@ class GroundingNode(LifecycleNode):
                 f"configure failed: cannot build model {params.model!r}: "
                 f"{type(error).__name__}: {error}"
             )
+            return FAILURE
+        try:
+            self._new_tracks = self._tracks_factory(params)
+        except Exception as error:
+            self.get_logger().error(
+                f"configure failed: cannot build tracker {params.tracking!r} "
+                f"({params.tracker_model!r}): {type(error).__name__}: {error}"
+            )
+            self._engine = None
             return FAILURE
         self._params = params
         declare_camera_parameters(self, params.cameras)
@@ -189,6 +200,8 @@ class GroundingNode(LifecycleNode):
             max_new_tokens=params.max_new_tokens,
             log_error=self._log_worker_error,
             clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
+            new_tracks=self._new_tracks,
+            tracking_rate_hz=params.tracking_rate_hz,
         )
         # the standing queries as set now
         standing = {camera: self._standing_of(camera) for camera in params.cameras}
@@ -255,6 +268,7 @@ class GroundingNode(LifecycleNode):
             for publisher in results.publishers.values():
                 self.destroy_lifecycle_publisher(publisher)
         self._status_timer = self._action_server = self._params = self._engine = None
+        self._new_tracks = None
         self._outputs, self._queries, self._depth, self.results = {}, [], {}, {}
         release_cached_memory()
 
@@ -285,6 +299,30 @@ class GroundingNode(LifecycleNode):
         seconds = engine.warm_up(len(params.cameras))
         self.get_logger().info(f"warm-up (compile {params.compile}): {seconds:.1f} s")
         return engine
+
+    def _tracks_factory(self, params):
+        """With tracking on, what makes a fresh TrackSet (a SAM 2 model is loaded once here and
+        shared by every tracker); None with tracking off."""
+        if params.tracking == "off":
+            return None
+        from groundlmm_ros.engine.trackers import ColourTracker
+        from groundlmm_ros.engine.tracking import TrackSet
+
+        new_tracker = ColourTracker
+        if params.tracking == "sam2":
+            from groundlmm_ros.models.presets import build_sam2_video
+            from groundlmm_ros.models.sam2_tracker import Sam2Tracker
+
+            model, processor = build_sam2_video(params.tracker_model, params.device)
+
+            def new_tracker():
+                return Sam2Tracker(model, processor)
+
+        def new_tracks():
+            return TrackSet(new_tracker(), params.reground_period_s, params.track_min_score)
+
+        self.get_logger().info(f"tracking: {params.tracking}")
+        return new_tracks
 
     def _camera_results(self, camera: str, params) -> ResultPublisher:
         """The camera's CAMERA_OUTPUTS, as lifecycle publishers, behind its ResultPublisher."""
@@ -466,7 +504,12 @@ class GroundingNode(LifecycleNode):
             self._goal_runs[bytes(goal_handle.goal_id.uuid)] = run
         image = goal.image if goal.image.width and goal.image.height else None
         job = Job(goal.query, goal.mode or "describe", "action", run, camera=camera, image=image)
-        run.refused = self._submit(job)
+        if goal.track and self._new_tracks is None:
+            run.refused = "the goal asks to track, but tracking is off (parameter tracking)"
+            self._reject(job, run.refused)
+        else:
+            job.tracking = Tracking(self._new_tracks()) if goal.track else None
+            run.refused = self._submit(job)
         if run.refused:
             run.started()
 

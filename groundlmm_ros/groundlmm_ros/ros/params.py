@@ -40,6 +40,16 @@ PRESET_NAMES = (
     "internvl3-2b",
     "internvl3-8b",
 )
+# models/presets.py's TRACKERS by name, written here by scripts/generate_docs.py as PRESET_NAMES.
+TRACKER_NAMES = (
+    "sam2.1-tiny",
+    "sam2.1-small",
+    "sam2.1-base-plus",
+    "sam2.1-large",
+    "tiny-random",
+)
+# How a standing query's objects are followed between groundings: `off`, ground every frame.
+TRACKINGS = ("off", "colour", "sam2")
 RELIABILITIES = ("best_effort", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
 
@@ -130,10 +140,37 @@ PARAMETERS: dict[str, tuple[object, str]] = {
     # Standing query (dynamic).
     "standing_query": (
         "",
-        "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time)",
+        "when set, grounded on each new frame, at most `max_rate_hz` (settable at run time); "
+        "with `tracking` on, grounded once and then tracked",
     ),
     "standing_mode": ("describe", "mode of the standing query: `describe` or `refer`"),
     "max_rate_hz": (1.0, "most standing-query results per second (0: as fast as the model allows)"),
+    # Ground, then track (read at configure).
+    "tracking": (
+        "off",
+        "standing queries: `off` (ground each frame, at most `max_rate_hz`), or ground once and "
+        "track the grounded objects on every later frame with `sam2` (SAM 2's video model, "
+        "`tracker_model`) or `colour` (weight-free, for flat-coloured objects: the CPU demo)",
+    ),
+    "tracker_model": (
+        "sam2.1-tiny",
+        "with `tracking: sam2`: a preset ("
+        + ", ".join(f"`{name}`" for name in TRACKER_NAMES)
+        + "; docs/models.md) or a local Hugging Face SAM 2 video directory",
+    ),
+    "tracking_rate_hz": (
+        30.0,
+        "most tracked results per second per camera (0: one per frame, as fast as tracking goes)",
+    ),
+    "reground_period_s": (
+        2.0,
+        "a tracked standing query is grounded again this long (frame stamps) after its last "
+        "grounding started",
+    ),
+    "track_min_score": (
+        0.5,
+        "a tracked object scoring below this (or lost) asks for a grounding at once",
+    ),
     # Outputs (read at configure).
     "mask_format": (
         "full",
@@ -266,6 +303,7 @@ CHOICES = {
     "query_mode": MODES,
     "standing_mode": MODES,
     "mask_format": MASK_FORMATS,
+    "tracking": TRACKINGS,
 }
 POSITIVE = (
     "image_qos_depth",
@@ -278,8 +316,9 @@ POSITIVE = (
     "marker_lifetime_s",
     "status_period_s",
     "action_result_timeout_s",
+    "reground_period_s",
 )
-NOT_NEGATIVE = ("depth_stamp_tolerance_s", "max_rate_hz")
+NOT_NEGATIVE = ("depth_stamp_tolerance_s", "max_rate_hz", "tracking_rate_hz")
 
 
 def check_parameters(values: dict) -> str:
@@ -302,6 +341,8 @@ def _check_parameter(name: str, value) -> str:
         return f"={value!r}: must be >= 0"
     if name == "cameras":
         return _cameras_problem(list(value))
+    if name == "track_min_score" and not 0 <= value <= 1:
+        return f"={value!r}: must be in [0, 1]"
     if name == "engine_options":
         try:
             options = json.loads(value)

@@ -4,6 +4,7 @@ depth points; the 3D centroids come from the depth frame matching the image."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -65,10 +66,13 @@ class ResultPublisher:
     def finished(self, outcome: Outcome) -> None:
         self.publish(outcome)
 
+    def tracked(self, outcome: Outcome) -> None:
+        self.publish(outcome)
+
     def publish(self, outcome: Outcome) -> GroundingResult:
         """Publish the outcome's GroundingResult (success false + the reason when it failed) and,
         for a grounding, the outputs somebody subscribes to; returns the GroundingResult."""
-        job, params = outcome.job, self._params
+        job, params, tracks = outcome.job, self._params, outcome.tracks
         header = outcome.frame.header if outcome.frame is not None else None
         # accepted, then failed: still its one GroundingResult
         if outcome.grounding is None:
@@ -82,6 +86,7 @@ class ResultPublisher:
                 header,
                 params.model,
                 outcome.convert_s + outcome.engine_s,
+                "tracked" if tracks is not None and tracks.tracked else "grounded",
             )
             self.publishers["grounding"].publish(result)
             return result
@@ -95,16 +100,26 @@ class ResultPublisher:
         )
         inference_time = outcome.convert_s + outcome.engine_s + time.perf_counter() - start
         result = messages.grounding_result(
-            grounding, header, params.model, inference_time, centroids, params.mask_format
+            grounding, header, params.model, inference_time, centroids, params.mask_format, tracks
         )
+        ids = tracks.ids if tracks else [0] * len(centroids)
+        lost = tracks.lost if tracks else [False] * len(centroids)
+        # RViz labels each tracked object with its track id; a lost one has nothing to show
+        labels = [f"#{i} {p.text}" if i else p.text for p, i in zip(grounding.phrases, ids)]
+        shown = [i for i, gone in enumerate(lost) if not gone]
         outputs = self.publishers
         outputs["grounding"].publish(result)
         if outputs["overlay"].get_subscription_count() > 0:
-            canvas = visualization.overlay(np.ascontiguousarray(outcome.rgb), grounding)
+            visible = dataclasses.replace(grounding, phrases=[grounding.phrases[i] for i in shown])
+            canvas = visualization.overlay(
+                np.ascontiguousarray(outcome.rgb), visible, [labels[i] for i in shown]
+            )
             outputs["overlay"].publish(numpy_to_image(canvas, "rgb8", header))
         if outputs["markers"].get_subscription_count() > 0:
             outputs["markers"].publish(
-                visualization.markers(grounding, centroids, header, params.marker_lifetime_s)
+                visualization.markers(
+                    grounding, centroids, header, params.marker_lifetime_s, labels
+                )
             )
         if points and outputs["points"].get_subscription_count() > 0:
             outputs["points"].publish(depth.pointcloud(points, header))

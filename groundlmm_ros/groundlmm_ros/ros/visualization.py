@@ -32,9 +32,11 @@ PALETTE = np.array(
 )
 
 
-def overlay(rgb: np.ndarray, grounding: Grounding, lighten: float = 0.3) -> np.ndarray:
+def overlay(
+    rgb: np.ndarray, grounding: Grounding, labels: list[str] | None = None, lighten: float = 0.3
+) -> np.ndarray:
     """(H, W, 3) uint8 RGB: rgb with each phrase's mask lightened and outlined in its palette
-    colour, its point ringed and its text written.
+    colour, its point ringed and its label written (labels[i], default its text).
 
     The mask is lightened towards white, not tinted with its colour: mixing with white keeps
     every pixel's hue, so a blue object stays blue (a 50 % red tint turned it purple); the
@@ -59,27 +61,30 @@ def overlay(rgb: np.ndarray, grounding: Grounding, lighten: float = 0.3) -> np.n
         )
         colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
         cv2.drawContours(canvas, outline, -1, colour, 2)
-    for index, phrase in enumerate(grounding.phrases):
+    labels = labels or [phrase.text for phrase in grounding.phrases]
+    for index, (phrase, label) in enumerate(zip(grounding.phrases, labels, strict=True)):
         colour = tuple(int(c) for c in PALETTE[index % len(PALETTE)])
         cv2.circle(canvas, phrase.point, 6, (255, 255, 255), 2)
         cv2.circle(canvas, phrase.point, 3, colour, -1)
         origin = (phrase.point[0] + 8, max(phrase.point[1] - 8, 12))
-        cv2.putText(
-            canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA
-        )
-        cv2.putText(
-            canvas, phrase.text, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA
-        )
+        cv2.putText(canvas, label, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(canvas, label, origin, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
     return canvas
 
 
 def markers(
-    grounding: Grounding, centroids: list[np.ndarray], header: Header, lifetime_s: float
+    grounding: Grounding,
+    centroids: list[np.ndarray],
+    header: Header,
+    lifetime_s: float,
+    labels: list[str] | None = None,
 ) -> MarkerArray:
-    """A sphere and a text label at each phrase's 3D centroid (phrases without one are skipped)."""
+    """A sphere and a text label (labels[i], default the phrase's text) at each phrase's 3D
+    centroid (phrases without one are skipped)."""
+    labels = labels or [phrase.text for phrase in grounding.phrases]
     lifetime = Duration(sec=int(lifetime_s), nanosec=int((lifetime_s % 1) * 1e9))
     array = MarkerArray()
-    for index, (phrase, xyz) in enumerate(zip(grounding.phrases, centroids, strict=True)):
+    for index, (label, xyz) in enumerate(zip(labels, centroids, strict=True)):
         if not np.all(np.isfinite(xyz)):
             continue
         r, g, b = (PALETTE[index % len(PALETTE)] / 255.0).tolist()
@@ -105,7 +110,7 @@ def markers(
             Marker(
                 id=2 * index + 1,
                 type=Marker.TEXT_VIEW_FACING,
-                text=phrase.text,
+                text=label,
                 scale=Vector3(z=0.05),
                 color=ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0),
                 **common,

@@ -11,11 +11,19 @@ Fair by construction: each step takes at most one job from every camera that has
 queued query, else its standing query when due) and grounds them together in one
 `Engine.ground_batch`, so no camera waits for another camera's queue, and the model's
 batched stages (the image encoder, the teacher-forced pass) serve all of them at once.
+
+Ground, then track: a job with a `Tracking` (the standing query's when the node tracks, or a
+goal's that asked for it) seeds that Tracking's TrackSet with its grounding; from then on
+every new frame of its camera is tracked (at most `tracking_rate_hz`) on this same thread,
+before the next model step (so one thread owns the GPU), and goes to the Reply's `tracked`.
+A standing query is grounded again when its TrackSet says so; a goal's tracking ends when the
+goal is cancelled (its one `finished` then comes, with its last result).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import gc
 import sys
@@ -23,12 +31,16 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
-from groundlmm_ros.engine.types import Cancelled, Grounding, InputError, Request
+from groundlmm_ros.engine.types import Cancelled, GroundedPhrase, Grounding, InputError, Request
 from groundlmm_ros.ros.conversion import ImageConversionError, to_rgb8
+from groundlmm_ros.ros.messages import Tracks
+
+if TYPE_CHECKING:
+    from groundlmm_ros.engine.tracking import TrackedObject, TrackSet
 
 # Frames more elongated than this are refused before the model runs: the models resize by one side
 # (CLIP by the shortest, SAM by the longest), so a 7000x1 frame becomes a zero-row or a gigantic
@@ -53,6 +65,32 @@ class Reply(Protocol):
     def finished(self, outcome: Outcome) -> None:
         """The job's end, once: its grounding or the reason there is none."""
 
+    def tracked(self, outcome: Outcome) -> None:
+        """A job with a Tracking: its objects on a later frame (outcome.tracks.tracked), or, for
+        a goal, its grounding (the goal goes on tracking until cancelled)."""
+
+
+@dataclass
+class Tracking:
+    """One query's grounded objects, followed on its camera's frames: the standing query's
+    (`standing`: grounded again when its tracks say so) or a goal's (until cancelled)."""
+
+    tracks: TrackSet
+    standing: bool = False
+    # The job whose grounding seeded the tracks: its query, mode and Reply.
+    job: Job | None = None
+    # The grounding's answer and its phrases' spans by track id: a tracked result's.
+    answer: str = ""
+    spans: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # The header stamp of the frame grounded on (builtin_interfaces/Time).
+    grounded_stamp: object = None
+    # The frame message last grounded or tracked (a frame is tracked once).
+    last_frame: object = None
+    # monotonic time before which no frame is tracked (tracking_rate_hz)
+    next: float = 0.0
+    # its latest result, a goal's result when it is cancelled
+    last: Outcome | None = None
+
 
 @dataclass
 class Job:
@@ -66,6 +104,8 @@ class Job:
     # Image/CompressedImage to ground on; None = the newest frame
     image: object = None
     received: float = field(default_factory=time.monotonic)
+    # where its grounding goes on being tracked (None: a plain query)
+    tracking: Tracking | None = None
 
 
 @dataclass
@@ -79,16 +119,20 @@ class Outcome:
     # why grounding is None
     error: str = ""
     cancelled: bool = False
-    # seconds: message -> rgb array, and in engine.ground_batch
+    # seconds: message -> rgb array, and in engine.ground_batch (or tracking)
     convert_s: float = 0.0
     engine_s: float = 0.0
+    # the phrases' track ids and whether it is a tracked frame (None: no tracking)
+    tracks: Tracks | None = None
 
 
 class CameraInputs:
     """One camera's side of the worker (guarded by the worker's lock): the newest frame, the
     queries waiting for it, its standing query."""
 
-    def __init__(self, name: str, image_topic: str, reply: Reply):
+    def __init__(
+        self, name: str, image_topic: str, reply: Reply, tracks: TrackSet | None, rate: float
+    ):
         self.name = name
         # where its standing query's results go
         self.reply = reply
@@ -102,6 +146,11 @@ class CameraInputs:
         self.standing_version = 0  # frame version of the last standing run
         # the worker's clock at the last standing run; None: none since the query was set
         self.standing_last: float | None = None
+        # With tracking: the standing query's Tracking, then the goals' that track.
+        self.tracking_period = 1.0 / rate if rate > 0 else 0.0
+        self.trackings = [Tracking(tracks, standing=True)] if tracks is not None else []
+        # the standing query changed: ground it before tracking on
+        self.requery = False
 
     def put_frame(self, msg) -> None:
         if not self.frame_used:
@@ -112,24 +161,58 @@ class CameraInputs:
     def set_standing(self, query: str, mode: str, max_rate_hz: float) -> None:
         self.standing = (query, mode, max_rate_hz)
         self.standing_last = None
+        self.requery = True
 
     def _standing_pending(self) -> bool:
-        return bool(self.standing[0]) and self.frame_version > self.standing_version
+        """A new frame for the standing query; with tracking, also its grounding is due."""
+        if not self.standing[0] or self.frame_version <= self.standing_version:
+            return False
+        if not self.trackings or self.requery:
+            return True
+        return self.trackings[0].tracks.grounding_due(stamp_s(self.frame))
 
     def take(self, now: float) -> Job | None:
         """Its next queued job, else its standing job when due (once per new frame)."""
         if self.queue:
             return self.queue.popleft()
         query, mode, _ = self.standing
-        if self._standing_pending() and self._standing_wait(now) <= 0:
-            self.standing_version = self.frame_version
-            self.standing_last = now
+        if not self._standing_pending() or self._standing_wait(now) > 0:
+            return None
+        self.standing_version = self.frame_version
+        self.standing_last = now
+        if not self.trackings:
             return Job(query, mode, "standing", self.reply, camera=self.name)
-        return None
+        tracking = self.trackings[0]
+        tracking.tracks.grounding_started(stamp_s(self.frame))
+        self.requery = False
+        # grounded on this very frame: the one its tracks are seeded on
+        self.frame_used = True
+        return Job(query, mode, "standing", self.reply, self.name, self.frame, tracking=tracking)
+
+    def _tracking_pending(self, tracking: Tracking) -> bool:
+        if tracking.standing and (not self.standing[0] or self.requery):
+            return False
+        new_frame = self.frame is not None and self.frame is not tracking.last_frame
+        return new_frame and tracking.tracks.tracking
+
+    def take_tracking(self, now: float) -> list[tuple[Tracking, object]]:
+        """(tracking, frame) for each of its Trackings due to track its newest frame."""
+        due = [
+            (tracking, self.frame)
+            for tracking in self.trackings
+            if self._tracking_pending(tracking) and now >= tracking.next
+        ]
+        for tracking, frame in due:
+            tracking.last_frame, tracking.next = frame, now + self.tracking_period
+            self.frame_used = True
+        return due
 
     def due_in(self, now: float) -> float | None:
-        """Seconds until its standing job is due; None when nothing is pending."""
-        return self._standing_wait(now) if self._standing_pending() else None
+        """Seconds until its standing job or a tracking is due; None when nothing is pending."""
+        waits = [t.next - now for t in self.trackings if self._tracking_pending(t)]
+        if self._standing_pending():
+            waits.append(self._standing_wait(now))
+        return min(waits) if waits else None
 
     def _standing_wait(self, now: float) -> float:
         """Seconds of the clock until max_rate_hz allows the next standing run. A clock that went
@@ -138,6 +221,35 @@ class CameraInputs:
         if rate <= 0 or last is None or now < last:
             return 0.0
         return last + 1.0 / rate - now
+
+
+def stamp_s(frame) -> float:
+    """A frame's header stamp in seconds (tracking's clock: sim time works)."""
+    return frame.header.stamp.sec + frame.header.stamp.nanosec * 1e-9
+
+
+def tracked_grounding(tracking: Tracking, objects: list[TrackedObject], size) -> Grounding:
+    """The tracked objects as a Grounding of the tracking's query: each object a phrase (no heat
+    map; its point the mask's pixel nearest its mean), so results, overlay, markers and depth
+    take them as they take grounded phrases."""
+    # imported here: engine.engine brings torch, which the node loads only at configure
+    from groundlmm_ros.engine.engine import mask_bbox
+
+    phrases = []
+    for obj in objects:
+        rows, columns = np.nonzero(obj.mask)
+        point = (0, 0)
+        if rows.size:
+            nearest = np.argmin((rows - rows.mean()) ** 2 + (columns - columns.mean()) ** 2)
+            point = (int(columns[nearest]), int(rows[nearest]))
+        start, end = tracking.spans.get(obj.track_id, (0, 0))
+        phrases.append(
+            GroundedPhrase(
+                obj.label, start, end, [], None, point, obj.mask, obj.score, mask_bbox(obj.mask)
+            )
+        )
+    job = tracking.job
+    return Grounding(job.query, job.mode, tracking.answer, [], phrases, size)
 
 
 class Worker:
@@ -158,6 +270,8 @@ class Worker:
         max_new_tokens: int,
         log_error: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        new_tracks: Callable[[], TrackSet] | None = None,
+        tracking_rate_hz: float = 0.0,
     ):
         self._engine = engine
         self._clock = clock
@@ -166,8 +280,12 @@ class Worker:
         self._max_new_tokens = max_new_tokens
         self._log_error = log_error
         self._wake = threading.Condition()
+        self.new_tracks = new_tracks
         self.cameras = {
-            name: CameraInputs(name, topic, reply) for name, (topic, reply) in cameras.items()
+            name: CameraInputs(
+                name, topic, reply, new_tracks() if new_tracks else None, tracking_rate_hz
+            )
+            for name, (topic, reply) in cameras.items()
         }
         self._stopping = ""  # reason, once stop() was called
         self._thread = threading.Thread(target=self._loop, name="groundlmm-worker", daemon=True)
@@ -228,40 +346,133 @@ class Worker:
             self._wake.notify_all()
             return ""
 
-    def _next_jobs(self) -> list[Job] | None:
-        """One job from each camera that has one (see CameraInputs.take); waits; None once
-        stopping."""
+    def _next_work(self) -> tuple[list, list[Job], list[Outcome]] | None:
+        """What to do next, waiting until there is some: the (tracking, frame) pairs to track,
+        one job from each camera that has one (see CameraInputs.take), and the last outcomes
+        of the goals' trackings that were cancelled. None once stopping."""
         with self._wake:
             while not self._stopping:
                 now = self._clock()
+                ended = self._cancelled_trackings()
+                tracking = [
+                    t for camera in self.cameras.values() for t in camera.take_tracking(now)
+                ]
                 jobs = [job for camera in self.cameras.values() if (job := camera.take(now))]
-                if jobs:
-                    return jobs
+                if tracking or jobs or ended:
+                    return tracking, jobs, ended
                 waits = [camera.due_in(now) for camera in self.cameras.values()]
                 waits = [w for w in waits if w is not None]
+                # a tracking goal's cancel is noticed within a tenth of a second
+                if any(len(camera.trackings) > 1 for camera in self.cameras.values()):
+                    waits.append(0.1)
                 self._wake.wait(min(waits) if waits else None)
             return None
 
+    def _cancelled_trackings(self) -> list[Outcome]:
+        """Drop the goals' trackings whose goal was cancelled (or all of them, once stopping):
+        their last outcomes, to finish the goals with."""
+        ended = []
+        for camera in self.cameras.values():
+            for tracking in camera.trackings[1:]:
+                if self._stopping or tracking.job.reply.cancel_requested():
+                    camera.trackings.remove(tracking)
+                    last = tracking.last
+                    last.cancelled = not self._stopping
+                    last.error = (
+                        f"tracking ended: {self._stopping}" if self._stopping else "cancelled"
+                    )
+                    ended.append(last)
+        return ended
+
     def _loop(self) -> None:
-        while (jobs := self._next_jobs()) is not None:
-            try:
-                outcomes = self._serve(jobs)
-            # a bug in the path around the model costs these queries, not the worker
-            except Exception as error:
-                self._log_error(
-                    f"unexpected error on queries {[job.query for job in jobs]!r}:\n"
-                    f"{traceback.format_exc()}"
-                )
-                reason = f"internal error: {type(error).__name__}: {error}"
-                outcomes = [Outcome(job, error=reason) for job in jobs]
-            for outcome in outcomes:
+        while (work := self._next_work()) is not None:
+            tracking, jobs, ended = work
+            for outcome in ended:
                 self._finish_job(outcome)
+            for each, frame in tracking:
+                self._track(each, frame)
+            if jobs:
+                self._step(jobs)
         with self._wake:
+            ended = self._cancelled_trackings()
             queued = [job for camera in self.cameras.values() for job in camera.queue]
             for camera in self.cameras.values():
                 camera.queue.clear()
+        for outcome in ended:
+            self._finish_job(outcome)
         for job in queued:
             self._finish_job(Outcome(job, error=f"not run: {self._stopping}"))
+
+    def _step(self, jobs: list[Job]) -> None:
+        """One model step: ground the jobs in one batch, finish them (a goal that tracks
+        finishes when cancelled)."""
+        try:
+            outcomes = self._serve(jobs)
+        # a bug in the path around the model costs these queries, not the worker
+        except Exception as error:
+            self._log_error(
+                f"unexpected error on queries {[job.query for job in jobs]!r}:\n"
+                f"{traceback.format_exc()}"
+            )
+            reason = f"internal error: {type(error).__name__}: {error}"
+            outcomes = [Outcome(job, error=reason) for job in jobs]
+        for outcome in outcomes:
+            if outcome.job.tracking is not None and self._seed(outcome):
+                outcome.job.reply.tracked(outcome)
+            else:
+                self._finish_job(outcome)
+
+    def _seed(self, outcome: Outcome) -> bool:
+        """Seed the job's Tracking with its grounding (outcome.tracks: the phrases' track ids);
+        True when the job is a goal that now goes on tracking."""
+        job, tracking = outcome.job, outcome.job.tracking
+        if outcome.grounding is None:
+            tracking.tracks.grounding_failed()
+            return False
+        phrases = outcome.grounding.phrases
+        try:
+            masks, labels = [p.mask for p in phrases], [p.text for p in phrases]
+            ids = tracking.tracks.grounded(stamp_s(outcome.frame), outcome.rgb, masks, labels)
+        except Exception:
+            self._log_error(f"seeding the tracker failed:\n{traceback.format_exc()}")
+            tracking.tracks.grounding_failed()
+            return False
+        outcome.tracks = Tracks(ids, [False] * len(ids))
+        tracking.job, tracking.answer = job, outcome.grounding.answer
+        tracking.spans = {i: (p.char_start, p.char_end) for i, p in zip(ids, phrases) if i}
+        tracking.grounded_stamp = outcome.frame.header.stamp
+        tracking.last_frame, tracking.last = outcome.frame, outcome
+        if tracking.standing:
+            return False
+        with self._wake:
+            self.cameras[job.camera].trackings.append(tracking)
+        return True
+
+    def _track(self, tracking: Tracking, frame) -> None:
+        """Track the frame, hand the result (or why there is none) to the Reply's tracked."""
+        job = dataclasses.replace(tracking.job, received=time.monotonic())
+        outcome = Outcome(job, frame=frame, tracks=Tracks([], [], True, tracking.grounded_stamp))
+        start = time.perf_counter()
+        try:
+            outcome.rgb = self._convert(frame)
+            outcome.convert_s = time.perf_counter() - start
+            objects = tracking.tracks.track(stamp_s(frame), outcome.rgb)
+            outcome.grounding = tracked_grounding(tracking, objects, outcome.rgb.shape[:2])
+            outcome.tracks.ids = [obj.track_id for obj in objects]
+            outcome.tracks.lost = [obj.lost for obj in objects]
+        except ImageConversionError as error:
+            outcome.error = f"bad image: {error}"
+        # a tracker's failure costs this frame, not the worker
+        except Exception as error:
+            self._log_error(f"tracking failed:\n{traceback.format_exc()}")
+            outcome.error = f"tracking failed: {type(error).__name__}: {error}"
+        outcome.engine_s = time.perf_counter() - start - outcome.convert_s
+        if outcome.grounding is not None:
+            tracking.last = outcome
+        try:
+            job.reply.tracked(outcome)
+        except Exception:
+            self._log_error(f"publishing a tracked result failed:\n{traceback.format_exc()}")
 
     def _should_stop(self, job: Job) -> bool:
         return bool(self._stopping) or job.reply.cancel_requested()
@@ -325,30 +536,34 @@ class Worker:
             return outcome
         start = time.perf_counter()
         try:
-            pixels = frame.height * frame.width if hasattr(frame, "height") else 0
-            if pixels > self._max_image_pixels:
-                raise ImageConversionError(
-                    f"image of {frame.width}x{frame.height} = {pixels} pixels exceeds "
-                    f"max_image_pixels={self._max_image_pixels}"
-                )
-            rgb = to_rgb8(frame)
-            if rgb.shape[0] * rgb.shape[1] > self._max_image_pixels:
-                raise ImageConversionError(
-                    f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels exceeds "
-                    f"max_image_pixels={self._max_image_pixels}"
-                )
-            height, width = rgb.shape[:2]
-            if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
-                raise ImageConversionError(
-                    f"image of {width}x{height} pixels is more elongated than "
-                    f"{MAX_ASPECT_RATIO}:1, which the models cannot resize"
-                )
+            outcome.rgb = self._convert(frame)
         except ImageConversionError as error:
             outcome.error = f"bad image: {error}"
             return outcome
-        outcome.rgb = rgb
         outcome.convert_s = time.perf_counter() - start
         return outcome
+
+    def _convert(self, frame) -> np.ndarray:
+        """The frame as (H, W, 3) uint8 RGB; ImageConversionError when it cannot be grounded."""
+        pixels = frame.height * frame.width if hasattr(frame, "height") else 0
+        if pixels > self._max_image_pixels:
+            raise ImageConversionError(
+                f"image of {frame.width}x{frame.height} = {pixels} pixels exceeds "
+                f"max_image_pixels={self._max_image_pixels}"
+            )
+        rgb = to_rgb8(frame)
+        if rgb.shape[0] * rgb.shape[1] > self._max_image_pixels:
+            raise ImageConversionError(
+                f"image of {rgb.shape[1]}x{rgb.shape[0]} pixels exceeds "
+                f"max_image_pixels={self._max_image_pixels}"
+            )
+        height, width = rgb.shape[:2]
+        if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
+            raise ImageConversionError(
+                f"image of {width}x{height} pixels is more elongated than "
+                f"{MAX_ASPECT_RATIO}:1, which the models cannot resize"
+            )
+        return rgb
 
     def _failed(self, outcome: Outcome, error: Exception) -> None:
         """Why the engine gave this job no grounding, as its outcome says it."""

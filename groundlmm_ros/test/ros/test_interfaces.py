@@ -42,6 +42,8 @@ def grounded_phrase(x, y):
         bbox=RegionOfInterest(x_offset=x, y_offset=y, width=12, height=10, do_rectify=True),
         mask=mask_to_image(mask, HEADER),
         centroid=Point(x=0.25, y=-0.5, z=1.125),
+        track_id=7,
+        lost=True,
     )
 
 
@@ -56,6 +58,8 @@ def grounding_result():
         phrases=[grounded_phrase(3, 4), grounded_phrase(30, 20)],
         model="difflmm-tiny-demo",
         inference_time=0.25,
+        source="tracked",
+        last_grounded=Time(sec=1732599999, nanosec=987654321),
     )
 
 
@@ -65,7 +69,9 @@ def camera_image():
 
 
 def goal():
-    return Ground.Goal(query="the red mug", mode="refer", image=camera_image(), camera="wrist")
+    return Ground.Goal(
+        query="the red mug", mode="refer", image=camera_image(), camera="wrist", track=True
+    )
 
 
 def result():
@@ -73,7 +79,7 @@ def result():
 
 
 def feedback():
-    return Ground.Feedback(partial_answer="The red mug", tokens=3)
+    return Ground.Feedback(partial_answer="The red mug", tokens=3, tracked=grounding_result())
 
 
 MESSAGES = {

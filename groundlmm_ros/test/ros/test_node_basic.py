@@ -100,6 +100,13 @@ def test_action_cancel_stops_generation(client):
     assert status == GoalStatus.STATUS_SUCCEEDED
 
 
+def test_a_goal_asking_to_track_is_refused_with_tracking_off(client):
+    keys = client.send_goals([Ground.Goal(query="the cup", mode="refer", track=True)])
+    (record,) = client.wait_goals(keys, lambda r: r[0]["status"] is not None, 20.0)
+    assert record["status"] == GoalStatus.STATUS_ABORTED
+    assert "tracking is off (parameter tracking)" in record["result"].message
+
+
 def test_standing_query_repeats_within_max_rate(client):
     # set one by one, in this order (the query last, so it never runs in another mode)
     assert all(

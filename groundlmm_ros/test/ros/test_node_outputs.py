@@ -133,3 +133,29 @@ def test_markers_only_for_phrases_with_a_centroid():
         array.markers[0].pose.position.z, 0.9
     )
     assert (array.markers[0].lifetime.sec, array.markers[0].lifetime.nanosec) == (1, 500_000_000)
+
+
+def test_tracked_results_carry_track_ids_and_the_labels_name_them():
+    header = Header(frame_id="cam")
+    header.stamp.sec = 12
+    grounded_on = Header().stamp
+    grounded_on.sec = 10
+    tracks = messages.Tracks([3, 4], [False, True], tracked=True, last_grounded=grounded_on)
+    centroids = [np.full(3, np.nan)] * 2
+    result = messages.grounding_result(grounding(), header, "demo", 0.01, centroids, tracks=tracks)
+    assert result.source == "tracked" and result.last_grounded.sec == 10
+    assert [(p.track_id, p.lost) for p in result.phrases] == [(3, False), (4, True)]
+    plain = messages.grounding_result(grounding(), header, "demo", 0.01, centroids)
+    assert plain.source == "grounded" and plain.last_grounded == header.stamp
+    assert [(p.track_id, p.lost) for p in plain.phrases] == [(0, False), (0, False)]
+    array = visualization.markers(
+        grounding(),
+        [np.array([0.1, 0.2, 0.9]), np.full(3, np.nan)],
+        header,
+        1.0,
+        ["#3 a red mug", "#4 the table"],
+    )
+    assert array.markers[1].text == "#3 a red mug"
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    labelled = visualization.overlay(rgb, grounding(), ["#3 a red mug", "#4 the table"])
+    assert not np.array_equal(labelled, visualization.overlay(rgb, grounding()))
