@@ -105,22 +105,24 @@ def map_figures(preset: str, images: list[np.ndarray]) -> dict[str, float]:
     ids = backend.encode_text(EXPRESSION)
     largest, scale, moved = 0.0, 0.0, 0
     for image in images:
-        padded = pad_to_square(image, backend.preprocessing.pad_color)
-        side = backend.image_size
-        mean = torch.tensor(backend.preprocessing.mean)
-        std = torch.tensor(backend.preprocessing.std)
+        padded = pad_to_square(image, backend.prompts.preprocessing.pad_color)
+        side = backend.prompts.image_size
+        mean = torch.tensor(backend.prompts.preprocessing.mean)
+        std = torch.tensor(backend.prompts.preprocessing.std)
         candidate = ((torch_resize(padded, side) / 255 - mean) / std).permute(2, 0, 1)[None]
         maps = []
-        for pixels in (backend.preprocess(image), candidate.to(backend.device)):
+        for pixels in (backend.prompts.preprocess(image), candidate.to(backend.prompts.device)):
             torch.manual_seed(0)
-            visual = backend.encode_image(pixels)[0]
+            visual = backend.prompts.encoder.encode_image(pixels)[0]
             maps.append(backend.teacher_force(visual, engine.refer_question, ids).float())
         largest = max(largest, float((maps[0] - maps[1]).abs().max()))
         scale = max(scale, float(maps[0].abs().max()))
         points = [
             heatmap.argmax_point(
                 heatmap.upsample(
-                    engine.token_maps(m, backend.grid)[-1:], image.shape[:2], engine.upsample
+                    engine.token_maps(m, backend.prompts.grid)[-1:],
+                    image.shape[:2],
+                    engine.upsample,
                 )[0]
             )
             for m in maps

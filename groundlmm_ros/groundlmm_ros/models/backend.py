@@ -1,22 +1,23 @@
-"""The engine's Backend (engine/backend.py) for the models here, and the LLaVA v1 family.
+"""The engine's Backend (engine/backend.py) for the models here, and the LLaVA v1 family's
+prompts.
 
-A backend turns an image into visual tokens and a question into a prompt: one row of
-embeddings, positions and image columns (models/decoder.py: Prompt). Every backend answers
-with the same decoder (models/decoder.py), which runs its transformers causal LM on
-`inputs_embeds` with the attention recorder on: greedy generation (describe) or one
-teacher-forced prefill (refer), for one prompt or a batch of them.
+A backend is built from parts: a prompt builder (PromptBuilder) turns an image into visual
+tokens and a question into a prompt, one row of embeddings, positions and image columns
+(models/decoder.py: Prompt); the LM (a transformers causal LM on `inputs_embeds`, its text
+attention on the recorder) and its tokenizer; and the one decoder (models/decoder.py), greedy
+generation (describe) or one teacher-forced prefill (refer), for one prompt or a batch.
 
-Backend holds what every model shares (the LM, its tokenizer, the decoder); a model family
-supplies its images and prompts: LlavaStyleBackend here (LLaVA-1.5, DiffLMM: pad to square,
-the LLaVA v1 template, visual tokens in place of "<image>"; a new model supplies only
-`encode_image`), ChatTemplateBackend (models/chat_backend.py) for models with a processor
-and chat template.
+The prompt builders: LlavaPrompts here (LLaVA-1.5, DiffLMM: pad to square, the LLaVA v1
+template, visual tokens in place of "<image>", from any VisionEncoder), ChatTemplatePrompts
+(models/chat_backend.py) for models with a processor and chat template, given the family's
+image layout.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -115,57 +116,66 @@ def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
 WARM_UP_FRAME = (480, 640)
 
 
+class PromptBuilder(Protocol):
+    """A model family's images and prompts, what a Backend is built around."""
+
+    pads_to_square: bool  # preprocessing pads to a square (heat maps undo it)
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Any]:
+        """(H, W, 3) uint8 RGB images -> per image its visual tokens (the family's own object)."""
+
+    def grid_of(self, visual_tokens: Any) -> tuple[int, int]:
+        """(rows, columns) of this image's maps."""
+
+    def prompt(self, visual_tokens: Any, question: str, answer_ids: list[int] = ()) -> Prompt:
+        """One row: the prompt's embeddings (answer ids appended), positions, image columns."""
+
+
 class Backend:
-    """What every model shares behind the engine's Backend protocol: the LM (its text
-    attention switched to the recording SDPA), the tokenizer, the end tokens, and the decoder.
-    A model family supplies `encode_batch`, `grid_of` and `prompt`.
+    """The engine's Backend protocol, composed: a prompt builder, the LM (its text attention
+    switched to the recording SDPA), the tokenizer, the end tokens and the one decoder.
 
     text_attention: what set_attn_implementation gets (the whole LM, or {"text_config": ...}
     for multimodal wrappers whose vision tower keeps its own attention). compile: the
     decoder's per-token step under torch.compile."""
 
-    pads_to_square = True
-
-    def __init__(self, lm, tokenizer, *, end_ids: set[int], text_attention, compile: bool = False):
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        prompts: PromptBuilder,
+        *,
+        end_ids: set[int],
+        text_attention=RECORDING_ATTENTION,
+        compile: bool = False,
+    ):
         self.lm = lm.eval()
         self.tokenizer = tokenizer
+        self.prompts = prompts
         self.end_ids = set(end_ids)
         self.lm.set_attn_implementation(text_attention)
         self.decoder = Decoder(self.lm, compile=compile)
 
     @property
-    def device(self) -> torch.device:
-        return self.lm.get_input_embeddings().weight.device
+    def pads_to_square(self) -> bool:
+        return self.prompts.pads_to_square
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm.get_input_embeddings().weight.dtype
-
-    # -- family-specific ---------------------------------------------------------------------
+    # -- images and text ---------------------------------------------------------------------
 
     def encode_batch(self, images: list[np.ndarray]) -> list:
-        raise NotImplementedError
-
-    def grid_of(self, visual_tokens) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def prompt(self, visual_tokens, question: str, answer_ids=()) -> Prompt:
-        raise NotImplementedError
-
-    # -- text --------------------------------------------------------------------------------
+        return self.prompts.encode_batch(images)
 
     def encode(self, image: np.ndarray):
         return self.encode_batch([image])[0]
+
+    def grid_of(self, visual_tokens) -> tuple[int, int]:
+        return self.prompts.grid_of(visual_tokens)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def embed(self, ids: list[int]) -> torch.Tensor:
-        """(len(ids), hidden) input embeddings."""
-        return self.lm.get_input_embeddings()(torch.tensor(ids, device=self.device))
 
     # -- answers -----------------------------------------------------------------------------
 
@@ -183,7 +193,7 @@ class Backend:
         built, rows = {}, {}
         for i, (visual, question) in enumerate(prompts):
             try:
-                built[i] = self.prompt(visual, question)
+                built[i] = self.prompts.prompt(visual, question)
             except Exception as error:  # this row's result
                 results[i] = error
             else:
@@ -225,7 +235,8 @@ class Backend:
         if not answers or not all(answers):
             raise ValueError("teacher forcing needs at least one answer token per answer")
         prompts = [
-            self.prompt(visual, question, ids[:-1]) for (visual, _), ids in zip(sequences, answers)
+            self.prompts.prompt(visual, question, ids[:-1])
+            for (visual, _), ids in zip(sequences, answers)
         ]
         return self.decoder.teacher_force(prompts, [len(ids) for ids in answers])
 
@@ -238,53 +249,56 @@ class Backend:
         start = time.perf_counter()
         blank = np.zeros((*WARM_UP_FRAME, 3), dtype=np.uint8)
         with torch.inference_mode():
-            prompt = self.prompt(self.encode(blank), question)
+            prompt = self.prompts.prompt(self.encode(blank), question)
         self.decoder.warm_up(prompt, batch_sizes, max_new_tokens)
         return time.perf_counter() - start
 
 
-class LlavaStyleBackend(Backend):
-    """LLaVA-style models: square-padded pixels, visual tokens on a fixed grid in place of
-    "<image>" in the LLaVA v1 template.
+class VisionEncoder(Protocol):
+    """What turns a LLaVA-style model's square pixels into visual tokens."""
 
-    lm: a transformers causal LM taking `inputs_embeds` (LlavaForConditionalGeneration,
-    LlamaForCausalLM, ...). Subclasses implement `encode_image`."""
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N_image, hidden)."""
+
+
+class LlavaPrompts:
+    """LLaVA-style prompts: square-padded pixels through `encoder`, visual tokens on a fixed
+    grid in place of "<image>" in the LLaVA v1 template `conversation`.
+
+    embeddings: the LM's input embeddings (nn.Embedding), which embed the template's text."""
+
+    pads_to_square = True
 
     def __init__(
         self,
-        lm,
+        encoder: VisionEncoder,
         tokenizer,
+        embeddings,
         *,
         grid: tuple[int, int],
         image_size: int,
         preprocessing: Preprocessing = CLIP_PREPROCESSING,
         conversation: str = "",
-        text_attention=RECORDING_ATTENTION,
-        compile: bool = False,
     ):
         conversation = conversation or PAPER_CONVERSATION
         llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
-        super().__init__(
-            lm,
-            tokenizer,
-            end_ids={tokenizer.eos_token_id},
-            text_attention=text_attention,
-            compile=compile,
-        )
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.embeddings = embeddings
         self.grid = grid
         self.image_size = image_size
         self.preprocessing = preprocessing
         self.conversation = conversation
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.weight.device
 
     # -- image -> visual tokens ------------------------------------------------
 
     def preprocess(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 -> (1, 3, image_size, image_size) on the model's device."""
         return self.preprocessing.pixel_values(image, self.image_size).to(self.device)
-
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N_image, hidden). The model-specific part."""
-        raise NotImplementedError
 
     def grid_of(self, visual_tokens) -> tuple[int, int]:
         """Every image gets the same square grid here."""
@@ -293,7 +307,8 @@ class LlavaStyleBackend(Backend):
     @torch.inference_mode()
     def encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         """Every image the same size after preprocessing: one encode_image call for all."""
-        tokens = self.encode_image(torch.cat([self.preprocess(image) for image in images]))
+        pixels = torch.cat([self.preprocess(image) for image in images])
+        tokens = self.encoder.encode_image(pixels)
         expected = (len(images), self.grid[0] * self.grid[1])
         if tuple(tokens.shape[:2]) != expected:
             raise ValueError(
@@ -323,11 +338,12 @@ class LlavaStyleBackend(Backend):
         self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int] = ()
     ) -> Prompt:
         ids_before, ids_after = self.prompt_ids(question)
+        weight = self.embeddings.weight
         embeds = torch.cat(
             [
-                self.embed(ids_before),
-                visual_tokens.to(self.device, self.dtype),
-                self.embed(ids_after + list(answer_ids)),
+                self.embeddings(torch.tensor(ids_before, device=weight.device)),
+                visual_tokens.to(weight.device, weight.dtype),
+                self.embeddings(torch.tensor(ids_after + list(answer_ids), device=weight.device)),
             ]
         )
         length = embeds.shape[0]
