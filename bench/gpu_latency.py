@@ -65,7 +65,6 @@ from segment_anything import sam_model_registry  # noqa: E402
 from groundlmm_ros.engine import heatmap  # noqa: E402
 from groundlmm_ros.engine.refiners import SamRefiner  # noqa: E402
 from groundlmm_ros.models import tiny  # noqa: E402
-from groundlmm_ros.models.decoder import Decoder  # noqa: E402
 from groundlmm_ros.models.difflmm import build_difflmm, difflmm_7b_config, difflmm_backend  # noqa: E402
 
 QUESTION = "Describe the image in detail."
@@ -118,11 +117,10 @@ def build(args):
         unet.mid_block = torch.compile(unet.mid_block)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     backends = {
-        "eager": difflmm_backend(model, tokenizer),
+        # The eager path: the same decoder without a graph or compiled step.
+        "eager": difflmm_backend(model, tokenizer, graphs=False),
         "fast": difflmm_backend(model, tokenizer, compile=compile),
     }
-    # The eager path: the same decoder without a graph or compiled step.
-    backends["eager"].decoder = Decoder(backends["eager"].lm, graphs=False)
     for backend in backends.values():
         backend.end_ids = set()  # fixed-length answers: random weights would stop anywhere
     refiners = {"eager": SamRefiner(sam, encoder_dtype=torch.float32), "fast": SamRefiner(sam)}

@@ -136,8 +136,8 @@ class Backend:
     switched to the recording SDPA), the tokenizer, the end tokens and the one decoder.
 
     text_attention: what set_attn_implementation gets (the whole LM, or {"text_config": ...}
-    for multimodal wrappers whose vision tower keeps its own attention). compile: the
-    decoder's per-token step under torch.compile."""
+    for multimodal wrappers whose vision tower keeps its own attention). compile, graphs: the
+    decoder's (models/decoder.py: its per-token step under torch.compile, CUDA graphs)."""
 
     def __init__(
         self,
@@ -148,13 +148,14 @@ class Backend:
         end_ids: set[int],
         text_attention=RECORDING_ATTENTION,
         compile: bool = False,
+        graphs: bool | None = None,
     ):
         self.lm = lm.eval()
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.end_ids = set(end_ids)
         self.lm.set_attn_implementation(text_attention)
-        self.decoder = Decoder(self.lm, compile=compile)
+        self.decoder = Decoder(self.lm, compile=compile, graphs=graphs)
 
     @property
     def pads_to_square(self) -> bool:

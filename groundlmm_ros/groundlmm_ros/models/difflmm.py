@@ -455,11 +455,16 @@ def build_difflmm(
 
 
 def difflmm_backend(
-    model: DiffLMM, tokenizer, *, conversation: str = "", compile: bool = False
+    model: DiffLMM,
+    tokenizer,
+    *,
+    conversation: str = "",
+    compile: bool = False,
+    graphs: bool | None = None,
 ) -> Backend:
     """DiffLMM behind the engine's backend protocol: LLaVA-style prompts (the template,
     pad-to-square preprocessing as the checkpoint's config records it) around the model's own
-    encode_image, its language model answering."""
+    encode_image, its language model answering. compile, graphs: Backend's."""
     model.eval()
     if model.device.type == "cuda":  # cuDNN's half-precision convolutions are fastest in NHWC
         model.vision_tower.to(memory_format=torch.channels_last)
@@ -474,4 +479,11 @@ def difflmm_backend(
         preprocessing=config.preprocessing,
         conversation=conversation,
     )
-    return Backend(lm, tokenizer, prompts, end_ids={tokenizer.eos_token_id}, compile=compile)
+    return Backend(
+        lm,
+        tokenizer,
+        prompts,
+        end_ids={tokenizer.eos_token_id},
+        compile=compile,
+        graphs=graphs,
+    )
