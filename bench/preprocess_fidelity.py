@@ -3,7 +3,7 @@
     python bench/preprocess_fidelity.py
 
 LLaVA-style checkpoints were trained on pixels that PIL resized (bicubic, after pad-to-square,
-to 8-bit values): models/backend.py to_pixel_values repeats that. The torch candidate is
+to 8-bit values): models/llava_prompts.py to_pixel_values repeats that. The torch candidate is
 F.interpolate(mode="bicubic", antialias=True, align_corners=False) on the padded frame as float,
 which runs on the GPU. For each image set and model input side it prints the largest
 difference from PIL's pixels in units of 1/255, for torch's float output and for it rounded to
@@ -32,7 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))
 
 from groundlmm_ros.engine import heatmap  # noqa: E402
-from groundlmm_ros.models.backend import CLIP_PREPROCESSING, pad_to_square, to_pixel_values  # noqa: E402
+from groundlmm_ros.models.llava_prompts import (  # noqa: E402
+    CLIP_PREPROCESSING,
+    pad_to_square,
+    to_pixel_values,
+)
 from groundlmm_ros.models.presets import build_engine  # noqa: E402
 from groundlmm_ros.world import make_scenes  # noqa: E402
 

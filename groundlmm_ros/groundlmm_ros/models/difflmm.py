@@ -28,11 +28,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from groundlmm_ros.models.backend import (
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.llava_prompts import (
     CLIP_MEAN,
     CLIP_PREPROCESSING,
     CLIP_STD,
-    Backend,
     LlavaPrompts,
     Preprocessing,
 )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from groundlmm_ros.models.backend import CLIP_PREPROCESSING, Backend, LlavaPrompts
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.llava_prompts import CLIP_PREPROCESSING, LlavaPrompts
 from groundlmm_ros.models.recorder import RECORDING_ATTENTION
 
 
 class LlavaVision:
-    """LlavaForConditionalGeneration's vision encoder (models/backend.py: VisionEncoder)."""
+    """LlavaForConditionalGeneration's vision encoder (models/llava_prompts.py: VisionEncoder)."""
 
     def __init__(self, model: LlavaForConditionalGeneration):
         self.model = model

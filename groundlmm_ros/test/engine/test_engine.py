@@ -269,7 +269,7 @@ def test_paper_settings_are_the_default_and_dtype_auto_follows_the_device():
     "height, width, top, left", [(20, 50, 15, 0), (50, 20, 0, 15), (21, 50, 14, 0)]
 )
 def test_pad_to_square_centres_the_image(height, width, top, left):
-    from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
+    from groundlmm_ros.models.llava_prompts import pad_to_square, to_pixel_values
 
     picture = np.full((height, width, 3), 200, np.uint8)
     square = pad_to_square(picture, (1, 2, 3))

@@ -9,8 +9,8 @@ import torch
 from test_engine_batch import count_lm_passes, images
 
 from groundlmm_ros.engine.types import Cancelled
-from groundlmm_ros.models.backend import LlavaPrompts
 from groundlmm_ros.models.decoder import batch_bucket
+from groundlmm_ros.models.llava_prompts import LlavaPrompts
 from groundlmm_ros.models.presets import build_engine
 
 # Different lengths, so the batch is really left-padded.
