@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from groundlmm_ros.models.llava import LlavaBackend
+from groundlmm_ros.models.llava import llava_backend
 from groundlmm_ros.models.tiny import tiny_tokenizer
 
 
@@ -69,13 +69,13 @@ def main():
     torch.set_num_threads(args.threads)
 
     tokenizer = tiny_tokenizer()
-    backend = LlavaBackend(medium_llava(32000), tokenizer)  # text model on the recording SDPA
+    backend = llava_backend(medium_llava(32000), tokenizer)  # text model on the recording SDPA
     eager = medium_llava(32000)
     eager.set_attn_implementation("eager")
     image = np.random.RandomState(0).randint(0, 256, (480, 640, 3), dtype=np.uint8)
     question = "Describe the image in detail."
     visual = backend.encode(image)
-    prompt = backend.prompt(visual, question)
+    prompt = backend.prompts.prompt(visual, question)
     settings = dict(
         inputs_embeds=prompt.embeds,
         max_new_tokens=args.new_tokens,

@@ -65,8 +65,7 @@ from segment_anything import sam_model_registry  # noqa: E402
 from groundlmm_ros.engine import heatmap  # noqa: E402
 from groundlmm_ros.engine.refiners import SamRefiner  # noqa: E402
 from groundlmm_ros.models import tiny  # noqa: E402
-from groundlmm_ros.models.decoder import Decoder  # noqa: E402
-from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm, difflmm_7b_config  # noqa: E402
+from groundlmm_ros.models.difflmm import build_difflmm, difflmm_7b_config, difflmm_backend  # noqa: E402
 
 QUESTION = "Describe the image in detail."
 EXPRESSION = "the red mug on the table"
@@ -118,11 +117,10 @@ def build(args):
         unet.mid_block = torch.compile(unet.mid_block)
     compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     backends = {
-        "eager": DiffLMMBackend(model, tokenizer),
-        "fast": DiffLMMBackend(model, tokenizer, compile=compile),
+        # The eager path: the same decoder without a graph or compiled step.
+        "eager": difflmm_backend(model, tokenizer, graphs=False),
+        "fast": difflmm_backend(model, tokenizer, compile=compile),
     }
-    # The eager path: the same decoder without a graph or compiled step.
-    backends["eager"].decoder = Decoder(backends["eager"].lm, graphs=False)
     for backend in backends.values():
         backend.end_ids = set()  # fixed-length answers: random weights would stop anywhere
     refiners = {"eager": SamRefiner(sam, encoder_dtype=torch.float32), "fast": SamRefiner(sam)}
@@ -141,7 +139,7 @@ class NoTimer(StageTimer):
 def heat_maps(backend, maps: torch.Tensor, phrases: list[list[int]], image_size):
     """Engine.ground's heat-map step on the maps' device: normalise, combine per phrase (the
     default), un-pad, argmax; then the heat maps to the CPU for SAM and the messages."""
-    grid = heatmap.normalise(maps.float().reshape(-1, *backend.grid))
+    grid = heatmap.normalise(maps.float().reshape(-1, *backend.prompts.grid))
     combined = torch.stack([heatmap.combine(grid, tokens) for tokens in phrases])
     heat = heatmap.upsample(combined, image_size, "pad")
     return list(heat.cpu().numpy()), [heatmap.argmax_point(h) for h in heat]
@@ -154,8 +152,8 @@ def run(backend, refiner, image, timer, mode, fast, new_tokens, n_phrases):
         with timer("sam_image"):
             refiner.set_images([image])
     with timer("preprocess"):
-        pixels = backend.preprocess(image)
-    visual = backend.model.encode_image(pixels, stage=timer)[0]
+        pixels = backend.prompts.preprocess(image)
+    visual = backend.prompts.encoder.encode_image(pixels, stage=timer)[0]
     if mode == "refer":
         answer_ids = backend.encode_text(EXPRESSION)
         with timer("prefill"):
@@ -420,9 +418,9 @@ def main(argv=None):
 
     by_batch = parity(backends, frames, args)
     backend = backends["fast"]
-    before, after = backend.prompt_ids(QUESTION)
+    before, after = backend.prompts.prompt_ids(QUESTION)
     summary.update(
-        prompt_tokens=len(before) + backend.grid[0] * backend.grid[1] + len(after),
+        prompt_tokens=len(before) + backend.prompts.grid[0] * backend.prompts.grid[1] + len(after),
         parity=by_batch,
         same_tokens=all(p["same_tokens"] for p in by_batch.values()),
         maps_max_abs_diff=max(p["maps_max_abs_diff"] for p in by_batch.values()),

@@ -3,7 +3,7 @@
     python bench/preprocess_fidelity.py
 
 LLaVA-style checkpoints were trained on pixels that PIL resized (bicubic, after pad-to-square,
-to 8-bit values): models/backend.py to_pixel_values repeats that. The torch candidate is
+to 8-bit values): models/llava_prompts.py to_pixel_values repeats that. The torch candidate is
 F.interpolate(mode="bicubic", antialias=True, align_corners=False) on the padded frame as float,
 which runs on the GPU. For each image set and model input side it prints the largest
 difference from PIL's pixels in units of 1/255, for torch's float output and for it rounded to
@@ -32,7 +32,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "groundlmm_ros"))
 
 from groundlmm_ros.engine import heatmap  # noqa: E402
-from groundlmm_ros.models.backend import CLIP_PREPROCESSING, pad_to_square, to_pixel_values  # noqa: E402
+from groundlmm_ros.models.llava_prompts import (  # noqa: E402
+    CLIP_PREPROCESSING,
+    pad_to_square,
+    to_pixel_values,
+)
 from groundlmm_ros.models.presets import build_engine  # noqa: E402
 from groundlmm_ros.world import make_scenes  # noqa: E402
 
@@ -105,22 +109,24 @@ def map_figures(preset: str, images: list[np.ndarray]) -> dict[str, float]:
     ids = backend.encode_text(EXPRESSION)
     largest, scale, moved = 0.0, 0.0, 0
     for image in images:
-        padded = pad_to_square(image, backend.preprocessing.pad_color)
-        side = backend.image_size
-        mean = torch.tensor(backend.preprocessing.mean)
-        std = torch.tensor(backend.preprocessing.std)
+        padded = pad_to_square(image, backend.prompts.preprocessing.pad_color)
+        side = backend.prompts.image_size
+        mean = torch.tensor(backend.prompts.preprocessing.mean)
+        std = torch.tensor(backend.prompts.preprocessing.std)
         candidate = ((torch_resize(padded, side) / 255 - mean) / std).permute(2, 0, 1)[None]
         maps = []
-        for pixels in (backend.preprocess(image), candidate.to(backend.device)):
+        for pixels in (backend.prompts.preprocess(image), candidate.to(backend.prompts.device)):
             torch.manual_seed(0)
-            visual = backend.encode_image(pixels)[0]
+            visual = backend.prompts.encoder.encode_image(pixels)[0]
             maps.append(backend.teacher_force(visual, engine.refer_question, ids).float())
         largest = max(largest, float((maps[0] - maps[1]).abs().max()))
         scale = max(scale, float(maps[0].abs().max()))
         points = [
             heatmap.argmax_point(
                 heatmap.upsample(
-                    engine.token_maps(m, backend.grid)[-1:], image.shape[:2], engine.upsample
+                    engine.token_maps(m, backend.prompts.grid)[-1:],
+                    image.shape[:2],
+                    engine.upsample,
                 )[0]
             )
             for m in maps

@@ -79,9 +79,9 @@ def probe_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def feature_figures(backend, count: int) -> dict:
-    model = backend.model
+    model = backend.prompts.encoder
     scenes = make_scenes(count, seed=PROBE_SEED, size=SCENE_SIZE)
-    pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
+    pixels = torch.cat([backend.prompts.preprocess(s.image) for s in scenes])
     unet, clip = tower_features(model, pixels)  # (n, C, G, G), (n, G*G, C_clip)
     with torch.no_grad():
         projected = model.mm_projector(unet, clip)  # (n, G*G, hidden)

@@ -1,171 +1,93 @@
-"""The engine's Backend (engine/backend.py) for the models here, and the LLaVA v1 family.
+"""The engine's Backend (engine/backend.py) for the models here, built from parts.
 
-A backend turns an image into visual tokens and a question into a prompt: one row of
-embeddings, positions and image columns (models/decoder.py: Prompt). Every backend answers
-with the same decoder (models/decoder.py), which runs its transformers causal LM on
-`inputs_embeds` with the attention recorder on: greedy generation (describe) or one
-teacher-forced prefill (refer), for one prompt or a batch of them.
+A prompt builder (PromptBuilder) turns an image into visual tokens and a question into a
+prompt, one row of embeddings, positions and image columns (models/decoder.py: Prompt); the
+LM (a transformers causal LM on `inputs_embeds`, its text attention on the recorder) and its
+tokenizer answer; the one decoder (models/decoder.py) runs greedy generation (describe) or
+one teacher-forced prefill (refer), for one prompt or a batch.
 
-Backend holds what every model shares (the LM, its tokenizer, the decoder); a model family
-supplies its images and prompts: LlavaStyleBackend here (LLaVA-1.5, DiffLMM: pad to square,
-the LLaVA v1 template, visual tokens in place of "<image>"; a new model supplies only
-`encode_image`), ChatTemplateBackend (models/chat_backend.py) for models with a processor
-and chat template.
+The prompt builders: LlavaPrompts (models/llava_prompts.py: LLaVA-1.5, DiffLMM) and
+ChatTemplatePrompts with its family's image layout (models/chat_backend.py: Qwen2.5-VL,
+LLaVA-NeXT, InternVL).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 
-from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.decoder import Decoder, Prompt, Row
 from groundlmm_ros.models.recorder import RECORDING_ATTENTION
-
-IMAGE_PLACEHOLDER = "<image>"
-# LLaVA's conversation templates for one user turn (llava/conversation.py in LLaVA and in the
-# reference code): roles "USER"/"ASSISTANT", separators " " and "</s>"; only the system line
-# differs.
-# Vicuna v1.5 and LLaVA-1.5 (and so DiffLMM) were TRAINED with vicuna_v1; the paper's GCG scripts
-# (the reference's aas/infer_attn.py, --conv-mode default "llava_v1") PROMPT with llava_v1.
-CONVERSATIONS = {
-    "vicuna_v1": (
-        "A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions."
-    ),
-    "llava_v1": (
-        "A chat between a curious human and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."
-    ),
-}
-PAPER_CONVERSATION = "llava_v1"
-
-
-def llava_v1_prompt(question: str, conversation: str = PAPER_CONVERSATION) -> str:
-    """One user turn of a LLaVA v1 conversation template with the image first, ending where
-    the assistant's answer begins: "{system} USER: <image>\n{question} ASSISTANT:"."""
-    if conversation not in CONVERSATIONS:
-        raise ValueError(
-            f"conversation must be one of {', '.join(CONVERSATIONS)}, got {conversation!r}"
-        )
-    return f"{CONVERSATIONS[conversation]} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
-
-
-# OpenAI CLIP's statistics: CLIPImageProcessor's defaults and what llava-hf ships.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a checkpoint's images became pixel values in training, so inference must repeat it:
-    pad to square with `pad_color`, bicubic resize, then (x / 255 - mean) / std per channel."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    pad_color: tuple[int, int, int]
-
-    @classmethod
-    def llava(cls, mean=CLIP_MEAN, std=CLIP_STD) -> "Preprocessing":
-        """LLaVA's `process_images` with image_aspect_ratio "pad": expand2square fills with
-        int(255 * mean) of the image processor ((122, 116, 104) for CLIP's mean)."""
-        return cls(tuple(mean), tuple(std), tuple(int(255 * m) for m in mean))
-
-    def pixel_values(self, image: np.ndarray, size: int) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32."""
-        return to_pixel_values(pad_to_square(image, self.pad_color), size, self.mean, self.std)
-
-
-# The released LLaVA-1.5 and DiffLMM weights were trained on these pixels. (DiffLMM's code asks
-# CLIPImageProcessor for mean = std = 0.5, but through keywords the class does not take, so the
-# processor kept CLIP's statistics: the reference's llava/model/multimodal_encoder/sd_encoder.py.)
-CLIP_PREPROCESSING = Preprocessing.llava()
-
-
-def pad_to_square(image: np.ndarray, fill: tuple[int, int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (S, S, 3), S = max(H, W), the image centred (LLaVA's expand2square:
-    offset (S - H) // 2 rows or (S - W) // 2 columns); heatmap.py undoes exactly this."""
-    height, width = image.shape[:2]
-    side = max(height, width)
-    square = np.empty((side, side, 3), dtype=np.uint8)
-    square[:] = fill
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = image
-    return square
-
-
-def to_pixel_values(image: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32, normalised.
-
-    After pad-to-square, CLIPImageProcessor's shortest-edge resize + centre crop is a plain
-    bicubic resize to size x size (PIL, as the processor does)."""
-    resized = np.asarray(
-        Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32
-    )
-    normalised = (resized / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(normalised).permute(2, 0, 1).unsqueeze(0).contiguous()
-
 
 # What warm_up encodes: a blank frame of a common camera size (the LLaVA family's prompt does not
 # depend on it; a chat model's image-token count does).
 WARM_UP_FRAME = (480, 640)
 
 
+class PromptBuilder(Protocol):
+    """A model family's images and prompts, what a Backend is built around."""
+
+    pads_to_square: bool  # preprocessing pads to a square (heat maps undo it)
+
+    def encode_batch(self, images: list[np.ndarray]) -> list[Any]:
+        """(H, W, 3) uint8 RGB images -> per image its visual tokens (the family's own object)."""
+
+    def grid_of(self, visual_tokens: Any) -> tuple[int, int]:
+        """(rows, columns) of this image's maps."""
+
+    def prompt(self, visual_tokens: Any, question: str, answer_ids: list[int] = ()) -> Prompt:
+        """One row: the prompt's embeddings (answer ids appended), positions, image columns."""
+
+
 class Backend:
-    """What every model shares behind the engine's Backend protocol: the LM (its text
-    attention switched to the recording SDPA), the tokenizer, the end tokens, and the decoder.
-    A model family supplies `encode_batch`, `grid_of` and `prompt`.
+    """The engine's Backend protocol, composed: a prompt builder, the LM (its text attention
+    switched to the recording SDPA), the tokenizer, the end tokens and the one decoder.
 
     text_attention: what set_attn_implementation gets (the whole LM, or {"text_config": ...}
-    for multimodal wrappers whose vision tower keeps its own attention). compile: the
-    decoder's per-token step under torch.compile."""
+    for multimodal wrappers whose vision tower keeps its own attention). compile, graphs: the
+    decoder's (models/decoder.py: its per-token step under torch.compile, CUDA graphs)."""
 
-    pads_to_square = True
-
-    def __init__(self, lm, tokenizer, *, end_ids: set[int], text_attention, compile: bool = False):
+    def __init__(
+        self,
+        lm,
+        tokenizer,
+        prompts: PromptBuilder,
+        *,
+        end_ids: set[int],
+        text_attention=RECORDING_ATTENTION,
+        compile: bool = False,
+        graphs: bool | None = None,
+    ):
         self.lm = lm.eval()
         self.tokenizer = tokenizer
+        self.prompts = prompts
         self.end_ids = set(end_ids)
         self.lm.set_attn_implementation(text_attention)
-        self.decoder = Decoder(self.lm, compile=compile)
+        self.decoder = Decoder(self.lm, compile=compile, graphs=graphs)
 
     @property
-    def device(self) -> torch.device:
-        return self.lm.get_input_embeddings().weight.device
+    def pads_to_square(self) -> bool:
+        return self.prompts.pads_to_square
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm.get_input_embeddings().weight.dtype
-
-    # -- family-specific ---------------------------------------------------------------------
+    # -- images and text ---------------------------------------------------------------------
 
     def encode_batch(self, images: list[np.ndarray]) -> list:
-        raise NotImplementedError
-
-    def grid_of(self, visual_tokens) -> tuple[int, int]:
-        raise NotImplementedError
-
-    def prompt(self, visual_tokens, question: str, answer_ids=()) -> Prompt:
-        raise NotImplementedError
-
-    # -- text --------------------------------------------------------------------------------
+        return self.prompts.encode_batch(images)
 
     def encode(self, image: np.ndarray):
         return self.encode_batch([image])[0]
+
+    def grid_of(self, visual_tokens) -> tuple[int, int]:
+        return self.prompts.grid_of(visual_tokens)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def embed(self, ids: list[int]) -> torch.Tensor:
-        """(len(ids), hidden) input embeddings."""
-        return self.lm.get_input_embeddings()(torch.tensor(ids, device=self.device))
 
     # -- answers -----------------------------------------------------------------------------
 
@@ -183,7 +105,7 @@ class Backend:
         built, rows = {}, {}
         for i, (visual, question) in enumerate(prompts):
             try:
-                built[i] = self.prompt(visual, question)
+                built[i] = self.prompts.prompt(visual, question)
             except Exception as error:  # this row's result
                 results[i] = error
             else:
@@ -225,7 +147,8 @@ class Backend:
         if not answers or not all(answers):
             raise ValueError("teacher forcing needs at least one answer token per answer")
         prompts = [
-            self.prompt(visual, question, ids[:-1]) for (visual, _), ids in zip(sequences, answers)
+            self.prompts.prompt(visual, question, ids[:-1])
+            for (visual, _), ids in zip(sequences, answers)
         ]
         return self.decoder.teacher_force(prompts, [len(ids) for ids in answers])
 
@@ -242,103 +165,6 @@ class Backend:
         start = time.perf_counter()
         blank = np.zeros((*WARM_UP_FRAME, 3), dtype=np.uint8)
         with torch.inference_mode():
-            prompt = self.prompt(self.encode(blank), question)
+            prompt = self.prompts.prompt(self.encode(blank), question)
         self.decoder.warm_up(prompt, batch_sizes, max_new_tokens)
         return time.perf_counter() - start
-
-
-class LlavaStyleBackend(Backend):
-    """LLaVA-style models: square-padded pixels, visual tokens on a fixed grid in place of
-    "<image>" in the LLaVA v1 template.
-
-    lm: a transformers causal LM taking `inputs_embeds` (LlavaForConditionalGeneration,
-    LlamaForCausalLM, ...). Subclasses implement `encode_image`."""
-
-    def __init__(
-        self,
-        lm,
-        tokenizer,
-        *,
-        grid: tuple[int, int],
-        image_size: int,
-        preprocessing: Preprocessing = CLIP_PREPROCESSING,
-        conversation: str = "",
-        text_attention=RECORDING_ATTENTION,
-        compile: bool = False,
-    ):
-        conversation = conversation or PAPER_CONVERSATION
-        llava_v1_prompt("", conversation)  # an unknown template fails here, not at the first query
-        super().__init__(
-            lm,
-            tokenizer,
-            end_ids={tokenizer.eos_token_id},
-            text_attention=text_attention,
-            compile=compile,
-        )
-        self.grid = grid
-        self.image_size = image_size
-        self.preprocessing = preprocessing
-        self.conversation = conversation
-
-    # -- image -> visual tokens ------------------------------------------------
-
-    def preprocess(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (1, 3, image_size, image_size) on the model's device."""
-        return self.preprocessing.pixel_values(image, self.image_size).to(self.device)
-
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N_image, hidden). The model-specific part."""
-        raise NotImplementedError
-
-    def grid_of(self, visual_tokens) -> tuple[int, int]:
-        """Every image gets the same square grid here."""
-        return self.grid
-
-    @torch.inference_mode()
-    def encode_batch(self, images: list[np.ndarray]) -> list[torch.Tensor]:
-        """Every image the same size after preprocessing: one encode_image call for all."""
-        tokens = self.encode_image(torch.cat([self.preprocess(image) for image in images]))
-        expected = (len(images), self.grid[0] * self.grid[1])
-        if tuple(tokens.shape[:2]) != expected:
-            raise ValueError(
-                f"encode_image gave visual tokens {tuple(tokens.shape)} for {len(images)} images, "
-                f"the grid {self.grid} needs {expected[1]} each"
-            )
-        return list(tokens)
-
-    # -- prompt ------------------------------------------------------------------
-
-    def prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
-        """Token ids before and after "<image>", the way LLaVA's tokenizer_image_token
-        does it: each chunk tokenized on its own, the BOS kept only on the first."""
-        if IMAGE_PLACEHOLDER in question:
-            raise InputError(
-                f"the question contains {IMAGE_PLACEHOLDER!r}, which the prompt keeps for the image"
-            )
-        before, after = llava_v1_prompt(question, self.conversation).split(IMAGE_PLACEHOLDER)
-        ids_before = self.tokenizer(before).input_ids
-        ids_after = self.tokenizer(after).input_ids
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and ids_after[:1] == [bos]:
-            ids_after = ids_after[1:]
-        return ids_before, ids_after
-
-    def prompt(
-        self, visual_tokens: torch.Tensor, question: str, answer_ids: list[int] = ()
-    ) -> Prompt:
-        ids_before, ids_after = self.prompt_ids(question)
-        embeds = torch.cat(
-            [
-                self.embed(ids_before),
-                visual_tokens.to(self.device, self.dtype),
-                self.embed(ids_after + list(answer_ids)),
-            ]
-        )
-        length = embeds.shape[0]
-        return Prompt(
-            embeds.unsqueeze(0),
-            torch.arange(length, device=self.device)[None],
-            length,
-            len(ids_before),
-            visual_tokens.shape[0],
-        )

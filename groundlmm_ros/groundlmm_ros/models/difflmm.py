@@ -28,11 +28,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from groundlmm_ros.models.backend import (
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.llava_prompts import (
     CLIP_MEAN,
     CLIP_PREPROCESSING,
     CLIP_STD,
-    LlavaStyleBackend,
+    LlavaPrompts,
     Preprocessing,
 )
 
@@ -453,26 +454,36 @@ def build_difflmm(
     return model
 
 
-class DiffLMMBackend(LlavaStyleBackend):
-    """DiffLMM behind the engine's backend protocol: the shared LLaVA-style code does the
-    template, pad-to-square preprocessing (as the checkpoint's config records it) and
-    generation; this supplies the visual tokens."""
-
-    def __init__(self, model: DiffLMM, tokenizer, *, conversation: str = "", compile: bool = False):
-        self.model = model.eval()
-        if model.device.type == "cuda":  # cuDNN's half-precision convolutions are fastest in NHWC
-            model.vision_tower.to(memory_format=torch.channels_last)
-        config = model.config
-        super().__init__(
-            model.language_model,
-            tokenizer,
-            grid=(config.grid, config.grid),
-            image_size=config.image_size,
-            preprocessing=config.preprocessing,
-            conversation=conversation,
-            compile=compile,
-        )
-
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, R, R) -> (B, N_image, hidden)."""
-        return self.model.encode_image(pixel_values)
+def difflmm_backend(
+    model: DiffLMM,
+    tokenizer,
+    *,
+    conversation: str = "",
+    compile: bool = False,
+    graphs: bool | None = None,
+) -> Backend:
+    """DiffLMM behind the engine's backend protocol: LLaVA-style prompts (the template,
+    pad-to-square preprocessing as the checkpoint's config records it) around the model's own
+    encode_image, its language model answering. compile, graphs: Backend's."""
+    model.eval()
+    if model.device.type == "cuda":  # cuDNN's half-precision convolutions are fastest in NHWC
+        model.vision_tower.to(memory_format=torch.channels_last)
+    config = model.config
+    lm = model.language_model
+    prompts = LlavaPrompts(
+        model,
+        tokenizer,
+        lm.get_input_embeddings(),
+        grid=(config.grid, config.grid),
+        image_size=config.image_size,
+        preprocessing=config.preprocessing,
+        conversation=conversation,
+    )
+    return Backend(
+        lm,
+        tokenizer,
+        prompts,
+        end_ids={tokenizer.eos_token_id},
+        compile=compile,
+        graphs=graphs,
+    )

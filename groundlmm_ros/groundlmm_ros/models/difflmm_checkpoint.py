@@ -38,7 +38,8 @@ from transformers import (
     PretrainedConfig,
 )
 
-from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, DiffLMMConfig, build_difflmm
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMConfig, build_difflmm, difflmm_backend
 
 # The released checkpoint and its components on the Hugging Face hub; used from the local
 # cache only (the node never downloads). SD v1.5 moved from runwayml to its own org in 2024.
@@ -374,9 +375,9 @@ def released_difflmm_backend(
     sd=RELEASED_SD,
     clip=RELEASED_CLIP,
     **options,
-) -> DiffLMMBackend:
+) -> Backend:
     """The released DiffLMM-7B behind the backend protocol. Each of adapter/base/sd/clip is a
-    directory or a cached hub id (default: the usual ids); options: DiffLMMBackend's."""
+    directory or a cached hub id (default: the usual ids); options: difflmm_backend's."""
     model, tokenizer = load_released_difflmm(
         _local(adapter),
         _local(base),
@@ -386,12 +387,12 @@ def released_difflmm_backend(
         device=device,
         seed=seed,
     )
-    return DiffLMMBackend(model, tokenizer, **options)
+    return difflmm_backend(model, tokenizer, **options)
 
 
 def load_difflmm_backend(
     path, device: str = "cpu", dtype: torch.dtype = torch.float32, **options
-) -> DiffLMMBackend:
+) -> Backend:
     """A local-layout DiffLMM directory (save_difflmm) behind the backend protocol; options:
-    DiffLMMBackend's (conversation, compile)."""
-    return DiffLMMBackend(*load_difflmm(path, dtype=dtype, device=device), **options)
+    difflmm_backend's (conversation, compile)."""
+    return difflmm_backend(*load_difflmm(path, dtype=dtype, device=device), **options)

@@ -21,7 +21,8 @@ from transformers import (
 )
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
-from groundlmm_ros.models.chat_backend import ChatTemplateBackend
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.chat_backend import chat_template_backend, sequential_positions
 
 REFERENCE_TILES = (3, 9)  # the reference's --min-image-crops 3 --max-image-crops 9
 # What InternVL's image loader (and the -hf processors) normalise with.
@@ -29,9 +30,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class InternVLBackend(ChatTemplateBackend):
-    """tiles: (min, max) tiles per image; use_thumbnail: the map is the thumbnail's; options:
-    ChatTemplateBackend's."""
+class InternVLLayout:
+    """InternVL's image layout (models/chat_backend.py: ImageLayout). tiles: (min, max) tiles
+    per image; use_thumbnail: the map is the thumbnail's."""
 
     def __init__(
         self,
@@ -40,9 +41,9 @@ class InternVLBackend(ChatTemplateBackend):
         *,
         tiles: tuple[int, int] = REFERENCE_TILES,
         use_thumbnail: bool = False,
-        **options,
     ):
-        super().__init__(model, processor, **options)
+        self.model = model
+        self.processor = processor
         self.tiles = tiles
         self.use_thumbnail = use_thumbnail
 
@@ -50,16 +51,16 @@ class InternVLBackend(ChatTemplateBackend):
         return {"crop_to_patches": True, "min_patches": self.tiles[0], "max_patches": self.tiles[1]}
 
     def image_features(self, inputs):
-        config = self.lm.config
-        features = self.lm.get_image_features(
-            pixel_values=inputs["pixel_values"].to(self.dtype),
+        config = self.model.config
+        features = self.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(self.model.dtype),
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         ).pooler_output
         # (tiles, side * side, hidden) -> in the order the prompt has them
         return features.flatten(0, 1)
 
-    def layout(self, inputs, n_image, image_size):
+    def grid(self, inputs, n_image, image_size):
         tile = self.processor.image_processor.size
         columns, rows = get_optimal_tiled_canvas(
             tuple(image_size), (tile["height"], tile["width"]), *self.tiles
@@ -85,6 +86,22 @@ class InternVLBackend(ChatTemplateBackend):
         index = ((y // side) * columns + x // side) * per_tile + (y % side) * side + x % side
         return (rows * side, columns * side), index.flatten()
 
+    def positions(self, ids, visual_tokens):
+        return sequential_positions(ids, self.model.device)
+
+
+def internvl_backend(
+    model: InternVLForConditionalGeneration,
+    processor,
+    *,
+    tiles: tuple[int, int] = REFERENCE_TILES,
+    use_thumbnail: bool = False,
+    **options,
+) -> Backend:
+    """options: chat_template_backend's (conversation, compile)."""
+    layout = InternVLLayout(model, processor, tiles=tiles, use_thumbnail=use_thumbnail)
+    return chat_template_backend(model, processor, layout, **options)
+
 
 def load_internvl(
     path: str,
@@ -94,12 +111,12 @@ def load_internvl(
     tiles: tuple[int, int] = REFERENCE_TILES,
     use_thumbnail: bool = False,
     **options,
-) -> InternVLBackend:
+) -> Backend:
     """A local -hf directory (or a cached hub id, offline), e.g. OpenGVLab/InternVL3-8B-hf."""
     model = InternVLForConditionalGeneration.from_pretrained(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
-    return InternVLBackend(
+    return internvl_backend(
         model,
         AutoProcessor.from_pretrained(path),
         tiles=tiles,

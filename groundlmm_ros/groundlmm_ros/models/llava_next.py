@@ -22,42 +22,40 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from groundlmm_ros.models.chat_backend import ChatTemplateBackend
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.chat_backend import chat_template_backend, sequential_positions
 
 
-class LlavaNextBackend(ChatTemplateBackend):
-    """use_base_patches: the map is the base tile's grid instead of the high-resolution one
-    (the reference's --use-base-patches); options: ChatTemplateBackend's."""
+class LlavaNextLayout:
+    """LLaVA-NeXT's image layout (models/chat_backend.py: ImageLayout). use_base_patches: the
+    map is the base tile's grid instead of the high-resolution one (the reference's
+    --use-base-patches)."""
 
-    def __init__(
-        self,
-        model: LlavaNextForConditionalGeneration,
-        processor,
-        *,
-        use_base_patches: bool = False,
-        **options,
-    ):
-        super().__init__(model, processor, **options)
+    def __init__(self, model: LlavaNextForConditionalGeneration, *, use_base_patches: bool = False):
+        self.model = model
         self.use_base_patches = use_base_patches
 
+    def image_kwargs(self):
+        return {}
+
     def image_features(self, inputs):
-        config = self.lm.config
-        return self.lm.get_image_features(
-            pixel_values=inputs["pixel_values"].to(self.dtype),
+        config = self.model.config
+        return self.model.get_image_features(
+            pixel_values=inputs["pixel_values"].to(self.model.dtype),
             image_sizes=inputs["image_sizes"],
             vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         ).pooler_output[0]
 
-    def layout(self, inputs, n_image, image_size):
-        vision = self.lm.config.vision_config
+    def grid(self, inputs, n_image, image_size):
+        vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         base = side * side
         if self.use_base_patches:
             return (side, side), torch.arange(base)
         # The high-resolution canvas and its unpadded part, by the model's own functions.
         size = inputs["image_sizes"][0].tolist()  # (height, width), as the model reads it
-        pinpoints = self.lm.config.image_grid_pinpoints
+        pinpoints = self.model.config.image_grid_pinpoints
         tiles_high, tiles_wide = get_anyres_image_grid_shape(size, pinpoints, vision.image_size)
         canvas = torch.empty(1, tiles_high * side, tiles_wide * side)
         rows, columns = unpad_image(canvas, size).shape[1:]
@@ -69,6 +67,21 @@ class LlavaNextBackend(ChatTemplateBackend):
         starts = base + torch.arange(rows)[:, None] * (columns + 1)
         return (rows, columns), (starts + torch.arange(columns)).flatten()
 
+    def positions(self, ids, visual_tokens):
+        return sequential_positions(ids, self.model.device)
+
+
+def llava_next_backend(
+    model: LlavaNextForConditionalGeneration,
+    processor,
+    *,
+    use_base_patches: bool = False,
+    **options,
+) -> Backend:
+    """options: chat_template_backend's (conversation, compile)."""
+    layout = LlavaNextLayout(model, use_base_patches=use_base_patches)
+    return chat_template_backend(model, processor, layout, **options)
+
 
 def load_llava_next(
     path: str,
@@ -77,12 +90,12 @@ def load_llava_next(
     dtype: torch.dtype = torch.float32,
     use_base_patches: bool = False,
     **options,
-) -> LlavaNextBackend:
+) -> Backend:
     """A local llava-hf directory (or a cached hub id, offline), e.g.
     llava-hf/llava-v1.6-mistral-7b-hf."""
     model = LlavaNextForConditionalGeneration.from_pretrained(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
-    return LlavaNextBackend(
+    return llava_next_backend(
         model, AutoProcessor.from_pretrained(path), use_base_patches=use_base_patches, **options
     )

@@ -20,7 +20,6 @@ import torch
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
 from groundlmm_ros.models import tiny
-from groundlmm_ros.models.backend import CONVERSATIONS
 from groundlmm_ros.models.difflmm_checkpoint import (
     RELEASED_ADAPTER,
     RELEASED_BASE,
@@ -32,6 +31,7 @@ from groundlmm_ros.models.difflmm_checkpoint import (
 from groundlmm_ros.models.internvl import load_internvl
 from groundlmm_ros.models.llava import load_llava
 from groundlmm_ros.models.llava_next import load_llava_next
+from groundlmm_ros.models.llava_prompts import CONVERSATIONS
 from groundlmm_ros.models.qwen2_5_vl import load_qwen2_5_vl
 from groundlmm_ros.models.sam2_tracker import load_sam2_video, sam2_video_config, sam2_video_random
 

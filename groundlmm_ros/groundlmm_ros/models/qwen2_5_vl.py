@@ -16,15 +16,16 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from groundlmm_ros.models.chat_backend import ChatTemplateBackend, EncodedImage
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.chat_backend import EncodedImage, chat_template_backend
 
 # the reference's AutoProcessor.from_pretrained(..., max_pixels=1008*1008)
 REFERENCE_MAX_PIXELS = 1008 * 1008
 
 
-class Qwen2_5_VLBackend(ChatTemplateBackend):
-    """max_pixels: the processor's cap on the resized image's area (its `size["longest_edge"]`);
-    options: ChatTemplateBackend's."""
+class Qwen2_5_VLLayout:
+    """Qwen2.5-VL's image layout (models/chat_backend.py: ImageLayout). max_pixels: the
+    processor's cap on the resized image's area (its `size["longest_edge"]`)."""
 
     def __init__(
         self,
@@ -32,9 +33,9 @@ class Qwen2_5_VLBackend(ChatTemplateBackend):
         processor,
         *,
         max_pixels: int = REFERENCE_MAX_PIXELS,
-        **options,
     ):
-        super().__init__(model, processor, **options)
+        self.model = model
+        self.processor = processor
         self.max_pixels = max_pixels
         self.merge = model.config.vision_config.spatial_merge_size
 
@@ -47,11 +48,11 @@ class Qwen2_5_VLBackend(ChatTemplateBackend):
         }
 
     def image_features(self, inputs):
-        return self.lm.get_image_features(
+        return self.model.get_image_features(
             inputs["pixel_values"], inputs["image_grid_thw"]
         ).pooler_output[0]
 
-    def layout(self, inputs, n_image, image_size):
+    def grid(self, inputs, n_image, image_size):
         _, rows, columns = (int(n) // self.merge for n in inputs["image_grid_thw"][0])
         if rows * columns != n_image:
             raise ValueError(
@@ -65,13 +66,25 @@ class Qwen2_5_VLBackend(ChatTemplateBackend):
         the first generated token's: the prompt's largest + 1, on all three axes (a generated
         token at sequence index i is at i + the prompt's largest + 1 - S: get_rope_index's
         mrope_position_deltas)."""
-        input_ids = torch.tensor([ids], device=self.device)
-        positions, _ = self.lm.model.get_rope_index(
+        input_ids = torch.tensor([ids], device=self.model.device)
+        positions, _ = self.model.model.get_rope_index(
             input_ids,
-            (input_ids == self.image_token_id).int(),
+            (input_ids == self.model.config.image_token_id).int(),
             image_grid_thw=visual_tokens.inputs["image_grid_thw"],
         )
         return positions, int(positions.max()) + 1
+
+
+def qwen2_5_vl_backend(
+    model: Qwen2_5_VLForConditionalGeneration,
+    processor,
+    *,
+    max_pixels: int = REFERENCE_MAX_PIXELS,
+    **options,
+) -> Backend:
+    """options: chat_template_backend's (conversation, compile)."""
+    layout = Qwen2_5_VLLayout(model, processor, max_pixels=max_pixels)
+    return chat_template_backend(model, processor, layout, **options)
 
 
 def load_qwen2_5_vl(
@@ -81,13 +94,13 @@ def load_qwen2_5_vl(
     dtype: torch.dtype = torch.float32,
     max_pixels: int = REFERENCE_MAX_PIXELS,
     **options,
-) -> Qwen2_5_VLBackend:
+) -> Backend:
     """A local Hugging Face directory (or a cached hub id, offline), e.g.
     Qwen/Qwen2.5-VL-7B-Instruct: safetensors weights, the processor (preprocessor_config.json,
     tokenizer, chat template)."""
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         path, dtype=dtype, use_safetensors=True
     ).to(device)
-    return Qwen2_5_VLBackend(
+    return qwen2_5_vl_backend(
         model, AutoProcessor.from_pretrained(path), max_pixels=max_pixels, **options
     )

@@ -42,18 +42,19 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from groundlmm_ros.models.backend import Backend
 from groundlmm_ros.models.difflmm import (
     SD_DOWN_BLOCKS,
     SD_UP_BLOCKS,
-    DiffLMMBackend,
     DiffLMMConfig,
     build_difflmm,
     difflmm_7b_config,
+    difflmm_backend,
 )
-from groundlmm_ros.models.internvl import IMAGENET_MEAN, IMAGENET_STD, InternVLBackend
-from groundlmm_ros.models.llava import LlavaBackend
-from groundlmm_ros.models.llava_next import LlavaNextBackend
-from groundlmm_ros.models.qwen2_5_vl import Qwen2_5_VLBackend
+from groundlmm_ros.models.internvl import IMAGENET_MEAN, IMAGENET_STD, internvl_backend
+from groundlmm_ros.models.llava import llava_backend
+from groundlmm_ros.models.llava_next import llava_next_backend
+from groundlmm_ros.models.qwen2_5_vl import qwen2_5_vl_backend
 
 _CORPUS = [
     "A man in a red shirt holds a white mug on the wooden table.",
@@ -144,11 +145,11 @@ def tiny_llava(
 
 def tiny_llava_backend(
     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
-) -> LlavaBackend:
+) -> Backend:
     """Random tiny LLaVA with the tiny BPE tokenizer (tests, CI): weights from `seed`;
-    options: LlavaBackend's."""
+    options: llava_backend's."""
     tokenizer = tiny_tokenizer()
-    return LlavaBackend(tiny_llava(len(tokenizer), seed).to(device, dtype), tokenizer, **options)
+    return llava_backend(tiny_llava(len(tokenizer), seed).to(device, dtype), tokenizer, **options)
 
 
 def tiny_sam(seed: int = 0, image_size: int = 64) -> Sam:
@@ -241,13 +242,13 @@ def tiny_difflmm_config(vocab_size: int, seed: int = 0) -> DiffLMMConfig:
 
 def tiny_difflmm_backend(
     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
-) -> DiffLMMBackend:
+) -> Backend:
     """Random tiny DiffLMM with the tiny BPE tokenizer (tests, CI): weights from `seed`;
-    options: DiffLMMBackend's."""
+    options: difflmm_backend's."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     model = build_difflmm(tiny_difflmm_config(len(tokenizer), seed=seed), dtype, device)
-    return DiffLMMBackend(model, tokenizer, **options)
+    return difflmm_backend(model, tokenizer, **options)
 
 
 # -- tiny random Qwen2.5-VL (tests, the node without weights) ---------------------------------
@@ -357,10 +358,10 @@ def tiny_qwen2_5_vl(
 
 def tiny_qwen2_5_vl_backend(
     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
-) -> Qwen2_5_VLBackend:
+) -> Backend:
     processor = tiny_qwen_processor()
     model = tiny_qwen2_5_vl(processor.tokenizer, seed).to(device, dtype)
-    return Qwen2_5_VLBackend(model, processor, max_pixels=TINY_QWEN_MAX_PIXELS, **options)
+    return qwen2_5_vl_backend(model, processor, max_pixels=TINY_QWEN_MAX_PIXELS, **options)
 
 
 # -- tiny random LLaVA-NeXT (tests) ----------------------------------------------------------
@@ -436,10 +437,10 @@ def tiny_llava_next(
 
 def tiny_llava_next_backend(
     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
-) -> LlavaNextBackend:
+) -> Backend:
     processor = tiny_llava_next_processor()
     model = tiny_llava_next(processor.tokenizer, seed).to(device, dtype)
-    return LlavaNextBackend(model, processor, **options)
+    return llava_next_backend(model, processor, **options)
 
 
 # -- tiny random InternVL (tests) ------------------------------------------------------------
@@ -538,7 +539,7 @@ def tiny_internvl(
 
 def tiny_internvl_backend(
     device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0, **options
-) -> InternVLBackend:
+) -> Backend:
     processor = tiny_internvl_processor()
     model = tiny_internvl(processor.tokenizer, seed).to(device, dtype)
-    return InternVLBackend(model, processor, tiles=TINY_INTERNVL_TILES, **options)
+    return internvl_backend(model, processor, tiles=TINY_INTERNVL_TILES, **options)

@@ -22,8 +22,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from groundlmm_ros.engine.engine import GCG_QUESTION
-from groundlmm_ros.models.backend import IMAGE_PLACEHOLDER, Preprocessing, llava_v1_prompt
 from groundlmm_ros.models.difflmm import DiffLMMConfig
+from groundlmm_ros.models.llava_prompts import IMAGE_PLACEHOLDER, Preprocessing, llava_v1_prompt
 from groundlmm_ros.world import COLOURS, SHAPES
 
 SCENE_SIZE = 128  # scenes are drawn at this side; the backend resizes them to image_size

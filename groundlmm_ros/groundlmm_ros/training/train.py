@@ -44,7 +44,8 @@ from diffusers import AutoencoderKL
 from groundlmm_ros.engine.engine import GCG_QUESTION, Engine
 from groundlmm_ros.engine.refiners import ColourRefiner
 from groundlmm_ros.evaluation import evaluate
-from groundlmm_ros.models.difflmm import CLIP_READ_LAYER, DiffLMM, DiffLMMBackend, explicit
+from groundlmm_ros.models.backend import Backend
+from groundlmm_ros.models.difflmm import CLIP_READ_LAYER, DiffLMM, difflmm_backend, explicit
 from groundlmm_ros.models.difflmm_checkpoint import save_difflmm
 from groundlmm_ros.training.recipe import (
     DEMO_COMBINE,
@@ -256,7 +257,7 @@ def tower_features(model: DiffLMM, pixels: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def caption_batch(
-    backend: DiffLMMBackend, scenes, index: np.ndarray, rng: np.random.Generator, order: str
+    backend: Backend, scenes, index: np.ndarray, rng: np.random.Generator, order: str
 ):
     """Token tensors of one batch: (B, a) prompt ids before the image, and (B, r) ids after it
     (rest of the prompt + caption + </s>, right-padded) with their (B, r) labels (-100 where
@@ -270,7 +271,7 @@ def caption_batch(
         else:
             objects = sorted(objects, key=lambda o: o.centre[0])
         # ids_before (the system line and "USER:") is the same for every question.
-        ids_before, ids_after = backend.prompt_ids(QUESTIONS[rng.integers(len(QUESTIONS))])
+        ids_before, ids_after = backend.prompts.prompt_ids(QUESTIONS[rng.integers(len(QUESTIONS))])
         answer = tokenizer(caption_for(objects, rng), add_special_tokens=False).input_ids + [
             tokenizer.eos_token_id
         ]
@@ -284,7 +285,7 @@ def caption_batch(
     return torch.tensor([ids_before] * len(index)), rest, label, mask
 
 
-def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
+def validate(backend: Backend, validation, normalise: bool) -> dict:
     engine = Engine(
         backend, ColourRefiner(), normalise=normalise, combine=DEMO_COMBINE, max_new_tokens=40
     )
@@ -293,7 +294,7 @@ def validate(backend: DiffLMMBackend, validation, normalise: bool) -> dict:
 
 def train_captioner(
     model: DiffLMM,
-    backend: DiffLMMBackend,
+    backend: Backend,
     scenes,
     features,
     clips,
@@ -411,7 +412,7 @@ def train(
     train_vae(vae, pixels, budget, log)
     config.vae = dict(vae.config)
     model = DiffLMM(config, vae=vae).to(device)  # drops the decoder; tower frozen, eval mode
-    backend = DiffLMMBackend(model, tokenizer, conversation=DEMO_CONVERSATION)
+    backend = difflmm_backend(model, tokenizer, conversation=DEMO_CONVERSATION)
     train_clip(model, pixels, [s.caption for s in scenes], budget, log, recipe.tag_layer)
     train_denoiser(model, pixels, budget, log)
     log("computing the frozen tower's features of every training scene")

@@ -29,7 +29,11 @@ def test_batched_maps_equal_one_at_a_time(engine):
     batched = backend.teacher_force_batch(engine.refer_question, [(visual, ids) for ids in answers])
     for ids, maps in zip(answers, batched):
         alone = backend.teacher_force(visual, engine.refer_question, ids)
-        assert maps.shape == alone.shape == (len(ids), backend.grid[0] * backend.grid[1])
+        assert (
+            maps.shape
+            == alone.shape
+            == (len(ids), backend.prompts.grid[0] * backend.prompts.grid[1])
+        )
         torch.testing.assert_close(maps, alone, atol=1e-5, rtol=0)
 
 

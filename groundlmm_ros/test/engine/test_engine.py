@@ -217,17 +217,17 @@ def test_llava_v1_prompt_and_image_token_split(fallback_engine):
     tokens sit between them."""
     backend = fallback_engine.backend
     tokenizer = backend.tokenizer
-    before, after = backend.prompt_ids("What is on the table?")
+    before, after = backend.prompts.prompt_ids("What is on the table?")
     assert before[0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in after
     # The paper's GCG template (LLaVA's conv_llava_v1) unless the model says otherwise.
-    assert backend.conversation == "llava_v1"
+    assert backend.prompts.conversation == "llava_v1"
     assert tokenizer.decode(before, skip_special_tokens=True) == (
         "A chat between a curious human and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the human's questions. USER: "
     )
     assert tokenizer.decode(after) == "\nWhat is on the table? ASSISTANT:"
     visual = backend.encode(image())
-    prompt = backend.prompt(visual, "What is on the table?")
+    prompt = backend.prompts.prompt(visual, "What is on the table?")
     assert prompt.image_start == len(before) and prompt.n_image == visual.shape[0] == 36
     assert prompt.embeds.shape == (1, len(before) + 36 + len(after), visual.shape[1])
     torch.testing.assert_close(prompt.embeds[0, len(before) : len(before) + 36], visual)
@@ -237,7 +237,7 @@ def test_conversation_template_is_a_setting():
     """LLaVA's conv_vicuna_v1 (what Vicuna, LLaVA-1.5 and DiffLMM were trained with) on request."""
     engine = build_engine("tiny-random", refiner="threshold", conversation="vicuna_v1")
     tokenizer = engine.backend.tokenizer
-    before, _ = engine.backend.prompt_ids("What is on the table?")
+    before, _ = engine.backend.prompts.prompt_ids("What is on the table?")
     assert tokenizer.decode(before, skip_special_tokens=True) == (
         "A chat between a curious user and an artificial intelligence assistant. "
         "The assistant gives helpful, detailed, and polite answers to the user's questions. USER: "
@@ -250,12 +250,12 @@ def test_paper_settings_are_the_default_and_dtype_auto_follows_the_device():
     from groundlmm_ros.models.presets import resolve_dtype
 
     engine = build_engine("tiny-difflmm-random", refiner="threshold")
-    assert (engine.combine, engine.normalise, engine.backend.conversation) == (
+    assert (engine.combine, engine.normalise, engine.backend.prompts.conversation) == (
         "max",
         True,
         "llava_v1",
     )
-    assert engine.backend.dtype == torch.float32  # dtype "auto" on the CPU
+    assert engine.backend.lm.dtype == torch.float32  # dtype "auto" on the CPU
     assert (
         resolve_dtype("auto", "cuda:1") == torch.float16
         and resolve_dtype("auto", "cpu") == torch.float32
@@ -269,7 +269,7 @@ def test_paper_settings_are_the_default_and_dtype_auto_follows_the_device():
     "height, width, top, left", [(20, 50, 15, 0), (50, 20, 0, 15), (21, 50, 14, 0)]
 )
 def test_pad_to_square_centres_the_image(height, width, top, left):
-    from groundlmm_ros.models.backend import pad_to_square, to_pixel_values
+    from groundlmm_ros.models.llava_prompts import pad_to_square, to_pixel_values
 
     picture = np.full((height, width, 3), 200, np.uint8)
     square = pad_to_square(picture, (1, 2, 3))

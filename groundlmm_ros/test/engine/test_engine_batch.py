@@ -128,7 +128,7 @@ def test_the_encoder_and_the_refer_pass_run_once_for_three_images(model, monkeyp
     if model == "tiny-random":  # LLaVA: the CLIP tower + projector of the transformers model
         pixels = count_calls(monkeypatch, backend.lm, "get_image_features")
     else:
-        pixels = count_calls(monkeypatch, backend.model, "encode_image")
+        pixels = count_calls(monkeypatch, backend.prompts.encoder, "encode_image")
     frames = images()[:3]
     passes, handle = count_lm_passes(backend.lm)
     try:
@@ -187,7 +187,7 @@ def test_describe_answers_decode_together_as_each_alone(engine_name, request):
 
 def test_a_requests_own_failure_ends_only_that_request(difflmm, monkeypatch):
     frames = images()
-    pixels = count_calls(monkeypatch, difflmm.backend.model, "encode_image")
+    pixels = count_calls(monkeypatch, difflmm.backend.prompts.encoder, "encode_image")
     seen = []
 
     def fail_on_the_second_token(text, n):
@@ -251,7 +251,7 @@ def test_a_shared_stage_failure_ends_every_request_in_it(difflmm, monkeypatch):
     def fail_the_encoder(pixels):
         raise out_of_memory
 
-    monkeypatch.setattr(difflmm.backend.model, "encode_image", fail_the_encoder)
+    monkeypatch.setattr(difflmm.backend.prompts.encoder, "encode_image", fail_the_encoder)
     results = difflmm.ground_batch(requests)
     assert results[:3] == [out_of_memory] * 3 and isinstance(results[3], InputError)
     with pytest.raises(RuntimeError, match="out of memory"):

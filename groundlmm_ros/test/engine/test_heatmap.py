@@ -6,7 +6,7 @@ import torch
 from images import random_rgb
 
 from groundlmm_ros.engine import heatmap
-from groundlmm_ros.models.backend import pad_to_square
+from groundlmm_ros.models.llava_prompts import pad_to_square
 from groundlmm_ros.models.presets import build_engine
 
 GRID = 24

@@ -6,7 +6,7 @@ import pytest
 import torch
 from images import random_rgb
 
-from groundlmm_ros.models.llava import LlavaBackend
+from groundlmm_ros.models.llava import llava_backend
 from groundlmm_ros.models.recorder import RECORDING_ATTENTION, AttentionRecord
 from groundlmm_ros.models.tiny import tiny_llava, tiny_tokenizer
 
@@ -16,7 +16,7 @@ NEW_TOKENS = 6
 @pytest.fixture(scope="module")
 def backend():
     tokenizer = tiny_tokenizer()
-    return LlavaBackend(tiny_llava(len(tokenizer), seed=3), tokenizer)
+    return llava_backend(tiny_llava(len(tokenizer), seed=3), tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,15 @@ def test_batch_of_one_matches_eager_generate(backend, eager):
     visual = backend.encode(image(0))
     question = "Describe the image in detail."
     ids, maps = backend.generate(visual, question, NEW_TOKENS, stop_at_end=False)
-    prompt = backend.prompt(visual, question)
+    prompt = backend.prompts.prompt(visual, question)
     out = eager_generate(eager, prompt.embeds)
     assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
     expected = reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0]
-    assert maps.shape == expected.shape == (NEW_TOKENS, backend.grid[0] * backend.grid[1])
+    assert (
+        maps.shape
+        == expected.shape
+        == (NEW_TOKENS, backend.prompts.grid[0] * backend.prompts.grid[1])
+    )
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
     # Not a trivial agreement: the maps differ from token to token.
     assert (maps[1:] - maps[:-1]).abs().max() > 1e-4
@@ -84,9 +88,10 @@ def test_left_padded_batch_of_two_matches_eager_generate(backend, eager):
         "What is on the table next to the red mug and the lamp?",
     ]
     visual = [backend.encode(image(seed)) for seed in (1, 2)]
-    prompts = [backend.prompt(v, q) for v, q in zip(visual, questions)]
+    prompts = [backend.prompts.prompt(v, q) for v, q in zip(visual, questions)]
     length = max(p.embeds.shape[1] for p in prompts)
-    pad = backend.embed([backend.tokenizer.pad_token_id])[None]  # (1, 1, hidden)
+    pad_id = torch.tensor([backend.tokenizer.pad_token_id])
+    pad = backend.lm.get_input_embeddings()(pad_id)[None]  # (1, 1, hidden)
     embeds, mask, starts = [], [], []
     for p in prompts:
         n_pad = length - p.embeds.shape[1]
@@ -119,7 +124,7 @@ def test_teacher_forcing_reads_the_rows_generation_reads(backend):
     forced = backend.teacher_force(visual, question, ids)
     torch.testing.assert_close(forced, generated, atol=1e-5, rtol=0)
 
-    prompt = backend.prompt(visual, question, ids)  # the whole answer as input
+    prompt = backend.prompts.prompt(visual, question, ids)  # the whole answer as input
     length = prompt.embeds.shape[1]
     own_position = AttentionRecord.of(backend.lm, 1, len(ids), length, rows=len(ids))
     with torch.inference_mode():
@@ -131,7 +136,7 @@ def test_teacher_forcing_reads_the_rows_generation_reads(backend):
 def test_memory_is_rows_times_keys(backend, eager):
     """A record holds one float per recorded row and key column, where the reference keeps
     layers x heads x queries x keys per step."""
-    prompt = backend.prompt(backend.encode(image(5)), "Describe the image in detail.")
+    prompt = backend.prompts.prompt(backend.encode(image(5)), "Describe the image in detail.")
     keys = prompt.embeds.shape[1] + NEW_TOKENS
     record = AttentionRecord.of(backend.lm, 1, NEW_TOKENS, keys)
     assert record.nbytes == NEW_TOKENS * keys * 4
@@ -147,7 +152,7 @@ def test_recording_leaves_plain_sdpa(backend):
     tokenizer = backend.tokenizer
     plain = tiny_llava(len(tokenizer), seed=3)
     plain.set_attn_implementation({"text_config": "sdpa"})
-    prompt = backend.prompt(backend.encode(image(6)), "Describe the image in detail.")
+    prompt = backend.prompts.prompt(backend.encode(image(6)), "Describe the image in detail.")
     length = prompt.embeds.shape[1]
     record = AttentionRecord.of(backend.lm, 1, 1, length)
     with torch.inference_mode():

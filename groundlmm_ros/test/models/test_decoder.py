@@ -61,10 +61,10 @@ def test_warm_up_builds_the_buckets_a_step_can_use():
     # What warm-up does for graphs or a compiled step: steps of 1, 2 or 3 requests use buckets
     # of 1, 2 and 4 rows.
     with torch.inference_mode():
-        prompt = engine.backend.prompt(engine.backend.encode(frame(4)), QUESTION)
+        prompt = engine.backend.prompts.prompt(engine.backend.encode(frame(4)), QUESTION)
     decoder.warm_up(prompt, [1, 2, 3], engine.max_new_tokens)
-    before, after = engine.backend.prompt_ids(QUESTION)
-    n_image = engine.backend.grid[0] * engine.backend.grid[1]
+    before, after = engine.backend.prompts.prompt_ids(QUESTION)
+    n_image = engine.backend.prompts.grid[0] * engine.backend.prompts.grid[1]
     length = cache_length(len(before) + n_image + len(after) + engine.max_new_tokens)
     rows = cache_length(engine.max_new_tokens)
     assert set(decoder.buffers) == {(1, length, rows), (2, length, rows), (4, length, rows)}

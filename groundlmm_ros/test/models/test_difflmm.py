@@ -10,7 +10,7 @@ from images import random_rgb
 
 from groundlmm_ros.engine.types import Grounding
 from groundlmm_ros.models.difflmm import (
-    DiffLMMBackend,
+    DiffLMM,
     DiffLMMConfig,
     build_difflmm,
     difflmm_7b_config,
@@ -189,7 +189,10 @@ def scene(height, width, seed=0):
 @pytest.mark.parametrize("refiner", ["sam", "threshold"])
 def test_engine_describe_and_refer(refiner):
     engine = build_engine("tiny-difflmm-random", refiner=refiner)
-    assert isinstance(engine.backend, DiffLMMBackend) and engine.backend.grid == (8, 8)
+    assert isinstance(engine.backend.prompts.encoder, DiffLMM) and engine.backend.prompts.grid == (
+        8,
+        8,
+    )
     image = scene(45, 60)
     described = engine.ground(image, "Describe the image in detail.", "describe", max_new_tokens=12)
     # random words, but spaCy finds a chunk
@@ -211,7 +214,7 @@ def test_engine_describe_and_refer(refiner):
 
 def test_engine_loads_a_local_difflmm_directory(tmp_path):
     backend = tiny_difflmm_backend(seed=3)
-    save_difflmm(backend.model, backend.tokenizer, tmp_path / "demo")
+    save_difflmm(backend.prompts.encoder, backend.tokenizer, tmp_path / "demo")
     engine = build_engine(str(tmp_path / "demo"), refiner="threshold")
     image = scene(32, 32, seed=1)
     expected = build_engine("tiny-difflmm-random", refiner="threshold", seed=3).ground(
@@ -227,19 +230,23 @@ def test_a_trained_directory_brings_its_own_settings(tmp_path):
     the node, eval and demo all build engines from a directory path, so build_engine applies
     them."""
     backend = tiny_difflmm_backend(seed=3)
-    save_difflmm(backend.model, backend.tokenizer, tmp_path / "plain")
-    backend.model.config.extra["training"] = {
+    save_difflmm(backend.prompts.encoder, backend.tokenizer, tmp_path / "plain")
+    backend.prompts.encoder.config.extra["training"] = {
         "step": 5,
         "normalise": False,
         "combine": "mean",
         "conversation": "vicuna_v1",
     }
-    save_difflmm(backend.model, backend.tokenizer, tmp_path / "trained")
+    save_difflmm(backend.prompts.encoder, backend.tokenizer, tmp_path / "trained")
     plain = build_engine(str(tmp_path / "plain"), refiner="threshold")
     # the paper's
-    assert (plain.normalise, plain.combine, plain.backend.conversation) == (True, "max", "llava_v1")
+    assert (plain.normalise, plain.combine, plain.backend.prompts.conversation) == (
+        True,
+        "max",
+        "llava_v1",
+    )
     trained = build_engine(str(tmp_path / "trained"), refiner="threshold")
-    assert (trained.normalise, trained.combine, trained.backend.conversation) == (
+    assert (trained.normalise, trained.combine, trained.backend.prompts.conversation) == (
         False,
         "mean",
         "vicuna_v1",
@@ -247,20 +254,20 @@ def test_a_trained_directory_brings_its_own_settings(tmp_path):
     overridden = build_engine(
         str(tmp_path / "trained"), refiner="threshold", normalise=True, conversation="llava_v1"
     )
-    assert (overridden.normalise, overridden.backend.conversation) == (True, "llava_v1")
+    assert (overridden.normalise, overridden.backend.prompts.conversation) == (True, "llava_v1")
 
 
 def test_the_shipped_demo_model_keeps_what_it_was_trained_with():
     """Trained on [-1, 1] pixels padded with grey, Vicuna's template, validated with mean combine
     and without the mean map: its directory says so, and the preset applies it."""
     engine = build_engine("demo", refiner="threshold")
-    preprocessing = engine.backend.preprocessing
+    preprocessing = engine.backend.prompts.preprocessing
     assert (preprocessing.mean, preprocessing.std, preprocessing.pad_color) == (
         (0.5,) * 3,
         (0.5,) * 3,
         (127,) * 3,
     )
-    assert (engine.normalise, engine.combine, engine.backend.conversation) == (
+    assert (engine.normalise, engine.combine, engine.backend.prompts.conversation) == (
         False,
         "mean",
         "vicuna_v1",
@@ -272,16 +279,18 @@ def test_a_trained_scaling_factor_and_scheduler_setting_survive_save_and_load(tm
     # diffusers' from_config ignores stored values of keys that were defaults at creation
     # ("_use_default_values"); the demo model's VAE sets scaling_factor after training.
     backend = tiny_difflmm_backend(seed=3)
-    tower = backend.model.vision_tower
+    tower = backend.prompts.encoder.vision_tower
     tower.vae.register_to_config(scaling_factor=0.54)
-    backend.model.config.vae = dict(tower.vae.config)
-    backend.model.config.scheduler = {
-        **backend.model.config.scheduler,
+    backend.prompts.encoder.config.vae = dict(tower.vae.config)
+    backend.prompts.encoder.config.scheduler = {
+        **backend.prompts.encoder.config.scheduler,
         "prediction_type": "v_prediction",
     }
-    save_difflmm(backend.model, backend.tokenizer, tmp_path / "m")
+    save_difflmm(backend.prompts.encoder, backend.tokenizer, tmp_path / "m")
     model, _ = load_difflmm(tmp_path / "m")
     assert model.vision_tower.vae.config.scaling_factor == 0.54
     assert model.vision_tower.scheduler.config.prediction_type == "v_prediction"
     pixels = torch.rand(1, 3, 32, 32) * 2 - 1
-    torch.testing.assert_close(model.encode_image(pixels), backend.model.encode_image(pixels))
+    torch.testing.assert_close(
+        model.encode_image(pixels), backend.prompts.encoder.encode_image(pixels)
+    )

@@ -26,7 +26,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from groundlmm_ros.models.difflmm import DiffLMM, DiffLMMBackend, build_difflmm
+from groundlmm_ros.models.difflmm import DiffLMM, build_difflmm, difflmm_backend
 from groundlmm_ros.models.difflmm_checkpoint import (
     NON_LORA_FILE,
     CheckpointError,
@@ -168,8 +168,8 @@ def test_released_layout_loads_and_matches_the_model_it_was_written_from(release
     # The captioner exists once, inside mm_projector, with the file's values.
     for name, tensor in model.mm_projector.state_dict().items():
         assert torch.equal(loaded.mm_projector.state_dict()[name], tensor), name
-    expected = answer_and_maps(DiffLMMBackend(model, tokenizer))
-    got = answer_and_maps(DiffLMMBackend(loaded, loaded_tokenizer))
+    expected = answer_and_maps(difflmm_backend(model, tokenizer))
+    got = answer_and_maps(difflmm_backend(loaded, loaded_tokenizer))
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-6)
     assert got[1] == expected[1]
     torch.testing.assert_close(got[2], expected[2], rtol=0, atol=1e-6)
@@ -189,7 +189,7 @@ def backend_from_directories(root):
 
 def test_released_backend_from_directories_and_uncached_ids(released):
     backend = backend_from_directories(released[0])
-    assert isinstance(backend, DiffLMMBackend) and backend.grid == (8, 8)
+    assert isinstance(backend.prompts.encoder, DiffLMM) and backend.prompts.grid == (8, 8)
     with pytest.raises(CheckpointError, match="no-such-org/no-such-model.* locally cached"):
         released_difflmm_backend("cpu", torch.float32, adapter="no-such-org/no-such-model")
 
@@ -200,16 +200,16 @@ def test_released_preprocessing_is_clip_processor_on_the_clip_mean_square(releas
     they change nothing): pad to square with int(255 * mean) = (122, 116, 104), then the
     processor."""
     backend = backend_from_directories(released[0])
-    size = backend.image_size
+    size = backend.prompts.image_size
     processor = CLIPImageProcessor(size=size, crop_size=size)
-    assert backend.preprocessing.pad_color == (122, 116, 104)
+    assert backend.prompts.preprocessing.pad_color == (122, 116, 104)
     for height, width in ((40, 28), (21, 64)):
         picture = random_rgb(height, width, height)
         side = max(height, width)
         square = Image.new("RGB", (side, side), (122, 116, 104))  # LLaVA's expand2square
         square.paste(Image.fromarray(picture), ((side - width) // 2, (side - height) // 2))
         expected = processor(images=square, return_tensors="pt")["pixel_values"]
-        got = backend.preprocess(picture)
+        got = backend.prompts.preprocess(picture)
         assert got.shape == expected.shape == (1, 3, size, size)
         assert (got - expected).abs().max() <= 0.02
         assert expected.min() < -1.05 or expected.max() > 1.05  # CLIP-normalised, not [-1, 1]
@@ -423,8 +423,8 @@ def test_local_format_round_trip(tmp_path):
     assert loaded.config == model.config
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    expected = answer_and_maps(DiffLMMBackend(model, tokenizer))
-    got = answer_and_maps(DiffLMMBackend(loaded, loaded_tokenizer))
+    expected = answer_and_maps(difflmm_backend(model, tokenizer))
+    got = answer_and_maps(difflmm_backend(loaded, loaded_tokenizer))
     assert (
         torch.equal(got[0], expected[0])
         and got[1] == expected[1]

@@ -9,8 +9,8 @@ import torch
 from test_engine_batch import count_lm_passes, images
 
 from groundlmm_ros.engine.types import Cancelled
-from groundlmm_ros.models.backend import LlavaStyleBackend
 from groundlmm_ros.models.decoder import batch_bucket
+from groundlmm_ros.models.llava_prompts import LlavaPrompts
 from groundlmm_ros.models.presets import build_engine
 
 # Different lengths, so the batch is really left-padded.
@@ -70,9 +70,9 @@ def alone(backend, prompts):
     takes nothing but embeddings, these are the tokens of transformers' own greedy generate
     (a dynamic cache) too."""
     answers = [backend.generate(v, question, n) for (v, question), n in zip(prompts, LIMITS)]
-    if isinstance(backend, LlavaStyleBackend):
+    if isinstance(backend.prompts, LlavaPrompts):
         for (visual, question), n, (ids, _) in zip(prompts, LIMITS, answers):
-            embeds = backend.prompt(visual, question).embeds
+            embeds = backend.prompts.prompt(visual, question).embeds
             with torch.inference_mode():
                 out = backend.lm.generate(
                     inputs_embeds=embeds,
@@ -101,7 +101,7 @@ def test_each_row_gets_what_it_gets_alone_in_one_pass_per_token(backend, prompts
     # limit; and the prompts have different lengths.
     assert any(end and n < max(lengths) for end, n in zip(ended, lengths))
     assert any(not end and n == limit for end, n, limit in zip(ended, lengths, LIMITS))
-    assert len({backend.prompt(*p).embeds.shape[1] for p in prompts}) > 1
+    assert len({backend.prompts.prompt(*p).embeds.shape[1] for p in prompts}) > 1
     streamed = [[] for _ in range(rows)]
     passes, handle = count_lm_passes(backend.lm)
     try:

@@ -8,7 +8,7 @@ import vlm_checks
 
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
-from groundlmm_ros.models.internvl import InternVLBackend
+from groundlmm_ros.models.internvl import InternVLLayout, internvl_backend
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.models.tiny import (
     TINY_INTERNVL_TILE,
@@ -23,7 +23,7 @@ SIDE = 4  # tokens per tile side: 32-pixel tiles, 4-pixel patches, 0.5 pixel shu
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_internvl_processor()
-    return InternVLBackend(
+    return internvl_backend(
         tiny_internvl(processor.tokenizer, seed=3), processor, tiles=TINY_INTERNVL_TILES
     )
 
@@ -78,7 +78,7 @@ def reference_map_order(columns, rows):
 @pytest.mark.parametrize("height, width", [(48, 80), (80, 48), (40, 40), (30, 100), (100, 45)])
 def test_layout_is_the_references(backend, height, width, tiles):
     columns, rows = reference_tiles(height, width, *tiles)
-    tiled = InternVLBackend(backend.lm, backend.processor, tiles=tiles)
+    tiled = internvl_backend(backend.lm, backend.prompts.processor, tiles=tiles)
     encoded = tiled.encode(vlm_checks.image(5, height, width))
     thumbnail = rows * columns > 1
     assert encoded.inputs["pixel_values"].shape[0] == rows * columns + thumbnail
@@ -86,7 +86,9 @@ def test_layout_is_the_references(backend, height, width, tiles):
     assert tiled.grid_of(encoded) == (rows * SIDE, columns * SIDE)
     assert encoded.grid_columns.tolist() == reference_map_order(columns, rows).flatten().tolist()
     if thumbnail:
-        alone = InternVLBackend(backend.lm, backend.processor, tiles=tiles, use_thumbnail=True)
+        alone = internvl_backend(
+            backend.lm, backend.prompts.processor, tiles=tiles, use_thumbnail=True
+        )
         encoded = alone.encode(vlm_checks.image(5, height, width))
         assert alone.grid_of(encoded) == (SIDE, SIDE)
         assert encoded.grid_columns.tolist() == list(
@@ -106,7 +108,7 @@ def test_point_lands_on_the_attended_image_token(
     forced, monkeypatch, use_thumbnail, height, width, cell
 ):
     processor, model = forced
-    backend = InternVLBackend(
+    backend = internvl_backend(
         model, processor, tiles=TINY_INTERNVL_TILES, use_thumbnail=use_thumbnail
     )
     columns, rows = reference_tiles(height, width, *TINY_INTERNVL_TILES)
@@ -120,7 +122,7 @@ def test_point_lands_on_the_attended_image_token(
         grid = (rows * SIDE, columns * SIDE)
         index = int(reference_map_order(columns, rows)[cell])
     monkeypatch.setattr(
-        backend,
+        backend.prompts.layout,
         "image_features",
         lambda inputs: vlm_checks.one_hot_features(
             n_tiled + SIDE * SIDE, model.config.text_config.hidden_size, index
@@ -139,11 +141,11 @@ def test_describe_and_refer_end_to_end():
 def test_model_directory_loads_like_the_preset(tmp_path):
     # the tiny model's tiling (a real directory's loader keeps the reference's 3 to 9)
     def tiny_tiles(backend):
-        backend.tiles = TINY_INTERNVL_TILES
+        backend.prompts.layout.tiles = TINY_INTERNVL_TILES
 
     vlm_checks.check_directory_round_trip(
         build_engine("tiny-internvl-random", refiner="threshold"),
         tmp_path,
-        InternVLBackend,
+        InternVLLayout,
         tiny_tiles,
     )

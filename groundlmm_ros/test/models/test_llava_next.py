@@ -8,7 +8,7 @@ from transformers.image_processing_utils import select_best_resolution
 
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
-from groundlmm_ros.models.llava_next import LlavaNextBackend
+from groundlmm_ros.models.llava_next import LlavaNextLayout, llava_next_backend
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.models.tiny import (
     TINY_NEXT_PATCH,
@@ -23,7 +23,7 @@ BASE_SIDE = 4  # 32-pixel tiles of 8-pixel patches
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_llava_next_processor()
-    return LlavaNextBackend(tiny_llava_next(processor.tokenizer, seed=3), processor)
+    return llava_next_backend(tiny_llava_next(processor.tokenizer, seed=3), processor)
 
 
 def reference_unpadded_grid(height, width):
@@ -70,7 +70,7 @@ def test_point_lands_on_the_attended_image_token(
     forced, monkeypatch, use_base_patches, height, width, cell
 ):
     processor, model = forced
-    backend = LlavaNextBackend(model, processor, use_base_patches=use_base_patches)
+    backend = llava_next_backend(model, processor, use_base_patches=use_base_patches)
     rows, columns = (
         (BASE_SIDE, BASE_SIDE) if use_base_patches else reference_unpadded_grid(height, width)
     )
@@ -82,7 +82,7 @@ def test_point_lands_on_the_attended_image_token(
     )
     n_image = BASE_SIDE**2 + (lambda r, c: r * (c + 1))(*reference_unpadded_grid(height, width))
     monkeypatch.setattr(
-        backend,
+        backend.prompts.layout,
         "image_features",
         lambda inputs: vlm_checks.one_hot_features(
             n_image, model.config.text_config.hidden_size, index
@@ -95,11 +95,11 @@ def test_point_lands_on_the_attended_image_token(
 def test_newline_tokens_are_off_the_map(forced, monkeypatch):
     """All attention on a row's newline token: nothing of it reaches the map."""
     processor, model = forced
-    backend = LlavaNextBackend(model, processor)
+    backend = llava_next_backend(model, processor)
     rows, columns = reference_unpadded_grid(48, 80)
     newline = BASE_SIDE**2 + columns  # the first row's newline
     monkeypatch.setattr(
-        backend,
+        backend.prompts.layout,
         "image_features",
         lambda inputs: vlm_checks.one_hot_features(
             BASE_SIDE**2 + rows * (columns + 1), model.config.text_config.hidden_size, newline
@@ -119,5 +119,5 @@ def test_describe_and_refer_end_to_end():
 
 def test_model_directory_loads_like_the_preset(tmp_path):
     vlm_checks.check_directory_round_trip(
-        build_engine("tiny-llava-next-random", refiner="threshold"), tmp_path, LlavaNextBackend
+        build_engine("tiny-llava-next-random", refiner="threshold"), tmp_path, LlavaNextLayout
     )

@@ -12,7 +12,7 @@ from images import random_rgb
 from groundlmm_ros.engine.refiners import SamRefiner, ThresholdRefiner
 from groundlmm_ros.engine.types import InputError
 from groundlmm_ros.models.presets import build_engine
-from groundlmm_ros.models.qwen2_5_vl import Qwen2_5_VLBackend
+from groundlmm_ros.models.qwen2_5_vl import Qwen2_5_VLLayout, qwen2_5_vl_backend
 from groundlmm_ros.models.recorder import RECORDING_ATTENTION
 from groundlmm_ros.models.tiny import TINY_QWEN_MAX_PIXELS, tiny_qwen2_5_vl, tiny_qwen_processor
 
@@ -20,7 +20,7 @@ from groundlmm_ros.models.tiny import TINY_QWEN_MAX_PIXELS, tiny_qwen2_5_vl, tin
 @pytest.fixture(scope="module")
 def backend():
     processor = tiny_qwen_processor()
-    return Qwen2_5_VLBackend(
+    return qwen2_5_vl_backend(
         tiny_qwen2_5_vl(processor.tokenizer, seed=3), processor, max_pixels=TINY_QWEN_MAX_PIXELS
     )
 
@@ -70,7 +70,7 @@ def test_point_lands_on_the_attended_image_token(height, width, cell, monkeypatc
     rows, columns = (height // 16, width // 16)
     index = cell[0] * columns + cell[1]
     monkeypatch.setattr(
-        backend,
+        backend.prompts.layout,
         "image_features",
         lambda inputs: vlm_checks.one_hot_features(
             rows * columns, backend.lm.config.text_config.hidden_size, index
@@ -88,12 +88,12 @@ def test_describe_and_refer_end_to_end():
 def test_model_directory_loads_like_the_preset(tmp_path):
     # the tiny model's cap (a real directory's loader keeps the reference's 1008 * 1008)
     def tiny_cap(backend):
-        backend.max_pixels = TINY_QWEN_MAX_PIXELS
+        backend.prompts.layout.max_pixels = TINY_QWEN_MAX_PIXELS
 
     vlm_checks.check_directory_round_trip(
         build_engine("tiny-qwen2.5-vl-random", refiner="threshold"),
         tmp_path,
-        Qwen2_5_VLBackend,
+        Qwen2_5_VLLayout,
         tiny_cap,
     )
 
@@ -111,7 +111,7 @@ def test_mixed_full_and_sliding_window_layers_match_eager():
     the window's cache drops the early keys, image tokens among them, while tokens are generated."""
     processor = tiny_qwen_processor()
     sliding = dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)
-    backend = Qwen2_5_VLBackend(
+    backend = qwen2_5_vl_backend(
         tiny_qwen2_5_vl(processor.tokenizer, seed=4, **sliding),
         processor,
         max_pixels=TINY_QWEN_MAX_PIXELS,

@@ -48,14 +48,14 @@ def reference_maps(attentions, image_starts, n_image):
 def processor_batch(backend, images, questions):
     """The model's own processor on chat texts and images, left-padded (the reference's inputs),
     with the backend's image options (e.g. Qwen's max_pixels, InternVL's tile counts)."""
-    texts = [backend.chat_text(q) for q in questions]
-    return backend.processor(
+    texts = [backend.prompts.chat_text(q) for q in questions]
+    return backend.prompts.processor(
         images=[Image.fromarray(i) for i in images],
         text=texts,
         padding=True,
         padding_side="left",
         return_tensors="pt",
-        **backend.image_kwargs(),
+        **backend.prompts.layout.image_kwargs(),
     )
 
 
@@ -72,7 +72,7 @@ def generate(model, inputs, **options):
 
 
 def image_starts(backend, input_ids):
-    return [int((row == backend.image_token_id).nonzero()[0, 0]) for row in input_ids]
+    return [int((row == backend.prompts.image_token_id).nonzero()[0, 0]) for row in input_ids]
 
 
 def check_batch_of_one(backend, eager, picture) -> float:
@@ -83,10 +83,10 @@ def check_batch_of_one(backend, eager, picture) -> float:
     ids, maps = backend.generate(encoded, question, NEW_TOKENS, stop_at_end=False)
     inputs = processor_batch(backend, [picture], [question])
     # the processor's prompt
-    assert inputs.input_ids[0].tolist() == backend.prompt_token_ids(encoded, question)
+    assert inputs.input_ids[0].tolist() == backend.prompts.prompt_token_ids(encoded, question)
     out = generate(eager, inputs, output_attentions=True)
     assert ids == out.sequences[0, -NEW_TOKENS:].tolist()
-    prompt = backend.prompt(encoded, question)
+    prompt = backend.prompts.prompt(encoded, question)
     expected = prompt.on_grid(
         reference_maps(out.attentions, [prompt.image_start], prompt.n_image)[0]
     )
@@ -105,7 +105,7 @@ def check_left_padded_batch(backend, eager, pictures) -> float:
     inputs = processor_batch(backend, pictures, QUESTIONS)
     starts = image_starts(backend, inputs.input_ids)
     assert starts[0] != starts[1]
-    n_image = int((inputs.input_ids[0] == backend.image_token_id).sum())
+    n_image = int((inputs.input_ids[0] == backend.prompts.image_token_id).sum())
     out = generate(eager, inputs, output_attentions=True)
     expected = reference_maps(out.attentions, starts, n_image)
     encoded = [backend.encode(picture) for picture in pictures]
@@ -115,7 +115,7 @@ def check_left_padded_batch(backend, eager, pictures) -> float:
     difference = 0.0
     for b, ((ids, maps), question) in enumerate(zip(together, QUESTIONS)):
         assert ids == out.sequences[b, -NEW_TOKENS:].tolist()
-        prompt = backend.prompt(encoded[b], question)
+        prompt = backend.prompts.prompt(encoded[b], question)
         torch.testing.assert_close(maps, prompt.on_grid(expected[b]), atol=1e-5, rtol=0)
         difference = max(difference, float((maps - prompt.on_grid(expected[b])).abs().max()))
         alone_ids, alone = backend.generate(encoded[b], question, NEW_TOKENS, stop_at_end=False)
@@ -182,16 +182,16 @@ def check_describe_and_refer(engine):
     assert root.strip() == "mug"
 
 
-def check_directory_round_trip(engine, directory, backend_class, adjust=lambda backend: None):
+def check_directory_round_trip(engine, directory, layout_class, adjust=lambda backend: None):
     """The engine's model and processor saved as a Hugging Face directory load through LOADERS
     (config.json's model_type) and answer exactly alike; adjust(backend) sets what the loader
     does not read from the directory."""
     from groundlmm_ros.models.presets import build_engine
 
     engine.backend.lm.save_pretrained(directory)
-    engine.backend.processor.save_pretrained(directory)
+    engine.backend.prompts.processor.save_pretrained(directory)
     loaded = build_engine(str(directory), refiner="threshold", max_new_tokens=24)
-    assert isinstance(loaded.backend, backend_class)
+    assert isinstance(loaded.backend.prompts.layout, layout_class)
     adjust(loaded.backend)
     picture = image(8, 48, 80)
     expected, result = (

@@ -187,7 +187,7 @@ def test_recipe_merges_the_first_8_token_maps_by_max(engine, max_new_tokens):
         engine, image, question, 8, "max", max_new_tokens=max_new_tokens
     )
     ids, maps = engine.backend.generate(engine.backend.encode(image), question, max_new_tokens)
-    attentions = maps.float().reshape(len(ids), *engine.backend.grid)
+    attentions = maps.float().reshape(len(ids), *engine.backend.prompts.grid)
     attentions = attentions - attentions.mean(dim=0)
     side = 40
     square = F.interpolate(

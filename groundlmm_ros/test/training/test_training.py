@@ -10,7 +10,7 @@ from cli_runs import run_cli
 from diffusers import DDIMScheduler
 
 from groundlmm_ros.engine.engine import GCG_QUESTION
-from groundlmm_ros.models.difflmm import DiffLMMBackend, build_difflmm
+from groundlmm_ros.models.difflmm import build_difflmm, difflmm_backend
 from groundlmm_ros.models.presets import build_engine
 from groundlmm_ros.training.recipe import Recipe, demo_config, demo_tokenizer
 from groundlmm_ros.training.train import (
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 def tiny_demo_backend():
     tokenizer = demo_tokenizer()
     config = demo_config(len(tokenizer), recipe=Recipe(llama_layers=1, llama_width=32))
-    return DiffLMMBackend(build_difflmm(config), tokenizer)
+    return difflmm_backend(build_difflmm(config), tokenizer)
 
 
 @pytest.mark.timeout(240)
@@ -86,12 +86,12 @@ def test_train_command_on_a_tiny_budget(tmp_path):
     engine = build_engine(str(out), refiner="threshold")
     # The directory records what validation ran with, and the engine built from it uses that.
     assert (summary["combine"], summary["conversation"]) == ("mean", "vicuna_v1")
-    assert (engine.normalise, engine.combine, engine.backend.conversation) == (
+    assert (engine.normalise, engine.combine, engine.backend.prompts.conversation) == (
         summary["normalise"],
         "mean",
         "vicuna_v1",
     )
-    assert engine.backend.preprocessing.pad_color == (127, 127, 127)
+    assert engine.backend.prompts.preprocessing.pad_color == (127, 127, 127)
     scene = make_scenes(1, seed=5)[0]
     refer = engine.ground(scene.image, "the red circle", mode="refer")
     assert refer.answer == "the red circle" and len(refer.phrases) == 1
@@ -174,9 +174,9 @@ def test_denoiser_target_follows_the_prediction_type():
 
 def test_projector_learning_rate_scale_zero_keeps_the_projector(tmp_path):
     backend = tiny_demo_backend()
-    model = backend.model
+    model = backend.prompts.encoder
     scenes = make_scenes(8, seed=4)
-    pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
+    pixels = torch.cat([backend.prompts.preprocess(s.image) for s in scenes])
     features, clips = tower_features(model, pixels)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     budget = Budget(caption_steps=2, batch_size=4, checkpoint_every=2, validation_scenes=1)
@@ -208,9 +208,9 @@ def test_clip_pretraining_learns_tags_and_touches_only_clip(tag_layer):
     read (penultimate) layer leave the last layer as it was: nothing after the read trains."""
     torch.manual_seed(0)
     backend = tiny_demo_backend()
-    model = backend.model
+    model = backend.prompts.encoder
     scenes = make_scenes(300, seed=4, max_objects=1)
-    pixels = torch.cat([backend.preprocess(s.image) for s in scenes])
+    pixels = torch.cat([backend.prompts.preprocess(s.image) for s in scenes])
     captions = [s.caption for s in scenes]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = []
