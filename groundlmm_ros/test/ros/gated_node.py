@@ -93,10 +93,12 @@ class Gate:
     # ---- the engine's side ---------------------------------------------------------------------
 
     def record(self, queries: list[str]) -> None:
-        with open(self.folder / "started", "a") as f:
-            f.write("".join(query + "\n" for query in queries))
+        # The step's line first: a test that saw its queries started (wait_started) then reads
+        # the step in batches().
         with open(self.folder / "batches", "a") as f:
             f.write(json.dumps(queries) + "\n")
+        with open(self.folder / "started", "a") as f:
+            f.write("".join(query + "\n" for query in queries))
 
     def passes(self) -> bool:
         """Open, or a permit taken."""
