@@ -50,7 +50,8 @@ from groundlmm_ros.ros.params import (
     read_parameters,
 )
 from groundlmm_ros.ros.results import ResultPublisher, log_query_problem
-from groundlmm_ros.ros.worker import Job, Tracking, Worker, release_cached_memory
+from groundlmm_ros.ros.tracking import Tracking
+from groundlmm_ros.ros.worker import Job, Worker, release_cached_memory
 
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 # goal, result and cancel requests kept until taken
