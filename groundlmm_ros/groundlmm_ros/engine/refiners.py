@@ -151,10 +151,10 @@ class SamRefiner:
         else:
             scaled = [heat / self.attention_temperature for heat in heatmaps]
             transformed = predictor.transform.apply_boxes(
-                np.stack([self._box(x) for x in scaled]), size
+                np.stack([self.box_prompt(x) for x in scaled]), size
             )
             boxes = torch.as_tensor(transformed, dtype=torch.float, device=device)
-            logits = np.stack([self._mask_logits(x) for x in scaled])
+            logits = np.stack([self.mask_prompt_logits(x) for x in scaled])
             mask_input = torch.as_tensor(logits, dtype=torch.float, device=device)
         masks, scores, _ = predictor.predict_torch(
             coords, labels, boxes, mask_input, multimask_output=True
@@ -162,7 +162,7 @@ class SamRefiner:
         masks, scores = masks[:, -1].cpu().numpy(), scores[:, -1].tolist()
         return list(zip(masks.astype(bool), scores))
 
-    def _box(self, scaled: np.ndarray) -> np.ndarray:
+    def box_prompt(self, scaled: np.ndarray) -> np.ndarray:
         """(4,) x0, y0, x1, y1 (exclusive) around the pixels where scaled > box_threshold; all
         zeros when there is none (the reference's convert_box_SAM)."""
         rows, columns = np.nonzero(scaled > self.box_threshold)
@@ -172,7 +172,7 @@ class SamRefiner:
             [columns.min(), rows.min(), columns.max() + 1, rows.max() + 1], dtype=np.float32
         )
 
-    def _mask_logits(self, scaled: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+    def mask_prompt_logits(self, scaled: np.ndarray, eps: float = 1e-3) -> np.ndarray:
         """(1, m, m) logits in SAM's low-resolution mask frame, the reference's convert_mask_SAM:
         logit(clip(scaled, eps, 1 - eps)), resized bicubic (align_corners=False) so the long
         side is m and the short side int(short / long * m), zero-padded right/bottom. m is the
@@ -321,12 +321,13 @@ def load_sam(checkpoint: str, device: str = "cpu"):
     encoder width stored in the file."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    # A truncated or corrupt file fails deep in torch's loader, naming no file (and the unpickler's
-    # message is pages about weights_only): the file and the error's type say it.
+    # A truncated or corrupt file, or one that would run code when unpickled (weights_only
+    # refuses it), fails deep in torch's loader, naming no file (and the unpickler's message is
+    # pages about weights_only): the file and the error's type say it.
     except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
         raise ValueError(
-            f"{checkpoint}: cannot be read as a SAM checkpoint, truncated or corrupt "
-            f"({type(error).__name__})"
+            f"{checkpoint}: cannot be read as a SAM checkpoint (weights only): truncated, "
+            f"corrupt or holding code ({type(error).__name__})"
         ) from error
     widths = {1280: "vit_h", 1024: "vit_l", 768: "vit_b"}
     key = "image_encoder.patch_embed.proj.weight"

@@ -21,6 +21,9 @@ MODES = ("describe", "refer")
 # a robot re-grounding a standing query needs its answer in a fraction of the time of the
 # paper's 512, and the objects a planner asks about are named early.
 MAX_NEW_TOKENS = 64
+# The paper generates its answers (GCG, and RES's "Describe the ..." answers) with up to 512 new
+# tokens.
+PAPER_ANSWER_TOKENS = 512
 
 
 class InputError(ValueError):

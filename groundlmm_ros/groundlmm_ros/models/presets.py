@@ -19,6 +19,7 @@ import torch
 
 from groundlmm_ros.engine.engine import Engine
 from groundlmm_ros.engine.refiners import ColourRefiner, SamRefiner, ThresholdRefiner, load_sam
+from groundlmm_ros.engine.types import PAPER_ANSWER_TOKENS
 from groundlmm_ros.models import tiny
 from groundlmm_ros.models.difflmm_checkpoint import (
     RELEASED_ADAPTER,
@@ -97,9 +98,8 @@ def tiny_random(family: str, backend) -> Preset:
     )
 
 
-# The paper generates its answers with up to 512 new tokens; the reference's scripts for the
-# other families (aas/more_models/) with up to 1024.
-PAPER_ANSWER_TOKENS = 512
+# The reference's scripts for the other families (aas/more_models/) answer with up to 1024 new
+# tokens (the paper's models: PAPER_ANSWER_TOKENS).
 REFERENCE_ANSWER_TOKENS = 1024
 RELEASED_DIFFLMM = (RELEASED_ADAPTER, RELEASED_BASE, RELEASED_SD[0], RELEASED_CLIP)
 

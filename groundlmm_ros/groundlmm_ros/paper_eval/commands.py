@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+from groundlmm_ros.engine.types import PAPER_ANSWER_TOKENS
+
 
 def add_paper_engine_args(p) -> None:
     """The model options both paper evaluations share."""
@@ -34,8 +36,8 @@ def add_paper_engine_args(p) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=512,
-        help="answer length limit (default: the paper's 512)",
+        default=PAPER_ANSWER_TOKENS,
+        help=f"answer length limit (default: the paper's {PAPER_ANSWER_TOKENS})",
     )
     p.add_argument(
         "--limit", type=int, default=0, help="evaluate only the first N images / sentences (0: all)"

@@ -37,6 +37,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from groundlmm_ros.engine.engine import GCG_QUESTION
+from groundlmm_ros.engine.types import PAPER_ANSWER_TOKENS
 from groundlmm_ros.evaluation import mask_iou
 from groundlmm_ros.paper_eval.masks import encode_mask, load_json, read_image
 
@@ -237,7 +238,11 @@ def score(coco: COCO, images: list[GcgImage], predictions: dict, similarity) -> 
 
 
 def predict(
-    engine, image: np.ndarray, image_id, question: str = GCG_QUESTION, max_new_tokens: int = 512
+    engine,
+    image: np.ndarray,
+    image_id,
+    question: str = GCG_QUESTION,
+    max_new_tokens: int = PAPER_ANSWER_TOKENS,
 ) -> dict:
     """One image described and grounded by the engine, as a prediction record."""
     grounding = engine.ground(image, question, mode="describe", max_new_tokens=max_new_tokens)
@@ -275,7 +280,7 @@ def run(
     image_folder: str,
     *,
     question: str = GCG_QUESTION,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = PAPER_ANSWER_TOKENS,
     prediction_folder: str | None = None,
     progress=None,
 ) -> dict:

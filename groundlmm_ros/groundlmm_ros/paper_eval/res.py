@@ -31,7 +31,7 @@ import numpy as np
 
 from groundlmm_ros.engine import heatmap
 from groundlmm_ros.engine.engine import mask_bbox
-from groundlmm_ros.engine.types import GroundedPhrase, Grounding, InputError
+from groundlmm_ros.engine.types import PAPER_ANSWER_TOKENS, GroundedPhrase, Grounding, InputError
 from groundlmm_ros.paper_eval.masks import decode_segmentation, encode_mask, load_json, read_image
 
 RES_TEMPLATE = 'Describe the "{}" in the image.'
@@ -173,7 +173,7 @@ def ground(
     *,
     template: str = RES_TEMPLATE,
     token_count: int = RES_TOKENS,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = PAPER_ANSWER_TOKENS,
 ):
     """(answer, GroundedPhrase) for one referring expression."""
     if mode == "recipe":
@@ -200,7 +200,7 @@ def run(
     *,
     template: str = RES_TEMPLATE,
     token_count: int = RES_TOKENS,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = PAPER_ANSWER_TOKENS,
     prediction_path: str | None = None,
     progress=None,
 ) -> dict:

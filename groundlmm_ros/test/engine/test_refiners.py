@@ -64,12 +64,14 @@ def test_sam_box_prompt_is_the_references_absolute_scale(image):
     heat[5:12, 10:20] = 2e-4  # x = 1.0: inside the box
     heat[30:35, 50:60] = 1e-4  # x = 0.5: below 0.75, outside, however large relative to the rest
     scaled = heat / 2e-4
-    np.testing.assert_array_equal(refiner._box(scaled), [10, 5, 20, 12])
-    np.testing.assert_array_equal(refiner._box(scaled * 0.7), [0, 0, 0, 0])  # nothing above 0.75
+    np.testing.assert_array_equal(refiner.box_prompt(scaled), [10, 5, 20, 12])
+    np.testing.assert_array_equal(
+        refiner.box_prompt(scaled * 0.7), [0, 0, 0, 0]
+    )  # nothing above 0.75
     side = refiner.predictor.model.prompt_encoder.mask_input_size[0]  # 16 for the tiny SAM
     # A constant map: every resized logit is logit(1 - 1e-3) = ln(999) in the top
     # int(40 / 70 * 16) = 9 rows (the long side W fills the frame), zeros below.
-    constant = refiner._mask_logits(np.ones((H, W), np.float32))
+    constant = refiner.mask_prompt_logits(np.ones((H, W), np.float32))
     assert constant.shape == (1, side, side)
     np.testing.assert_allclose(constant[0, :9], np.log(999.0), rtol=1e-5)
     assert np.all(constant[0, 9:] == 0)
@@ -80,7 +82,7 @@ def test_sam_box_prompt_is_the_references_absolute_scale(image):
         torch.tensor(logits)[None, None], (rows, side), mode="bicubic", align_corners=False
     )
     expected = torch.nn.functional.pad(expected, (0, 0, 0, side - rows))[0].numpy()
-    np.testing.assert_allclose(refiner._mask_logits(scaled), expected, atol=1e-5)
+    np.testing.assert_allclose(refiner.mask_prompt_logits(scaled), expected, atol=1e-5)
     mask, score = refine_one(refiner, image, heat, (15, 8))
     masks, scores, _ = refiner.predictor.predict(
         box=np.array([10, 5, 20, 12], np.float32), mask_input=expected, multimask_output=True
@@ -203,8 +205,10 @@ class Payload:
 def test_load_sam_refuses_code_and_foreign_weights(tmp_path):
     evil = tmp_path / "evil.pth"
     evil.write_bytes(pickle.dumps({"x": Payload()}))
-    with pytest.raises(pickle.UnpicklingError):
+    # refused by the weights-only unpickler, and the error names the file
+    with pytest.raises(ValueError, match="evil.pth: cannot be read") as refused:
         load_sam(str(evil))
+    assert isinstance(refused.value.__cause__, pickle.UnpicklingError)
     foreign = tmp_path / "foreign.pth"
     torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(32, 3, 16, 16)}, foreign)
     with pytest.raises(ValueError, match="not a SAM"):

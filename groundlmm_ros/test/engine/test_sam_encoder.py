@@ -73,11 +73,13 @@ def test_batched_box_prompts_give_the_masks_of_one_at_a_time():
     refiner.set_images([frame(1)])
     heatmaps = [blob((15, 10)), blob((55, 30)), blob((35, 20)) * 0.5, 3 * blob((10, 35))]
     batched = refiner.refine(0, heatmaps, [(0, 0)] * len(heatmaps))
-    assert not refiner._box(heatmaps[2] / refiner.attention_temperature).any()
+    assert not refiner.box_prompt(heatmaps[2] / refiner.attention_temperature).any()
     for heat, (mask, score) in zip(heatmaps, batched):
         scaled = heat / refiner.attention_temperature
         masks, scores, _ = refiner.predictor.predict(
-            box=refiner._box(scaled), mask_input=refiner._mask_logits(scaled), multimask_output=True
+            box=refiner.box_prompt(scaled),
+            mask_input=refiner.mask_prompt_logits(scaled),
+            multimask_output=True,
         )
         np.testing.assert_array_equal(mask, masks[-1])
         assert score == pytest.approx(float(scores[-1]), abs=1e-6)

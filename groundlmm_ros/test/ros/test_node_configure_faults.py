@@ -48,8 +48,8 @@ def test_a_corrupt_model_directory_or_checkpoint_fails_configure_naming_the_file
         weights.write_bytes(good_weights)
         assert all(r.successful for r in client.set_parameters(sam_checkpoint=str(sam_checkpoint)))
         configure_fails_saying(
-            f"ValueError: {sam_checkpoint}: cannot be read as a SAM checkpoint, truncated or "
-            "corrupt (UnpicklingError)"
+            f"ValueError: {sam_checkpoint}: cannot be read as a SAM checkpoint (weights only): "
+            "truncated, corrupt or holding code (UnpicklingError)"
         )
         # fixed: the node configures and serves
         assert all(r.successful for r in client.set_parameters(sam_checkpoint=""))
