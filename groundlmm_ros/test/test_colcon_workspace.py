@@ -113,8 +113,10 @@ print(json.dumps({
         "phrases",
         "model",
         "inference_time",
+        "source",
+        "last_grounded",
     ]
-    assert found["goal_fields"] == ["query", "mode", "image", "camera"]
+    assert found["goal_fields"] == ["query", "mode", "image", "camera", "track"]
     assert found["msgs_share"] == str(install / "groundlmm_msgs" / "share" / "groundlmm_msgs")
     assert found["ros_share"] == str(install / "groundlmm_ros" / "share" / "groundlmm_ros")
     # --symlink-install: the Python package is the source tree, so edits are live.

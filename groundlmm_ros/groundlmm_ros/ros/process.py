@@ -78,13 +78,23 @@ def _serve(args, engine_factory, running: dict) -> int:
 
     rclpy.init(args=args)
     factory = {} if engine_factory is None else {"engine_factory": engine_factory}
-    node = GroundingNode(**factory)
+    try:
+        node = GroundingNode(**factory)
+    except Exception:
+        # A Ctrl-C since rclpy.init shut the context down (rclpy's own handler): the node cannot
+        # be made in it, and that is no error.
+        if rclpy.ok():
+            raise
+        return 0
     executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
     executor.add_node(node)
     # this frame's references go when it returns (or its KeyboardInterrupt is handled)
     running.update(node=node, executor=executor)
     if node.get_parameter("autostart").value:
         if node.trigger_configure() != SUCCESS:
+            # a Ctrl-C while the model loaded: not a failed configure
+            if not rclpy.ok():
+                return 0
             node.get_logger().error(
                 "autostart: configure failed, so the process ends (exit code 1); with "
                 "autostart:=false the node stays up, unconfigured, to be configured again"
