@@ -47,6 +47,9 @@ def main(args=None, engine_factory=None) -> None:
     """Run the node until Ctrl-C or SIGTERM. engine_factory: GroundingNode's (None: its default,
     the presets)."""
     use_node_dds_profile()
+    # Ctrl-C ends the node also when it was started with SIGINT ignored (a background job of a
+    # non-interactive shell), as ros2 launch sends SIGINT to stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # before rclpy.init, whose handler calls this one after its own
     signal.signal(signal.SIGTERM, _interrupt)
     # the node and its executor, once made: after _serve, _stop holds the last references

@@ -53,8 +53,11 @@ TERMINAL = {GoalStatus.STATUS_SUCCEEDED, GoalStatus.STATUS_ABORTED, GoalStatus.S
 
 
 def _die_with_the_test_process() -> None:
-    """preexec_fn: SIGKILL this child when the test process dies (also when a watchdog kills it)."""
+    """preexec_fn: SIGKILL this child when the test process dies (also when a watchdog kills it),
+    and SIGINT as a terminal or ros2 launch leaves it, whatever the test run's own: a background
+    job of a non-interactive shell ignores SIGINT, and its children would inherit that."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start(command: list[str], log_path: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
@@ -410,9 +413,11 @@ class Client:
         assert record["status"] is not None, "no action result"
         return record["status"], record["result"], record["feedbacks"]
 
-    def change_state(self, transition_id: int) -> bool:
+    def change_state(self, transition_id: int, timeout: float = 60.0) -> bool:
+        """A lifecycle transition; configure builds the model, which can take tens of seconds on
+        a loaded machine."""
         request = ChangeState.Request(transition=Transition(id=transition_id))
-        return self._service(ChangeState, "change_state", request).success
+        return self._service(ChangeState, "change_state", request, timeout).success
 
     def state(self) -> str:
         return self._service(GetState, "get_state", GetState.Request()).current_state.label
@@ -428,7 +433,7 @@ class Client:
             Transition.TRANSITION_CONFIGURE,
             Transition.TRANSITION_ACTIVATE,
         ):
-            assert self.change_state(transition), f"transition {transition} failed"
+            assert self.change_state(transition, timeout), f"transition {transition} failed"
         assert self.wait_for(lambda: self.status.get("state") == "active", timeout), self.status
 
     def set_parameters(self, **values) -> list:
